@@ -1,0 +1,280 @@
+//! `tgate`: text-to-image from a diffusers model folder, with T-GATE.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use burn::tensor::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use tgate::loader::{DirSource, ModelSource, Variant};
+use tgate::pipeline::{to_rgb8, GenerateParams, Noise, StableDiffusion, StepInfo};
+use tgate::safetensors::{write_f32, SafeTensors};
+use tgate::schedulers::SchedulerKind;
+use tgate::tgate::{GateConfig, Phase};
+use tgate::tokenizer::ClipTokenizer;
+use tgate::Error;
+
+#[derive(Parser)]
+#[command(name = "tgate", version, about = "Stable Diffusion with T-GATE (burn: CPU or wgpu)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an image from a prompt.
+    Generate(GenerateArgs),
+    /// Print the 77 token ids of a prompt as a JSON array.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Cpu,
+    Wgpu,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    /// Classifier-free guidance scale (guidance is off at 1 or below).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// ddim, pndm, euler, euler-a or dpm++2m (default: the model folder's scheduler).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Default: the UNet's sample_size × 8.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Steps before the gate (default: round(0.4 × steps)).
+    #[arg(long, conflicts_with = "no_gate")]
+    gate_step: Option<usize>,
+    /// Run without T-GATE (plain diffusers behaviour).
+    #[arg(long)]
+    no_gate: bool,
+    /// Self-attention refresh interval before the gate (1 = always computed).
+    #[arg(long, default_value_t = 1)]
+    sp_interval: usize,
+    /// Self-attention refresh interval after the gate.
+    #[arg(long, default_value_t = 1)]
+    fi_interval: usize,
+    /// Steps at the start that never reuse self-attention.
+    #[arg(long, default_value_t = 0)]
+    warm_up: usize,
+    #[arg(long, conflicts_with = "noise")]
+    seed: Option<u64>,
+    /// safetensors with `noise` [1,4,H/8,W/8] (and `step_noise` [steps,1,4,H/8,W/8] for euler-a).
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+    /// Write the final latents (before the VAE) to this safetensors file as `latents`.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Tokenize { model, prompt } => tokenize(&model, &prompt),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn model_dir(path: &Path) -> Result<DirSource, Error> {
+    if !path.is_dir() {
+        return Err(Error::MissingFile(format!("{} is not a directory", path.display())));
+    }
+    Ok(DirSource::new(path))
+}
+
+fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
+    let src = model_dir(model)?;
+    let read = |p: &str| src.read(p);
+    let need = |p: &str| read(p)?.ok_or_else(|| Error::MissingFile(format!("{}/{p}", model.display())));
+    let tok = ClipTokenizer::from_files(
+        &need("tokenizer/vocab.json")?,
+        &need("tokenizer/merges.txt")?,
+        read("tokenizer/tokenizer_config.json")?.as_deref(),
+        read("tokenizer/special_tokens_map.json")?.as_deref(),
+    )?;
+    let ids = tok.encode(prompt)?;
+    println!("{}", serde_json::to_string(&ids).unwrap_or_default());
+    Ok(())
+}
+
+fn device(backend: Backend) -> Result<Device, Error> {
+    match backend {
+        Backend::Cpu => Ok(Device::flex()),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => Device::wgpu_options().init().map_err(|e| Error::Device(format!("no usable wgpu adapter: {e:?}"))),
+        #[cfg(not(feature = "wgpu"))]
+        Backend::Wgpu => Err(Error::Device("this build has no wgpu support (build with --features wgpu)".into())),
+    }
+}
+
+fn read_noise(path: &Path, steps: usize) -> Result<Noise, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::MissingFile(format!("{}: {e}", path.display())))?;
+    let st = SafeTensors::parse(path.display().to_string(), bytes)?;
+    let noise = st.read_f32_any("noise")?;
+    if noise.shape.len() != 4 || noise.shape[0] != 1 {
+        return Err(Error::input("noise", format!("shape {:?}, expected [1, 4, H/8, W/8]", noise.shape)));
+    }
+    let step_noise = if st.contains("step_noise") {
+        let s = st.read_f32_any("step_noise")?;
+        if s.shape.len() != 5 || s.shape[0] != steps || s.shape[1..] != noise.shape[..] {
+            return Err(Error::input("step_noise", format!("shape {:?}, expected [{steps}, {:?}]", s.shape, noise.shape)));
+        }
+        Some(s.data)
+    } else {
+        None
+    };
+    Ok(Noise::Tensors { noise: noise.data, step_noise })
+}
+
+fn generate(a: GenerateArgs) -> Result<(), Error> {
+    let src = model_dir(&a.model)?;
+    if src.read("unet/config.json")?.is_none() {
+        return Err(Error::MissingFile(format!(
+            "{}/unet/config.json (not a Stable Diffusion pipeline folder)",
+            a.model.display()
+        )));
+    }
+    let scheduler = a.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let device = device(a.backend)?;
+    eprintln!("loading {} ...", a.model.display());
+    let model = StableDiffusion::load(&src, Variant::Auto, &device)?;
+    let size = model.default_size();
+    let gate = if a.no_gate {
+        None
+    } else {
+        Some(GateConfig {
+            gate_step: a.gate_step.unwrap_or_else(|| GateConfig::default_gate_step(a.steps)),
+            sp_interval: a.sp_interval,
+            fi_interval: a.fi_interval,
+            warm_up: a.warm_up,
+        })
+    };
+    let (noise, seed_note) = match (&a.noise, a.seed) {
+        (Some(path), _) => (read_noise(path, a.steps)?, format!("noise from {}", path.display())),
+        (None, Some(seed)) => (Noise::Seed(seed), format!("seed {seed}")),
+        (None, None) => {
+            let seed = web_seed();
+            (Noise::Seed(seed), format!("seed {seed} (random)"))
+        }
+    };
+    let params = GenerateParams {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        steps: a.steps,
+        guidance: a.guidance,
+        scheduler,
+        width: a.width.unwrap_or(size),
+        height: a.height.unwrap_or(size),
+        gate,
+        noise,
+        clip_skip: 0,
+    };
+    model.validate(&params)?;
+    let kind = match scheduler {
+        Some(k) => k,
+        None => model.default_scheduler()?,
+    };
+    eprintln!(
+        "{}x{}, {} steps, guidance {}, scheduler {}, {}, {}",
+        params.width,
+        params.height,
+        params.steps,
+        params.guidance,
+        kind.name(),
+        match gate {
+            Some(g) => format!(
+                "T-GATE gate_step {} (sp_interval {}, fi_interval {}, warm_up {})",
+                g.gate_step, g.sp_interval, g.fi_interval, g.warm_up
+            ),
+            None => "no gate".into(),
+        },
+        seed_note
+    );
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let out = model.generate_latents(&params, &mut |s: &StepInfo| {
+        bar.set_length(s.total as u64);
+        bar.set_position(s.index as u64 + 1);
+        bar.set_message(format!("{} t={:.0} {:.0} ms", s.phase.name(), s.timestep, s.seconds * 1e3));
+        ControlFlow::Continue(())
+    })?;
+    bar.finish_and_clear();
+
+    if let Some(path) = &a.save_latents {
+        let dims = out.latents.dims();
+        let data = out
+            .latents
+            .clone()
+            .try_into_data()
+            .map_err(|e| Error::Device(format!("{e:?}")))?
+            .to_vec::<f32>()
+            .map_err(|e| Error::Device(format!("{e:?}")))?;
+        std::fs::write(path, write_f32(&[("latents", &dims, &data)]))
+            .map_err(|e| Error::input("save_latents", format!("{}: {e}", path.display())))?;
+        eprintln!("latents written to {}", path.display());
+    }
+    let (w, h, rgb) = to_rgb8(model.decode(out.latents))?;
+    write_png(&a.out, w, h, &rgb)?;
+
+    let total: f64 = out.steps.iter().map(|s| s.seconds).sum();
+    for phase in [Phase::SemanticsPlanning, Phase::FidelityImproving] {
+        let times: Vec<f64> = out.steps.iter().filter(|s| s.phase == phase).map(|s| s.seconds).collect();
+        if !times.is_empty() {
+            let mean = times.iter().sum::<f64>() / times.len() as f64;
+            eprintln!("{:>20}: {:>3} steps, mean {:.1} ms/step", phase.name(), times.len(), mean * 1e3);
+        }
+    }
+    eprintln!("{:>20}: {:.2} s denoising; image written to {}", "total", total, a.out.display());
+    Ok(())
+}
+
+fn web_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        % 1_000_000_007
+}
+
+fn write_png(path: &Path, w: usize, h: usize, rgb: &[u8]) -> Result<(), Error> {
+    let fail = |e: String| Error::input("out", format!("{}: {e}", path.display()));
+    let file = std::fs::File::create(path).map_err(|e| fail(e.to_string()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(|e| fail(e.to_string()))?;
+    writer.write_image_data(rgb).map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}

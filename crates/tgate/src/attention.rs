@@ -1,0 +1,125 @@
+//! diffusers' `Attention` (to_q / to_k / to_v / to_out.0), `FeedForward` with GEGLU, and
+//! `BasicTransformerBlock`, whose two attention calls go through the T-GATE caches.
+
+use burn::tensor::Tensor;
+
+use crate::error::Result;
+use crate::nn::{multi_head_attention, Activation, LayerNorm, Linear};
+use crate::tgate::AttentionCache;
+use crate::weights::Weights;
+
+/// Key names of the four projections; old VAE checkpoints use `query`/`key`/`value`/`proj_attn`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionKeys {
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub out: &'static str,
+}
+
+impl AttentionKeys {
+    pub const CURRENT: AttentionKeys = AttentionKeys { q: "to_q", k: "to_k", v: "to_v", out: "to_out.0" };
+    pub const LEGACY: AttentionKeys = AttentionKeys { q: "query", k: "key", v: "value", out: "proj_attn" };
+}
+
+/// Multi-head attention with input projections and an output projection.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `query_dim` → `heads × head_dim`; keys/values come from `context_dim` features.
+    pub fn load(
+        w: &Weights,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        keys: AttentionKeys,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Attention {
+            to_q: Linear::load(&w.pp(keys.q), query_dim, inner, qkv_bias)?,
+            to_k: Linear::load(&w.pp(keys.k), context_dim, inner, qkv_bias)?,
+            to_v: Linear::load(&w.pp(keys.v), context_dim, inner, qkv_bias)?,
+            to_out: Linear::load(&w.pp(keys.out), inner, query_dim, true)?,
+            heads,
+        })
+    }
+
+    /// `x: [b, n, query_dim]`, `context: [b, m, context_dim]` (self-attention when `None`).
+    pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>) -> Tensor<3> {
+        let context = context.cloned().unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        self.to_out.forward(multi_head_attention(q, k, v, self.heads, None, false))
+    }
+}
+
+/// `FeedForward` with the GEGLU activation (`net.0.proj`, `net.2`).
+#[derive(Clone, Debug)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn load(w: &Weights, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(FeedForward {
+            proj: Linear::load(&w.pp("net.0.proj"), dim, inner * 2, true)?,
+            out: Linear::load(&w.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.proj.forward(x);
+        let inner = h.dims()[2] / 2;
+        let value = h.clone().narrow(2, 0, inner);
+        let gate = h.narrow(2, inner, inner);
+        self.out.forward(value * Activation::Gelu.forward(gate))
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each pre-normed with a residual.
+#[derive(Clone, Debug)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn load(w: &Weights, dim: usize, heads: usize, head_dim: usize, cross_dim: usize) -> Result<Self> {
+        let keys = AttentionKeys::CURRENT;
+        Ok(BasicTransformerBlock {
+            norm1: LayerNorm::load(&w.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(&w.pp("attn1"), dim, dim, heads, head_dim, false, keys)?,
+            norm2: LayerNorm::load(&w.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(&w.pp("attn2"), dim, cross_dim, heads, head_dim, false, keys)?,
+            norm3: LayerNorm::load(&w.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&w.pp("ff"), dim)?,
+        })
+    }
+
+    /// `x: [b, n, dim]`, `context: [b, 77, cross_dim]`. The gate decides whether each attention
+    /// is computed or taken from its cache.
+    pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<3> {
+        let h = self.norm1.forward(x.clone());
+        let x = x + cache.self_attention(|| self.attn1.forward(h, None));
+        let h = self.norm2.forward(x.clone());
+        let x = x + cache.cross_attention(|| self.attn2.forward(h, Some(context)));
+        let h = self.norm3.forward(x.clone());
+        x + self.ff.forward(h)
+    }
+}

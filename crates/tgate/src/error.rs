@@ -1,0 +1,65 @@
+//! The one error type of the crate. Every fallible public function returns [`Result`].
+
+use thiserror::Error;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A `config.json` (or another JSON file) is missing a key, has a wrong type, or an unsupported value.
+    #[error("config `{file}`: {message}")]
+    Config { file: String, message: String },
+
+    /// A file the model folder must contain is not there.
+    #[error("missing file `{0}`")]
+    MissingFile(String),
+
+    /// A safetensors file is corrupt or truncated.
+    #[error("weights `{file}`: corrupt safetensors file: {message}")]
+    CorruptWeights { file: String, message: String },
+
+    /// A tensor the model needs is not in the weights.
+    #[error("weights `{file}`: missing tensor `{tensor}` (expected shape {expected:?})")]
+    MissingTensor { file: String, tensor: String, expected: Vec<usize> },
+
+    /// A tensor has the wrong shape.
+    #[error("weights `{file}`: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+
+    /// A tensor has a dtype the loader cannot use.
+    #[error("weights `{file}`: tensor `{tensor}` has dtype {found}, expected {expected}")]
+    DtypeMismatch { file: String, tensor: String, expected: String, found: String },
+
+    /// The tokenizer files could not be read or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A parameter given by the caller is impossible (steps 0, gate step past the end, ...).
+    #[error("invalid parameter `{name}`: {message}")]
+    InvalidParameter { name: String, message: String },
+
+    /// An input tensor (noise, latents) has the wrong shape or content.
+    #[error("input `{name}`: {message}")]
+    Input { name: String, message: String },
+
+    /// The compute device failed (lost device, failed readback, out of memory).
+    #[error("device: {0}")]
+    Device(String),
+
+    /// Generation was cancelled by the caller between steps.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config { file: file.into(), message: message.into() }
+    }
+    pub fn param(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidParameter { name: name.into(), message: message.into() }
+    }
+    pub fn input(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Input { name: name.into(), message: message.into() }
+    }
+}

@@ -1,0 +1,23 @@
+//! Stable Diffusion with T-GATE on burn: runs on any burn device (CPU via Flex, native wgpu,
+//! browser WebGPU). Loading takes bytes; the filesystem lives in the CLI.
+
+pub mod attention;
+pub mod clip;
+pub mod embeddings;
+pub mod error;
+pub mod loader;
+pub mod nn;
+pub mod noise;
+pub mod pipeline;
+pub mod resnet;
+pub mod safetensors;
+pub mod schedulers;
+pub mod tgate;
+pub mod tokenizer;
+pub mod transformer_2d;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+pub mod vae;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,274 @@
+//! The Stable Diffusion pipeline: prompt → text embeddings → (gated) denoising loop → VAE.
+//!
+//! Mirrors diffusers' `StableDiffusionPipeline.__call__` (and, with a gate, `tgate`'s
+//! `pipe.tgate(...)`): classifier-free guidance with the `[uncond, cond]` batch order when
+//! `guidance > 1`, latents = noise × the scheduler's initial sigma, final latents decoded after
+//! dividing by the VAE's `scaling_factor`.
+
+use std::ops::ControlFlow;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use web_time::Instant;
+
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::error::{Error, Result};
+use crate::loader::{load_weights, read_required, ModelSource, Variant};
+use crate::noise::randn;
+use crate::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
+use crate::tgate::{Gate, GateConfig, Phase};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{VaeConfig, VaeDecoder};
+
+/// Where the noise comes from.
+#[derive(Clone, Debug)]
+pub enum Noise {
+    /// Seeded noise ([`crate::noise`]): stream 0 for the latents, stream `1 + j` for step `j`.
+    Seed(u64),
+    /// Given tensors, as diffusers' `latents=` argument: `noise` `[1, 4, h, w]` and, for
+    /// ancestral schedulers, one `[1, 4, h, w]` tensor per step, flattened in order.
+    Tensors { noise: Vec<f32>, step_noise: Option<Vec<f32>> },
+}
+
+/// Everything a generation needs besides the model.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is on when it is above 1.
+    pub guidance: f64,
+    /// `None`: the model folder's own scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    pub width: usize,
+    pub height: usize,
+    /// `None`: no gate (plain diffusers).
+    pub gate: Option<GateConfig>,
+    pub noise: Noise,
+    /// Skip the last `clip_skip` text-encoder layers (diffusers' `clip_skip`).
+    pub clip_skip: usize,
+}
+
+/// What the progress callback sees after each iteration.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    /// 0-based iteration.
+    pub index: usize,
+    pub total: usize,
+    pub timestep: f64,
+    pub phase: Phase,
+    /// Wall time of the iteration in seconds (measured after the device finished it).
+    pub seconds: f64,
+}
+
+/// The result of a denoising run.
+pub struct Latents {
+    /// Final latents `[1, 4, h, w]` (what diffusers returns with `output_type="latent"`).
+    pub latents: Tensor<4>,
+    pub steps: Vec<StepInfo>,
+    pub scheduler: SchedulerKind,
+}
+
+/// A loaded Stable Diffusion 1.x / 2.x pipeline.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: VaeDecoder,
+    pub scheduler_config: SchedulerConfig,
+    device: Device,
+}
+
+fn json(src: &dyn ModelSource, path: &str) -> Result<Vec<u8>> {
+    read_required(src, path)
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+    pub fn load(src: &dyn ModelSource, variant: Variant, device: &Device) -> Result<Self> {
+        let opt = |p: &str| src.read(p);
+        let tokenizer = ClipTokenizer::from_files(
+            &read_required(src, "tokenizer/vocab.json")?,
+            &read_required(src, "tokenizer/merges.txt")?,
+            opt("tokenizer/tokenizer_config.json")?.as_deref(),
+            opt("tokenizer/special_tokens_map.json")?.as_deref(),
+        )?;
+        let text_cfg = ClipTextConfig::from_json("text_encoder/config.json", &json(src, "text_encoder/config.json")?)?;
+        let text_w = load_weights(src, "text_encoder", "model", variant, device)?;
+        let text_encoder = ClipTextModel::load(&text_cfg, &text_w)?;
+        drop(text_w);
+        let unet_cfg = UNetConfig::from_json("unet/config.json", &json(src, "unet/config.json")?)?;
+        let unet_w = load_weights(src, "unet", "diffusion_pytorch_model", variant, device)?;
+        let unet = UNet2DConditionModel::load(&unet_cfg, &unet_w)?;
+        drop(unet_w);
+        let vae_cfg = VaeConfig::from_json("vae/config.json", &json(src, "vae/config.json")?)?;
+        let vae_w = load_weights(src, "vae", "diffusion_pytorch_model", variant, device)?;
+        let vae = VaeDecoder::load(&vae_cfg, &vae_w)?;
+        let scheduler_config =
+            SchedulerConfig::from_json("scheduler/scheduler_config.json", &json(src, "scheduler/scheduler_config.json")?)?;
+        if text_cfg.hidden_size != unet_cfg.cross_attention_dim {
+            return Err(Error::config(
+                "unet/config.json",
+                format!(
+                    "cross_attention_dim {} differs from the text encoder's hidden_size {}",
+                    unet_cfg.cross_attention_dim, text_cfg.hidden_size
+                ),
+            ));
+        }
+        Ok(StableDiffusion { tokenizer, text_encoder, unet, vae, scheduler_config, device: device.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The scheduler the model folder names.
+    pub fn default_scheduler(&self) -> Result<SchedulerKind> {
+        self.scheduler_config.class_kind().ok_or_else(|| {
+            Error::config("scheduler/scheduler_config.json", "unknown `_class_name`; pick a scheduler by name")
+        })
+    }
+
+    /// Default image size: the UNet's `sample_size` × 8.
+    pub fn default_size(&self) -> usize {
+        self.unet.config().sample_size * 8
+    }
+
+    /// Text embeddings `[1, 77, d]` of one prompt.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor<3>> {
+        let ids = self.tokenizer.encode(prompt)?;
+        self.text_encoder.forward(&[ids], None, clip_skip, &self.device)
+    }
+
+    /// Checks parameters before any work is done.
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        if p.steps == 0 {
+            return Err(Error::param("steps", "must be at least 1"));
+        }
+        for (name, v) in [("width", p.width), ("height", p.height)] {
+            if v == 0 || v % 8 != 0 {
+                return Err(Error::param(name, format!("must be a positive multiple of 8, got {v}")));
+            }
+        }
+        if !p.guidance.is_finite() {
+            return Err(Error::param("guidance", "must be a finite number"));
+        }
+        if let Some(g) = &p.gate {
+            g.validate(p.steps)?;
+        }
+        Ok(())
+    }
+
+    fn latent_shape(&self, p: &GenerateParams) -> [usize; 4] {
+        [1, self.unet.config().in_channels, p.height / 8, p.width / 8]
+    }
+
+    /// Runs the denoising loop. `on_step` is called after every iteration and may stop the run
+    /// (returning `ControlFlow::Break`), which yields [`Error::Cancelled`].
+    pub fn generate_latents(
+        &self,
+        p: &GenerateParams,
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+    ) -> Result<Latents> {
+        self.validate(p)?;
+        let kind = match p.scheduler {
+            Some(k) => k,
+            None => self.default_scheduler()?,
+        };
+        let mut scheduler = build_scheduler(&self.scheduler_config, kind, p.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut gate = Gate::new(p.gate, p.steps, timesteps.len(), scheduler.order())?;
+
+        let shape = self.latent_shape(p);
+        let numel: usize = shape.iter().product();
+        let needs_noise = scheduler.needs_noise();
+        let (noise, mut step_noise): (Vec<f32>, Box<dyn FnMut(usize) -> Result<Vec<f32>>>) = match &p.noise {
+            Noise::Seed(seed) => {
+                let seed = *seed;
+                (randn(seed, 0, numel), Box::new(move |j| Ok(randn(seed, 1 + j as u64, numel))))
+            }
+            Noise::Tensors { noise, step_noise } => {
+                if noise.len() != numel {
+                    return Err(Error::input("noise", format!("has {} values, expected shape {shape:?}", noise.len())));
+                }
+                let steps_given = step_noise.as_ref().map(|s| s.len() / numel).unwrap_or(0);
+                if needs_noise && (step_noise.as_ref().map(|s| s.len()).unwrap_or(0) != timesteps.len() * numel) {
+                    return Err(Error::input(
+                        "step_noise",
+                        format!("{kind:?} needs {} tensors of shape {shape:?}, got {steps_given}", timesteps.len()),
+                    ));
+                }
+                let step_noise = step_noise.clone().unwrap_or_default();
+                (noise.clone(), Box::new(move |j| Ok(step_noise[j * numel..(j + 1) * numel].to_vec())))
+            }
+        };
+        let upload = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), &self.device);
+
+        let wants_guidance = p.guidance > 1.0;
+        let cond = self.encode_prompt(&p.prompt, p.clip_skip)?;
+        let both = if wants_guidance {
+            let uncond = self.encode_prompt(&p.negative_prompt, p.clip_skip)?;
+            Some(Tensor::cat(vec![uncond, cond.clone()], 0))
+        } else {
+            None
+        };
+
+        let mut latents = upload(noise).mul_scalar(scheduler.init_noise_sigma());
+        let mut infos = Vec::with_capacity(timesteps.len());
+        for (i, &t) in timesteps.iter().enumerate() {
+            let started = Instant::now();
+            let plan = gate.begin_iteration(i, wants_guidance);
+            let (input, context) = match (&both, plan.guidance) {
+                (Some(both), true) => (Tensor::cat(vec![latents.clone(), latents.clone()], 0), both),
+                _ => (latents.clone(), &cond),
+            };
+            let input = scheduler.scale_model_input(input, i);
+            let mut pred = self.unet.forward(input, t, context, gate.cache());
+            if plan.guidance {
+                let uncond = pred.clone().narrow(0, 0, 1);
+                let text = pred.narrow(0, 1, 1);
+                pred = uncond.clone() + (text - uncond).mul_scalar(p.guidance);
+            }
+            let noise = if needs_noise { Some(upload(step_noise(i)?)) } else { None };
+            latents = scheduler.step(pred, i, latents, noise)?;
+            self.device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+            let info = StepInfo {
+                index: i,
+                total: timesteps.len(),
+                timestep: t,
+                phase: plan.phase,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            infos.push(info);
+            if on_step(&info).is_break() {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(Latents { latents, steps: infos, scheduler: kind })
+    }
+
+    /// Decodes final latents to an image `[1, 3, H, W]` in `[0, 1]`.
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        self.vae.decode_latents(latents).div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0)
+    }
+}
+
+/// Converts a `[1, 3, H, W]` image in `[0, 1]` to interleaved 8-bit RGB (a host readback).
+pub fn to_rgb8(image: Tensor<4>) -> Result<(usize, usize, Vec<u8>)> {
+    let [_, c, h, w] = image.dims();
+    let data = image
+        .try_into_data()
+        .map_err(|e| Error::Device(format!("reading the image back failed: {e:?}")))?
+        .try_to_vec::<f32>()
+        .map_err(|e| Error::Device(format!("reading the image back failed: {e:?}")))?;
+    let mut rgb = vec![0u8; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..3.min(c) {
+                let v = data[ch * h * w + y * w + x];
+                rgb[(y * w + x) * 3 + ch] = (v * 255.0).round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    Ok((w, h, rgb))
+}

@@ -1,0 +1,189 @@
+//! The decoder half of diffusers' `AutoencoderKL` (`vae/`), with `post_quant_conv`.
+//! Both attention key namings of real checkpoints load (`to_q`… and the older `query`…).
+
+use burn::tensor::Tensor;
+use serde::Deserialize;
+
+use crate::attention::{Attention, AttentionKeys};
+use crate::error::{Error, Result};
+use crate::nn::{Activation, Conv2d, GroupNorm};
+use crate::resnet::ResnetBlock2D;
+use crate::unet_2d_blocks::upsample_nearest;
+use crate::weights::Weights;
+
+/// The keys of `vae/config.json` the decoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "sd_scale")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+}
+
+fn three() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn sd_scale() -> f64 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+impl VaeConfig {
+    pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
+        let cfg: VaeConfig = serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
+        if cfg.block_out_channels.is_empty() {
+            return Err(Error::config(file, "`block_out_channels` is empty"));
+        }
+        if let Some(t) = cfg.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(Error::config(file, format!("unsupported up block type `{t}`")));
+        }
+        Ok(cfg)
+    }
+}
+
+/// VAE attention: group norm, single-head self-attention over pixels, residual.
+#[derive(Clone, Debug)]
+struct SpatialAttention {
+    group_norm: GroupNorm,
+    attn: Attention,
+}
+
+impl SpatialAttention {
+    fn load(w: &Weights, channels: usize, groups: usize) -> Result<Self> {
+        let keys = if w.contains("to_q.weight") || !w.contains("query.weight") {
+            AttentionKeys::CURRENT
+        } else {
+            AttentionKeys::LEGACY
+        };
+        Ok(SpatialAttention {
+            group_norm: GroupNorm::load(&w.pp("group_norm"), groups, channels, 1e-6)?,
+            attn: Attention::load(w, channels, channels, 1, channels, true, keys)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let tokens = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let out = self.attn.forward(tokens, None);
+        out.swap_dims(1, 2).reshape([b, c, h, w]) + x
+    }
+}
+
+/// `AutoencoderKL`'s decoder.
+#[derive(Clone, Debug)]
+pub struct VaeDecoder {
+    config: VaeConfig,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Option<SpatialAttention>,
+    up_blocks: Vec<(Vec<ResnetBlock2D>, Option<Conv2d>)>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    /// Loads from the root of `vae/diffusion_pytorch_model.safetensors` (the encoder is ignored).
+    pub fn load(config: &VaeConfig, root: &Weights) -> Result<Self> {
+        let (g, eps) = (config.norm_num_groups, 1e-6);
+        let boc = &config.block_out_channels;
+        let top = *boc.last().unwrap_or(&0);
+        let w = root.pp("decoder");
+        let mid = w.pp("mid_block");
+        let resnet = |w: &Weights, a, b| ResnetBlock2D::load(w, a, b, None, g, eps);
+        let mut up_blocks = Vec::new();
+        let mut prev = top;
+        for (i, &c_out) in boc.iter().rev().enumerate() {
+            let bw = w.pp("up_blocks").pp(i);
+            let resnets = (0..config.layers_per_block + 1)
+                .map(|j| resnet(&bw.pp("resnets").pp(j), if j == 0 { prev } else { c_out }, c_out))
+                .collect::<Result<Vec<_>>>()?;
+            let up = if i + 1 < boc.len() { Some(Conv2d::load(&bw.pp("upsamplers.0.conv"), c_out, c_out, 3, 1, 1)?) } else { None };
+            up_blocks.push((resnets, up));
+            prev = c_out;
+        }
+        let lat = config.latent_channels;
+        Ok(VaeDecoder {
+            post_quant_conv: if config.use_post_quant_conv {
+                Some(Conv2d::load(&root.pp("post_quant_conv"), lat, lat, 1, 1, 0)?)
+            } else {
+                None
+            },
+            conv_in: Conv2d::load(&w.pp("conv_in"), lat, top, 3, 1, 1)?,
+            mid_resnets: [resnet(&mid.pp("resnets.0"), top, top)?, resnet(&mid.pp("resnets.1"), top, top)?],
+            mid_attention: if config.mid_block_add_attention {
+                Some(SpatialAttention::load(&mid.pp("attentions.0"), top, g)?)
+            } else {
+                None
+            },
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&w.pp("conv_norm_out"), g, boc[0], eps)?,
+            conv_out: Conv2d::load(&w.pp("conv_out"), boc[0], config.out_channels, 3, 1, 1)?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Decodes unscaled latents `z = latents / scaling_factor (+ shift)` `[b, 4, h, w]` to an
+    /// image `[b, 3, 8h, 8w]` in about `[-1, 1]`.
+    pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(z),
+            None => z,
+        };
+        let mut x = self.conv_in.forward(z);
+        x = self.mid_resnets[0].forward(x, None);
+        if let Some(attn) = &self.mid_attention {
+            x = attn.forward(x);
+        }
+        x = self.mid_resnets[1].forward(x, None);
+        for (resnets, up) in &self.up_blocks {
+            for r in resnets {
+                x = r.forward(x, None);
+            }
+            if let Some(conv) = up {
+                let [_, _, h, w] = x.dims();
+                x = conv.forward(upsample_nearest(x, [h * 2, w * 2]));
+            }
+        }
+        self.conv_out.forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
+    }
+
+    /// The pipeline's hand-over: latents → `latents / scaling_factor + shift_factor` → decode.
+    pub fn decode_latents(&self, latents: Tensor<4>) -> Tensor<4> {
+        let mut z = latents.div_scalar(self.config.scaling_factor);
+        if let Some(shift) = self.config.shift_factor {
+            z = z.add_scalar(shift);
+        }
+        self.decode(z)
+    }
+}
