@@ -26,6 +26,7 @@ import copy
 import glob
 import gzip
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -500,6 +501,17 @@ def noise_source(step_noise: torch.Tensor | None):
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
+
+def json_safe(x):
+    """Replaces non-finite floats by their string names, recursively (JSON has no Infinity)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
 
 def max_abs(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
@@ -984,7 +996,8 @@ def make_pipeline_fixture(kind, bpe_lines, seed):
     }
     meta.update(save_info)
     with open(out_dir / "reference.json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
+        # Strict JSON: non-finite floats (e.g. lambda_min_clipped = -inf) become strings.
+        json.dump(json_safe(meta), f, indent=1, ensure_ascii=False, allow_nan=False)
     print(f"  reference tensors ({len(R)}):")
     for k, v in R.items():
         print(f"    {k:34s} {str(list(v.shape)):18s} {str(v.dtype)[6:]:8s} max|v|={max_abs(v):.4g}")
