@@ -242,7 +242,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
             .clone()
             .try_into_data()
             .map_err(|e| Error::Device(format!("{e:?}")))?
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .map_err(|e| Error::Device(format!("{e:?}")))?;
         std::fs::write(path, write_f32(&[("latents", &dims, &data)]))
             .map_err(|e| Error::input("save_latents", format!("{}: {e}", path.display())))?;

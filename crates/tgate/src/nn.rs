@@ -8,6 +8,25 @@ use burn::tensor::{activation, Bool, Int, Tensor};
 use crate::error::Result;
 use crate::weights::Weights;
 
+std::thread_local! {
+    static MACS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Multiply-accumulates issued by this thread's linear, convolution and attention layers since
+/// the last [`reset_macs`] (an analytic count of the work, for benchmarks; not a timing).
+pub fn macs() -> u64 {
+    MACS.with(|m| m.get())
+}
+
+/// Resets the counter read by [`macs`].
+pub fn reset_macs() {
+    MACS.with(|m| m.set(0));
+}
+
+fn add_macs(n: usize) {
+    MACS.with(|m| m.set(m.get().wrapping_add(n as u64)));
+}
+
 /// `torch.nn.Linear`; the weight is kept transposed (`[in, out]`) for a plain matmul.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -30,6 +49,8 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let [d_in, d_out] = self.weight.dims();
+        add_macs(x.shape().num_elements() / d_in.max(1) * d_in * d_out);
         burn::tensor::module::linear(x, self.weight.clone(), self.bias.clone())
     }
 }
@@ -53,7 +74,10 @@ impl Conv2d {
     /// `[b, c_in, h, w] -> [b, c_out, h', w']`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
-        conv2d(x, self.weight.clone(), self.bias.clone(), options)
+        let out = conv2d(x, self.weight.clone(), self.bias.clone(), options);
+        let [_, c_in, k, _] = self.weight.dims();
+        add_macs(out.shape().num_elements() * c_in * k * k);
+        out
     }
 }
 
@@ -172,6 +196,7 @@ pub fn multi_head_attention(
     let [b, n_q, inner] = q.dims();
     let n_k = k.dims()[1];
     let d = inner / heads;
+    add_macs(2 * b * n_q * n_k * inner);
     let split = |t: Tensor<3>, n: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
     let (q, k, v) = (split(q, n_q), split(k, n_k), split(v, n_k));
     let mask = mask.map(|m| m.expand([b, heads, n_q, n_k]));

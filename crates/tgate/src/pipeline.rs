@@ -142,25 +142,7 @@ impl StableDiffusion {
 
     /// Checks parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
-        if p.steps == 0 {
-            return Err(Error::param("steps", "must be at least 1"));
-        }
-        for (name, v) in [("width", p.width), ("height", p.height)] {
-            if v == 0 || v % 8 != 0 {
-                return Err(Error::param(name, format!("must be a positive multiple of 8, got {v}")));
-            }
-        }
-        if !p.guidance.is_finite() {
-            return Err(Error::param("guidance", "must be a finite number"));
-        }
-        if let Some(g) = &p.gate {
-            g.validate(p.steps)?;
-        }
-        Ok(())
-    }
-
-    fn latent_shape(&self, p: &GenerateParams) -> [usize; 4] {
-        [1, self.unet.config().in_channels, p.height / 8, p.width / 8]
+        validate(p)
     }
 
     /// Runs the denoising loop. `on_step` is called after every iteration and may stop the run
@@ -170,87 +152,117 @@ impl StableDiffusion {
         p: &GenerateParams,
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<Latents> {
-        self.validate(p)?;
-        let kind = match p.scheduler {
-            Some(k) => k,
-            None => self.default_scheduler()?,
-        };
-        let mut scheduler = build_scheduler(&self.scheduler_config, kind, p.steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let mut gate = Gate::new(p.gate, p.steps, timesteps.len(), scheduler.order())?;
-
-        let shape = self.latent_shape(p);
-        let numel: usize = shape.iter().product();
-        let needs_noise = scheduler.needs_noise();
-        let (noise, mut step_noise): (Vec<f32>, Box<dyn FnMut(usize) -> Result<Vec<f32>>>) = match &p.noise {
-            Noise::Seed(seed) => {
-                let seed = *seed;
-                (randn(seed, 0, numel), Box::new(move |j| Ok(randn(seed, 1 + j as u64, numel))))
-            }
-            Noise::Tensors { noise, step_noise } => {
-                if noise.len() != numel {
-                    return Err(Error::input("noise", format!("has {} values, expected shape {shape:?}", noise.len())));
-                }
-                let steps_given = step_noise.as_ref().map(|s| s.len() / numel).unwrap_or(0);
-                if needs_noise && (step_noise.as_ref().map(|s| s.len()).unwrap_or(0) != timesteps.len() * numel) {
-                    return Err(Error::input(
-                        "step_noise",
-                        format!("{kind:?} needs {} tensors of shape {shape:?}, got {steps_given}", timesteps.len()),
-                    ));
-                }
-                let step_noise = step_noise.clone().unwrap_or_default();
-                (noise.clone(), Box::new(move |j| Ok(step_noise[j * numel..(j + 1) * numel].to_vec())))
-            }
-        };
-        let upload = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), &self.device);
-
-        let wants_guidance = p.guidance > 1.0;
+        validate(p)?;
         let cond = self.encode_prompt(&p.prompt, p.clip_skip)?;
-        let both = if wants_guidance {
-            let uncond = self.encode_prompt(&p.negative_prompt, p.clip_skip)?;
-            Some(Tensor::cat(vec![uncond, cond.clone()], 0))
-        } else {
-            None
-        };
-
-        let mut latents = upload(noise).mul_scalar(scheduler.init_noise_sigma());
-        let mut infos = Vec::with_capacity(timesteps.len());
-        for (i, &t) in timesteps.iter().enumerate() {
-            let started = Instant::now();
-            let plan = gate.begin_iteration(i, wants_guidance);
-            let (input, context) = match (&both, plan.guidance) {
-                (Some(both), true) => (Tensor::cat(vec![latents.clone(), latents.clone()], 0), both),
-                _ => (latents.clone(), &cond),
-            };
-            let input = scheduler.scale_model_input(input, i);
-            let mut pred = self.unet.forward(input, t, context, gate.cache());
-            if plan.guidance {
-                let uncond = pred.clone().narrow(0, 0, 1);
-                let text = pred.narrow(0, 1, 1);
-                pred = uncond.clone() + (text - uncond).mul_scalar(p.guidance);
-            }
-            let noise = if needs_noise { Some(upload(step_noise(i)?)) } else { None };
-            latents = scheduler.step(pred, i, latents, noise)?;
-            self.device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-            let info = StepInfo {
-                index: i,
-                total: timesteps.len(),
-                timestep: t,
-                phase: plan.phase,
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            infos.push(info);
-            if on_step(&info).is_break() {
-                return Err(Error::Cancelled);
-            }
-        }
-        Ok(Latents { latents, steps: infos, scheduler: kind })
+        let uncond = if p.guidance > 1.0 { Some(self.encode_prompt(&p.negative_prompt, p.clip_skip)?) } else { None };
+        denoise(&self.unet, &self.scheduler_config, p, cond, uncond, on_step)
     }
 
     /// Decodes final latents to an image `[1, 3, H, W]` in `[0, 1]`.
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         self.vae.decode_latents(latents).div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0)
     }
+}
+
+/// Checks generation parameters before any work is done.
+pub fn validate(p: &GenerateParams) -> Result<()> {
+    if p.steps == 0 {
+        return Err(Error::param("steps", "must be at least 1"));
+    }
+    for (name, v) in [("width", p.width), ("height", p.height)] {
+        if v == 0 || v % 8 != 0 {
+            return Err(Error::param(name, format!("must be a positive multiple of 8, got {v}")));
+        }
+    }
+    if !p.guidance.is_finite() {
+        return Err(Error::param("guidance", "must be a finite number"));
+    }
+    if let Some(g) = &p.gate {
+        g.validate(p.steps)?;
+    }
+    Ok(())
+}
+
+/// The denoising loop on text embeddings: `cond` `[1, 77, d]` and, when guidance is on,
+/// `uncond` (the negative prompt's). The prompt fields of `p` are not used here.
+pub fn denoise(
+    unet: &UNet2DConditionModel,
+    scheduler_config: &SchedulerConfig,
+    p: &GenerateParams,
+    cond: Tensor<3>,
+    uncond: Option<Tensor<3>>,
+    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+) -> Result<Latents> {
+    validate(p)?;
+    let device = cond.device();
+    let kind = match p.scheduler {
+        Some(k) => k,
+        None => scheduler_config.class_kind().ok_or_else(|| {
+            Error::config("scheduler/scheduler_config.json", "unknown `_class_name`; pick a scheduler by name")
+        })?,
+    };
+    let mut scheduler = build_scheduler(scheduler_config, kind, p.steps)?;
+    let timesteps = scheduler.timesteps().to_vec();
+    let mut gate = Gate::new(p.gate, p.steps, timesteps.len(), scheduler.order())?;
+
+    let shape = [1, unet.config().in_channels, p.height / 8, p.width / 8];
+    let numel: usize = shape.iter().product();
+    let needs_noise = scheduler.needs_noise();
+    let (noise, mut step_noise): (Vec<f32>, Box<dyn FnMut(usize) -> Vec<f32>>) = match &p.noise {
+        Noise::Seed(seed) => {
+            let seed = *seed;
+            (randn(seed, 0, numel), Box::new(move |j| randn(seed, 1 + j as u64, numel)))
+        }
+        Noise::Tensors { noise, step_noise } => {
+            if noise.len() != numel {
+                return Err(Error::input("noise", format!("has {} values, expected shape {shape:?}", noise.len())));
+            }
+            let given = step_noise.as_ref().map(|s| s.len()).unwrap_or(0);
+            if needs_noise && given != timesteps.len() * numel {
+                return Err(Error::input(
+                    "step_noise",
+                    format!("{} needs {} tensors of shape {shape:?}, got {} values", kind.name(), timesteps.len(), given),
+                ));
+            }
+            let step_noise = step_noise.clone().unwrap_or_default();
+            (noise.clone(), Box::new(move |j| step_noise[j * numel..(j + 1) * numel].to_vec()))
+        }
+    };
+    let upload = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), &device);
+    let both = uncond.map(|u| Tensor::cat(vec![u, cond.clone()], 0));
+
+    let mut latents = upload(noise).mul_scalar(scheduler.init_noise_sigma());
+    let mut infos = Vec::with_capacity(timesteps.len());
+    for (i, &t) in timesteps.iter().enumerate() {
+        let started = Instant::now();
+        let plan = gate.begin_iteration(i, both.is_some());
+        let (input, context) = match (&both, plan.guidance) {
+            (Some(both), true) => (Tensor::cat(vec![latents.clone(), latents.clone()], 0), both),
+            _ => (latents.clone(), &cond),
+        };
+        let input = scheduler.scale_model_input(input, i);
+        let mut pred = unet.forward(input, t, context, gate.cache());
+        if plan.guidance {
+            let uncond = pred.clone().narrow(0, 0, 1);
+            let text = pred.narrow(0, 1, 1);
+            pred = uncond.clone() + (text - uncond).mul_scalar(p.guidance);
+        }
+        let noise = if needs_noise { Some(upload(step_noise(i))) } else { None };
+        latents = scheduler.step(pred, i, latents, noise)?;
+        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        let info = StepInfo {
+            index: i,
+            total: timesteps.len(),
+            timestep: t,
+            phase: plan.phase,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        infos.push(info);
+        if on_step(&info).is_break() {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(Latents { latents, steps: infos, scheduler: kind })
 }
 
 /// Converts a `[1, 3, H, W]` image in `[0, 1]` to interleaved 8-bit RGB (a host readback).

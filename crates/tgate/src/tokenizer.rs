@@ -22,7 +22,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// CLIP's word regex, as used by `transformers.CLIPTokenizer`.
-const WORD_REGEX: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const WORD_REGEX: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// Sequence length used when the config gives no (sensible) `model_max_length`.
 const DEFAULT_MAX_LENGTH: usize = 77;
 /// Larger `model_max_length` values are transformers' "no limit" sentinel (1e30).
@@ -87,7 +88,12 @@ impl ClipTokenizer {
                 let what = format!("added_tokens_decoder.{id}");
                 match parse_spec("tokenizer_config.json", &what, v, false)? {
                     Some(Spec::Token(t)) => decoder.push((id, t)),
-                    _ => return Err(Error::config("tokenizer_config.json", format!("`{what}` is not a token object"))),
+                    _ => {
+                        return Err(Error::config(
+                            "tokenizer_config.json",
+                            format!("`{what}` is not a token object"),
+                        ))
+                    }
                 }
             }
             decoder.sort_by_key(|(id, _)| *id);
@@ -165,14 +171,17 @@ impl ClipTokenizer {
         let split = Split::new(SplitPattern::Regex(WORD_REGEX.into()), SplitDelimiterBehavior::Removed, true)
             .map_err(tok_err)?;
         tokenizer.with_normalizer(Some(normalizer));
-        tokenizer.with_pre_tokenizer(Some(PreSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
+        tokenizer.with_pre_tokenizer(Some(PreSequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
         // Added after the normalizer is set: normalized added tokens are matched in normalized text.
         tokenizer.add_tokens(&added);
 
         let id_of = |spec: &Spec| {
-            tokenizer.token_to_id(spec.content()).ok_or_else(|| {
-                Error::Tokenizer(format!("special token `{}` has no id", spec.content()))
-            })
+            tokenizer
+                .token_to_id(spec.content())
+                .ok_or_else(|| Error::Tokenizer(format!("special token `{}` has no id", spec.content())))
         };
         let (bos_id, eos_id, pad_id) = (id_of(&named[0])?, id_of(&named[1])?, id_of(&named[3])?);
         Ok(Self { tokenizer, max_length, bos_id, eos_id, pad_id })
@@ -264,8 +273,10 @@ fn parse_spec(file: &str, key: &str, v: &Value, force_special: bool) -> Result<O
 /// Builds the BPE model from vocab.json (token -> id) and merges.txt (`#version` line, then one
 /// `left right` pair per line, best first).
 fn build_bpe(vocab_json: &[u8], merges_txt: &[u8], unk: &str) -> Result<BPE> {
-    let vocab: Vocab = serde_json::from_slice(vocab_json).map_err(|e| Error::config("vocab.json", format!("invalid vocabulary: {e}")))?;
-    let text = std::str::from_utf8(merges_txt).map_err(|e| Error::config("merges.txt", format!("not UTF-8: {e}")))?;
+    let vocab: Vocab = serde_json::from_slice(vocab_json)
+        .map_err(|e| Error::config("vocab.json", format!("invalid vocabulary: {e}")))?;
+    let text = std::str::from_utf8(merges_txt)
+        .map_err(|e| Error::config("merges.txt", format!("not UTF-8: {e}")))?;
     let mut merges = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.starts_with("#version") || line.is_empty() {

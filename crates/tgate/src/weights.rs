@@ -14,10 +14,18 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use crate::error::Result;
 use crate::safetensors::SafeTensors;
 
-/// A prefix-scoped view of one checkpoint file.
+/// Where parameters come from.
+#[derive(Clone)]
+enum Store {
+    File(Rc<SafeTensors>),
+    /// Seeded random values for benchmarks: N(0, 1/fan_in) for weights, 1 ± 0.1 for norm scales.
+    Random(u64),
+}
+
+/// A prefix-scoped view of one checkpoint file (or of seeded random parameters).
 #[derive(Clone)]
 pub struct Weights {
-    file: Rc<SafeTensors>,
+    store: Store,
     prefix: String,
     device: Device,
     dtype: DType,
@@ -28,7 +36,19 @@ impl Weights {
     /// All tensors of `file`, placed on `device` as f32.
     pub fn new(file: SafeTensors, device: &Device) -> Self {
         Weights {
-            file: Rc::new(file),
+            store: Store::File(Rc::new(file)),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype: DType::F32,
+            used: Rc::new(RefCell::new(BTreeSet::new())),
+        }
+    }
+
+    /// Random parameters of whatever shape the model asks for (benchmarks of real-sized models
+    /// without their weights). Nothing is read, so every shape is accepted.
+    pub fn random(seed: u64, device: &Device) -> Self {
+        Weights {
+            store: Store::Random(seed),
             prefix: String::new(),
             device: device.clone(),
             dtype: DType::F32,
@@ -63,12 +83,18 @@ impl Weights {
 
     /// Whether `name` exists under this prefix.
     pub fn contains(&self, name: &str) -> bool {
-        self.file.contains(&self.key(name))
+        match &self.store {
+            Store::File(f) => f.contains(&self.key(name)),
+            Store::Random(_) => !name.starts_with("query"),
+        }
     }
 
     /// Shape of `name` under this prefix, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.file.shape(&self.key(name)).map(|s| s.to_vec())
+        match &self.store {
+            Store::File(f) => f.shape(&self.key(name)).map(|s| s.to_vec()),
+            Store::Random(_) => None,
+        }
     }
 
     /// Reads `name` and checks it has shape `shape`.
@@ -80,9 +106,14 @@ impl Weights {
     /// Reads `name` with shape `shape` to the host as f32 (e.g. to transpose before upload).
     pub fn get_host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let key = self.key(name);
-        let host = self.file.read_f32(&key, shape)?;
-        self.used.borrow_mut().insert(key);
-        Ok(host.data)
+        match &self.store {
+            Store::File(f) => {
+                let host = f.read_f32(&key, shape)?;
+                self.used.borrow_mut().insert(key);
+                Ok(host.data)
+            }
+            Store::Random(seed) => Ok(random_parameter(*seed, &key, shape)),
+        }
     }
 
     /// Uploads host data to the device in the parameter dtype.
@@ -98,6 +129,25 @@ impl Weights {
     /// Keys of the file that no part of the model has read (for completeness checks).
     pub fn unused_keys(&self) -> Vec<String> {
         let used = self.used.borrow();
-        self.file.names().filter(|k| !used.contains(*k)).map(|k| k.to_string()).collect()
+        match &self.store {
+            Store::File(f) => f.names().filter(|k| !used.contains(*k)).map(|k| k.to_string()).collect(),
+            Store::Random(_) => Vec::new(),
+        }
+    }
+}
+
+/// Seeded values for one parameter: 1-D tensors named `weight` (norm scales) are 1 ± 0.1,
+/// other 1-D tensors 0.1·N, and matrices / kernels N(0, 1/fan_in).
+fn random_parameter(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
+    let stream = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let n: usize = shape.iter().product();
+    let z = crate::noise::randn(seed, stream, n);
+    if shape.len() == 1 {
+        let is_scale = key.ends_with("weight") || key.ends_with("gamma");
+        z.into_iter().map(|v| if is_scale { 1.0 + 0.1 * v } else { 0.1 * v }).collect()
+    } else {
+        let fan_in: usize = shape[1..].iter().product();
+        let s = 1.0 / (fan_in.max(1) as f32).sqrt();
+        z.into_iter().map(|v| v * s).collect()
     }
 }

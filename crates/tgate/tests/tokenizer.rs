@@ -39,7 +39,9 @@ fn check_cases(name: &str, tok: &ClipTokenizer, cases: &[Value]) -> usize {
         let (ids, mask) = tok.encode_with_mask(prompt).expect("encode");
         assert_eq!(ids, tok.encode(prompt).expect("encode"), "{name}: encode != encode_with_mask");
         if ids != want_ids || mask != want_mask {
-            failures.push(format!("{name}: {prompt:?}\n  want {want_ids:?} {want_mask:?}\n  got  {ids:?} {mask:?}"));
+            failures.push(format!(
+                "{name}: {prompt:?}\n  want {want_ids:?} {want_mask:?}\n  got  {ids:?} {mask:?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
@@ -50,7 +52,8 @@ fn check_cases(name: &str, tok: &ClipTokenizer, cases: &[Value]) -> usize {
 /// are read as `null`, since reference files written by `json.dump` may contain them.
 fn json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).expect("read json");
-    let (mut out, mut rest, mut in_str, mut escaped) = (String::with_capacity(text.len()), text.as_str(), false, false);
+    let (mut out, mut rest, mut in_str, mut escaped) =
+        (String::with_capacity(text.len()), text.as_str(), false, false);
     while let Some(c) = rest.chars().next() {
         if !in_str {
             if let Some(word) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|w| rest.starts_with(w)) {

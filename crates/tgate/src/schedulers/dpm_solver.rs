@@ -302,6 +302,6 @@ mod tests {
             timesteps(&format!(r#"{{{sd}, "timestep_spacing": "leading", "steps_offset": 1}}"#), 5),
             [831., 665., 499., 333., 167.]
         );
-        assert_eq!(timesteps(&format!(r#"{{{sd}, "use_karras_sigmas": true}}"#), 5), [999., 746., 441., 174., 0.]);
+        assert_eq!(timesteps(&format!(r#"{{{sd}, "use_karras_sigmas": true}}"#), 5), [999., 786., 427., 59., 0.]);
     }
 }

@@ -6,7 +6,7 @@
 //! step from `samples[i]`), `sched.N.scaled_inputs` [n, ...], `sched.N.model_outputs` [n, ...]
 //! and, for `euler-a`, `sched.N.step_noise` [n, ...]. diffusers built each scheduler as
 //! `Class.from_config(pipe.scheduler.config)` and called `set_timesteps(steps)`; the step count
-//! is `reference.json`'s `num_inference_steps` (or `steps`), 10 when absent; its optional
+//! is `reference.json`'s `scheduler_steps` (or `num_inference_steps`), 10 when absent; its optional
 //! `expect_error` lists the kinds diffusers refused for that config.
 //!
 //! `tests/fixtures/{sd1,sd2}` are checked when present; `TGATE_SCHEDULER_REFERENCES` may name a
@@ -64,8 +64,8 @@ impl Array {
 
 /// The largest `|a - b|` and the largest `|b|`.
 fn max_diff(got: Tensor<4>, want: Tensor<4>) -> (f32, f32) {
-    let got = got.into_data().to_vec::<f32>().unwrap();
-    let want = want.into_data().to_vec::<f32>().unwrap();
+    let got = got.into_data().try_to_vec::<f32>().unwrap();
+    let want = want.into_data().try_to_vec::<f32>().unwrap();
     let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     (diff, want.iter().map(|b| b.abs()).fold(0.0, f32::max))
 }
@@ -83,8 +83,8 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(Value::Null);
     let steps = meta
-        .get("num_inference_steps")
-        .or_else(|| meta.get("steps"))
+        .get("scheduler_steps")
+        .or_else(|| meta.get("num_inference_steps"))
         .and_then(Value::as_u64)
         .unwrap_or(10) as usize;
     // Kinds diffusers refused for this config (`expect_error`): the port must refuse them too.
@@ -107,7 +107,11 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
         let mut scheduler = build_scheduler(&config, kind, steps).unwrap();
         let want_t: Vec<f32> = timesteps.values.clone();
         let got_t: Vec<f32> = scheduler.timesteps().iter().map(|&t| t as f32).collect();
-        if got_t != want_t {
+        // Integer timesteps must match exactly; fractional ones (Euler with Karras or
+        // exponential sigmas) go through `ln` of the sigma table and may move by an ulp.
+        let close = got_t.len() == want_t.len()
+            && got_t.iter().zip(&want_t).all(|(g, w)| g == w || (w.fract() != 0.0 && (g - w).abs() < 1e-3));
+        if !close {
             failures.push(format!("{kind}: timesteps {got_t:?} != {want_t:?}"));
             continue;
         }
@@ -118,6 +122,7 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
         let (samples, outputs, scaled) = (&arrays[&key("samples")], &arrays[&key("model_outputs")], &arrays[&key("scaled_inputs")]);
         let noise = arrays.get(&key("step_noise"));
         let mut free = samples.item(0, &device);
+        let mut worst = 0.0f32;
         for i in 0..got_t.len() {
             let sample = samples.item(i, &device);
             let (d, m) = max_diff(scheduler.scale_model_input(sample.clone(), i), scaled.item(i, &device));
@@ -128,6 +133,7 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
             let step_noise = noise.map(|n| n.item(i, &device));
             let prev = scheduler.step(outputs.item(i, &device), i, sample, step_noise).unwrap();
             let (d, m) = max_diff(prev, samples.item(i + 1, &device));
+            worst = worst.max(d / m.max(1.0));
             if d > 1e-5 * m.max(1.0) {
                 failures.push(format!("{kind}: step {i} differs by {d} (max {m})"));
             }
@@ -138,6 +144,7 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
             free = fresh.step(outputs.item(i, &device), i, free, noise.map(|n| n.item(i, &device))).unwrap();
         }
         let (d, m) = max_diff(free, samples.item(got_t.len(), &device));
+        eprintln!("{} {kind}: worst step error {worst:.2e}, free-running {:.2e}", dir.display(), d / m.max(1.0));
         if d > 1e-4 * m.max(1.0) {
             failures.push(format!("{kind}: free-running final sample differs by {d} (max {m})"));
         }

@@ -99,15 +99,16 @@ impl PndmScheduler {
         let alpha_t = self.alpha(t)?;
         let alpha_prev = self.alpha(prev_t)?;
         let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
-        let eps = match self.train.prediction {
-            PredictionType::VPrediction => {
-                weighted_sum((model_output, alpha_t.sqrt()), [(sample.clone(), beta_t.sqrt())])
-            }
-            _ => model_output,
-        };
         let sample_coeff = (alpha_prev / alpha_t).sqrt();
         let denom = alpha_t * beta_prev.sqrt() + (alpha_t * beta_t * alpha_prev).sqrt();
-        Ok(weighted_sum((sample, sample_coeff), [(eps, -(alpha_prev - alpha_t) / denom)]))
+        let eps_coeff = -(alpha_prev - alpha_t) / denom;
+        // v-prediction: eps = sqrt(a) v + sqrt(b) sample, folded into the coefficients on the
+        // host (near a zero terminal SNR the two sample terms nearly cancel).
+        let (sample_coeff, output_coeff) = match self.train.prediction {
+            PredictionType::VPrediction => (sample_coeff + eps_coeff * beta_t.sqrt(), eps_coeff * alpha_t.sqrt()),
+            _ => (sample_coeff, eps_coeff),
+        };
+        Ok(weighted_sum((sample, sample_coeff), [(model_output, output_coeff)]))
     }
 
     /// A Runge-Kutta warm-up iteration (diffusers' `step_prk`).
