@@ -16,7 +16,11 @@ use tgate::tokenizer::ClipTokenizer;
 use tgate::Error;
 
 #[derive(Parser)]
-#[command(name = "tgate", version, about = "Stable Diffusion with T-GATE (burn: CPU or wgpu)")]
+#[command(
+    name = "tgate",
+    version,
+    about = "Stable Diffusion with T-GATE (burn: CPU or wgpu)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -109,7 +113,10 @@ fn main() -> ExitCode {
 
 fn model_dir(path: &Path) -> Result<DirSource, Error> {
     if !path.is_dir() {
-        return Err(Error::MissingFile(format!("{} is not a directory", path.display())));
+        return Err(Error::MissingFile(format!(
+            "{} is not a directory",
+            path.display()
+        )));
     }
     Ok(DirSource::new(path))
 }
@@ -117,7 +124,8 @@ fn model_dir(path: &Path) -> Result<DirSource, Error> {
 fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
     let src = model_dir(model)?;
     let read = |p: &str| src.read(p);
-    let need = |p: &str| read(p)?.ok_or_else(|| Error::MissingFile(format!("{}/{p}", model.display())));
+    let need =
+        |p: &str| read(p)?.ok_or_else(|| Error::MissingFile(format!("{}/{p}", model.display())));
     let tok = ClipTokenizer::from_files(
         &need("tokenizer/vocab.json")?,
         &need("tokenizer/merges.txt")?,
@@ -133,29 +141,43 @@ fn device(backend: Backend) -> Result<Device, Error> {
     match backend {
         Backend::Cpu => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
-        Backend::Wgpu => Device::wgpu_options().init().map_err(|e| Error::Device(format!("no usable wgpu adapter: {e:?}"))),
+        Backend::Wgpu => Device::wgpu_options()
+            .init()
+            .map_err(|e| Error::Device(format!("no usable wgpu adapter: {e:?}"))),
         #[cfg(not(feature = "wgpu"))]
-        Backend::Wgpu => Err(Error::Device("this build has no wgpu support (build with --features wgpu)".into())),
+        Backend::Wgpu => Err(Error::Device(
+            "this build has no wgpu support (build with --features wgpu)".into(),
+        )),
     }
 }
 
 fn read_noise(path: &Path, steps: usize) -> Result<Noise, Error> {
-    let bytes = std::fs::read(path).map_err(|e| Error::MissingFile(format!("{}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::MissingFile(format!("{}: {e}", path.display())))?;
     let st = SafeTensors::parse(path.display().to_string(), bytes)?;
     let noise = st.read_f32_any("noise")?;
     if noise.shape.len() != 4 || noise.shape[0] != 1 {
-        return Err(Error::input("noise", format!("shape {:?}, expected [1, 4, H/8, W/8]", noise.shape)));
+        return Err(Error::input(
+            "noise",
+            format!("shape {:?}, expected [1, 4, H/8, W/8]", noise.shape),
+        ));
     }
     let step_noise = if st.contains("step_noise") {
         let s = st.read_f32_any("step_noise")?;
         if s.shape.len() != 5 || s.shape[0] != steps || s.shape[1..] != noise.shape[..] {
-            return Err(Error::input("step_noise", format!("shape {:?}, expected [{steps}, {:?}]", s.shape, noise.shape)));
+            return Err(Error::input(
+                "step_noise",
+                format!("shape {:?}, expected [{steps}, {:?}]", s.shape, noise.shape),
+            ));
         }
         Some(s.data)
     } else {
         None
     };
-    Ok(Noise::Tensors { noise: noise.data, step_noise })
+    Ok(Noise::Tensors {
+        noise: noise.data,
+        step_noise,
+    })
 }
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
@@ -166,7 +188,11 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
             a.model.display()
         )));
     }
-    let scheduler = a.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let scheduler = a
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()?;
     let device = device(a.backend)?;
     eprintln!("loading {} ...", a.model.display());
     let model = StableDiffusion::load(&src, Variant::Auto, &device)?;
@@ -175,14 +201,19 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         None
     } else {
         Some(GateConfig {
-            gate_step: a.gate_step.unwrap_or_else(|| GateConfig::default_gate_step(a.steps)),
+            gate_step: a
+                .gate_step
+                .unwrap_or_else(|| GateConfig::default_gate_step(a.steps)),
             sp_interval: a.sp_interval,
             fi_interval: a.fi_interval,
             warm_up: a.warm_up,
         })
     };
     let (noise, seed_note) = match (&a.noise, a.seed) {
-        (Some(path), _) => (read_noise(path, a.steps)?, format!("noise from {}", path.display())),
+        (Some(path), _) => (
+            read_noise(path, a.steps)?,
+            format!("noise from {}", path.display()),
+        ),
         (None, Some(seed)) => (Noise::Seed(seed), format!("seed {seed}")),
         (None, None) => {
             let seed = web_seed();
@@ -225,12 +256,18 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
 
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let out = model.generate_latents(&params, &mut |s: &StepInfo| {
         bar.set_length(s.total as u64);
         bar.set_position(s.index as u64 + 1);
-        bar.set_message(format!("{} t={:.0} {:.0} ms", s.phase.name(), s.timestep, s.seconds * 1e3));
+        bar.set_message(format!(
+            "{} t={:.0} {:.0} ms",
+            s.phase.name(),
+            s.timestep,
+            s.seconds * 1e3
+        ));
         ControlFlow::Continue(())
     })?;
     bar.finish_and_clear();
@@ -253,18 +290,36 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
 
     let total: f64 = out.steps.iter().map(|s| s.seconds).sum();
     for phase in [Phase::SemanticsPlanning, Phase::FidelityImproving] {
-        let times: Vec<f64> = out.steps.iter().filter(|s| s.phase == phase).map(|s| s.seconds).collect();
+        let times: Vec<f64> = out
+            .steps
+            .iter()
+            .filter(|s| s.phase == phase)
+            .map(|s| s.seconds)
+            .collect();
         if !times.is_empty() {
             let mean = times.iter().sum::<f64>() / times.len() as f64;
-            eprintln!("{:>20}: {:>3} steps, mean {:.1} ms/step", phase.name(), times.len(), mean * 1e3);
+            eprintln!(
+                "{:>20}: {:>3} steps, mean {:.1} ms/step",
+                phase.name(),
+                times.len(),
+                mean * 1e3
+            );
         }
     }
-    eprintln!("{:>20}: {:.2} s denoising; image written to {}", "total", total, a.out.display());
+    eprintln!(
+        "{:>20}: {:.2} s denoising; image written to {}",
+        "total",
+        total,
+        a.out.display()
+    );
     Ok(())
 }
 
 fn web_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
         % 1_000_000_007
 }
 
@@ -275,6 +330,8 @@ fn write_png(path: &Path, w: usize, h: usize, rgb: &[u8]) -> Result<(), Error> {
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut writer = enc.write_header().map_err(|e| fail(e.to_string()))?;
-    writer.write_image_data(rgb).map_err(|e| fail(e.to_string()))?;
+    writer
+        .write_image_data(rgb)
+        .map_err(|e| fail(e.to_string()))?;
     Ok(())
 }

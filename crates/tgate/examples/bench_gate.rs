@@ -44,7 +44,13 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { backend: "cpu".into(), model: "both".into(), size: None, steps: 10, gate_step: None };
+    let mut a = Args {
+        backend: "cpu".into(),
+        model: "both".into(),
+        size: None,
+        steps: 10,
+        gate_step: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or(format!("{flag} needs a value"));
@@ -53,7 +59,9 @@ fn parse_args() -> Result<Args, String> {
             "--model" => a.model = val()?,
             "--size" => a.size = Some(val()?.parse().map_err(|e| format!("--size: {e}"))?),
             "--steps" => a.steps = val()?.parse().map_err(|e| format!("--steps: {e}"))?,
-            "--gate-step" => a.gate_step = Some(val()?.parse().map_err(|e| format!("--gate-step: {e}"))?),
+            "--gate-step" => {
+                a.gate_step = Some(val()?.parse().map_err(|e| format!("--gate-step: {e}"))?)
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -64,7 +72,9 @@ fn device(backend: &str) -> Result<Device, String> {
     match backend {
         "cpu" => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => Device::wgpu_options().init().map_err(|e| format!("wgpu: {e:?}")),
+        "wgpu" => Device::wgpu_options()
+            .init()
+            .map_err(|e| format!("wgpu: {e:?}")),
         other => Err(format!("backend {other} is not available in this build")),
     }
 }
@@ -76,21 +86,39 @@ struct Run {
 impl Run {
     fn phase(&self, phase: Phase) -> Option<(usize, f64, u64)> {
         let s: Vec<_> = self.steps.iter().filter(|s| s.0 == phase).collect();
-        (!s.is_empty()).then(|| (s.len(), s.iter().map(|s| s.1).sum::<f64>() / s.len() as f64, s[0].2))
+        (!s.is_empty()).then(|| {
+            (
+                s.len(),
+                s.iter().map(|s| s.1).sum::<f64>() / s.len() as f64,
+                s[0].2,
+            )
+        })
     }
     fn total(&self) -> f64 {
         self.steps.iter().map(|s| s.1).sum()
     }
 }
 
-fn run(unet: &UNet2DConditionModel, sched: &SchedulerConfig, p: &GenerateParams, cond: &Tensor<3>) -> Result<Run, String> {
+fn run(
+    unet: &UNet2DConditionModel,
+    sched: &SchedulerConfig,
+    p: &GenerateParams,
+    cond: &Tensor<3>,
+) -> Result<Run, String> {
     let mut steps = Vec::new();
     reset_macs();
-    denoise(unet, sched, p, cond.clone(), Some(cond.clone()), &mut |s: &StepInfo| {
-        steps.push((s.phase, s.seconds, macs()));
-        reset_macs();
-        ControlFlow::Continue(())
-    })
+    denoise(
+        unet,
+        sched,
+        p,
+        cond.clone(),
+        Some(cond.clone()),
+        &mut |s: &StepInfo| {
+            steps.push((s.phase, s.seconds, macs()));
+            reset_macs();
+            ControlFlow::Continue(())
+        },
+    )
     .map_err(|e| e.to_string())?;
     Ok(Run { steps })
 }
@@ -99,11 +127,15 @@ fn bench(name: &str, config_json: &str, a: &Args, device: &Device) -> Result<(),
     let cfg = UNetConfig::from_json(name, config_json.as_bytes()).map_err(|e| e.to_string())?;
     let size = a.size.unwrap_or(cfg.sample_size * 8);
     let t0 = std::time::Instant::now();
-    let unet = UNet2DConditionModel::load(&cfg, &Weights::random(1, device)).map_err(|e| e.to_string())?;
-    let sched = SchedulerConfig::from_json("scheduler", SD15_SCHEDULER.as_bytes()).map_err(|e| e.to_string())?;
+    let unet =
+        UNet2DConditionModel::load(&cfg, &Weights::random(1, device)).map_err(|e| e.to_string())?;
+    let sched = SchedulerConfig::from_json("scheduler", SD15_SCHEDULER.as_bytes())
+        .map_err(|e| e.to_string())?;
     let d = cfg.cross_attention_dim;
     let cond = Tensor::<3>::from_data(TensorData::new(randn(2, 0, 77 * d), [1, 77, d]), device);
-    let gate_step = a.gate_step.unwrap_or(GateConfig::default_gate_step(a.steps));
+    let gate_step = a
+        .gate_step
+        .unwrap_or(GateConfig::default_gate_step(a.steps));
     let mut p = GenerateParams {
         prompt: String::new(),
         negative_prompt: String::new(),
@@ -118,13 +150,26 @@ fn bench(name: &str, config_json: &str, a: &Args, device: &Device) -> Result<(),
     };
     println!("== {name}: {size}x{size} px, {} steps, gate_step {gate_step}, random weights (built in {:.1} s)", a.steps, t0.elapsed().as_secs_f64());
     // Warm-up: kernel compilation and autotuning on wgpu, allocator growth on CPU.
-    run(&unet, &sched, &GenerateParams { steps: 2, gate: Some(GateConfig::original(1)), ..p.clone() }, &cond)?;
+    run(
+        &unet,
+        &sched,
+        &GenerateParams {
+            steps: 2,
+            gate: Some(GateConfig::original(1)),
+            ..p.clone()
+        },
+        &cond,
+    )?;
     let ungated = run(&unet, &sched, &p, &cond)?;
     p.gate = Some(GateConfig::original(gate_step));
     let gated = run(&unet, &sched, &p, &cond)?;
 
     let (n_u, t_u, m_u) = ungated.phase(Phase::SemanticsPlanning).ok_or("no steps")?;
-    println!("  ungated            : {n_u:>3} steps, {:>9.1} ms/step, {:>8.2} GMAC/step", t_u * 1e3, m_u as f64 / 1e9);
+    println!(
+        "  ungated            : {n_u:>3} steps, {:>9.1} ms/step, {:>8.2} GMAC/step",
+        t_u * 1e3,
+        m_u as f64 / 1e9
+    );
     let mut macs_total = 0u64;
     for phase in [Phase::SemanticsPlanning, Phase::FidelityImproving] {
         if let Some((n, t, m)) = gated.phase(phase) {

@@ -18,8 +18,18 @@ pub struct AttentionKeys {
 }
 
 impl AttentionKeys {
-    pub const CURRENT: AttentionKeys = AttentionKeys { q: "to_q", k: "to_k", v: "to_v", out: "to_out.0" };
-    pub const LEGACY: AttentionKeys = AttentionKeys { q: "query", k: "key", v: "value", out: "proj_attn" };
+    pub const CURRENT: AttentionKeys = AttentionKeys {
+        q: "to_q",
+        k: "to_k",
+        v: "to_v",
+        out: "to_out.0",
+    };
+    pub const LEGACY: AttentionKeys = AttentionKeys {
+        q: "query",
+        k: "key",
+        v: "value",
+        out: "proj_attn",
+    };
 }
 
 /// Multi-head attention with input projections and an output projection.
@@ -59,7 +69,8 @@ impl Attention {
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
         let v = self.to_v.forward(context);
-        self.to_out.forward(multi_head_attention(q, k, v, self.heads, None, false))
+        self.to_out
+            .forward(multi_head_attention(q, k, v, self.heads, None, false))
     }
 }
 
@@ -100,7 +111,13 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn load(w: &Weights, dim: usize, heads: usize, head_dim: usize, cross_dim: usize) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_dim: usize,
+    ) -> Result<Self> {
         let keys = AttentionKeys::CURRENT;
         Ok(BasicTransformerBlock {
             norm1: LayerNorm::load(&w.pp("norm1"), dim, 1e-5)?,
@@ -114,7 +131,12 @@ impl BasicTransformerBlock {
 
     /// `x: [b, n, dim]`, `context: [b, 77, cross_dim]`. The gate decides whether each attention
     /// is computed or taken from its cache.
-    pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+    ) -> Tensor<3> {
         let h = self.norm1.forward(x.clone());
         let x = x + cache.self_attention(|| self.attn1.forward(h, None));
         let h = self.norm2.forward(x.clone());

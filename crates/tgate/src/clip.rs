@@ -38,15 +38,22 @@ fn default_eps() -> f64 {
 
 impl ClipTextConfig {
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
-        let cfg: ClipTextConfig = serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
+        let cfg: ClipTextConfig =
+            serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(Error::config(
                 file,
-                format!("hidden_size {} is not divisible by num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads),
+                format!(
+                    "hidden_size {} is not divisible by num_attention_heads {}",
+                    cfg.hidden_size, cfg.num_attention_heads
+                ),
             ));
         }
         if Activation::parse(&cfg.hidden_act).is_none() {
-            return Err(Error::config(file, format!("unsupported hidden_act `{}`", cfg.hidden_act)));
+            return Err(Error::config(
+                file,
+                format!("unsupported hidden_act `{}`", cfg.hidden_act),
+            ));
         }
         Ok(cfg)
     }
@@ -80,13 +87,25 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: Tensor<3>, heads: usize, mask: &Option<Tensor<4, Bool>>, act: Activation) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        heads: usize,
+        mask: &Option<Tensor<4, Bool>>,
+        act: Activation,
+    ) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
-        let (q, k, v) = (self.q_proj.forward(h.clone()), self.k_proj.forward(h.clone()), self.v_proj.forward(h));
+        let (q, k, v) = (
+            self.q_proj.forward(h.clone()),
+            self.k_proj.forward(h.clone()),
+            self.v_proj.forward(h),
+        );
         // With a padding mask the causal part is folded into it; without one the kernel's causal mode is used.
         let attn = multi_head_attention(q, k, v, heads, mask.clone(), mask.is_none());
         let x = x + self.out_proj.forward(attn);
-        let h = self.fc2.forward(act.forward(self.fc1.forward(self.layer_norm2.forward(x.clone()))));
+        let h = self
+            .fc2
+            .forward(act.forward(self.fc1.forward(self.layer_norm2.forward(x.clone()))));
         x + h
     }
 }
@@ -106,20 +125,32 @@ impl ClipTextModel {
     /// Loads from the root of `text_encoder/model.safetensors`: keys `text_model.*` as in every
     /// released checkpoint, or without that prefix as transformers 5 writes them.
     pub fn load(config: &ClipTextConfig, root: &Weights) -> Result<Self> {
-        let w = if root.contains("text_model.embeddings.token_embedding.weight") { root.pp("text_model") } else { root.clone() };
+        let w = if root.contains("text_model.embeddings.token_embedding.weight") {
+            root.pp("text_model")
+        } else {
+            root.clone()
+        };
         let emb = w.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(config, &w.pp("encoder").pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(ClipTextModel {
-            token_embedding: Embedding::load(&emb.pp("token_embedding"), config.vocab_size, config.hidden_size)?,
+            token_embedding: Embedding::load(
+                &emb.pp("token_embedding"),
+                config.vocab_size,
+                config.hidden_size,
+            )?,
             position_embedding: Embedding::load(
                 &emb.pp("position_embedding"),
                 config.max_position_embeddings,
                 config.hidden_size,
             )?,
             layers,
-            final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?,
+            final_layer_norm: LayerNorm::load(
+                &w.pp("final_layer_norm"),
+                config.hidden_size,
+                config.layer_norm_eps,
+            )?,
             act: Activation::parse(&config.hidden_act).unwrap_or(Activation::QuickGelu),
             config: config.clone(),
         })
@@ -144,21 +175,40 @@ impl ClipTextModel {
         let b = ids.len();
         let n = ids.first().map(|r| r.len()).unwrap_or(0);
         if b == 0 || n == 0 || ids.iter().any(|r| r.len() != n) {
-            return Err(Error::input("input_ids", "expected a non-empty batch of equal-length rows"));
+            return Err(Error::input(
+                "input_ids",
+                "expected a non-empty batch of equal-length rows",
+            ));
         }
         if n > self.config.max_position_embeddings {
             return Err(Error::input(
                 "input_ids",
-                format!("{n} tokens exceed max_position_embeddings {}", self.config.max_position_embeddings),
+                format!(
+                    "{n} tokens exceed max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
             ));
         }
-        if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(Error::input("input_ids", format!("token id {bad} is outside the vocabulary ({})", self.config.vocab_size)));
+        if let Some(&bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            return Err(Error::input(
+                "input_ids",
+                format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.config.vocab_size
+                ),
+            ));
         }
         if clip_skip >= self.config.num_hidden_layers {
             return Err(Error::param(
                 "clip_skip",
-                format!("{clip_skip} skips all {} layers", self.config.num_hidden_layers),
+                format!(
+                    "{clip_skip} skips all {} layers",
+                    self.config.num_hidden_layers
+                ),
             ));
         }
         let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
@@ -171,7 +221,10 @@ impl ClipTextModel {
             None => None,
             Some(m) => {
                 if m.len() != b || m.iter().any(|r| r.len() != n) {
-                    return Err(Error::input("attention_mask", "shape differs from input_ids"));
+                    return Err(Error::input(
+                        "attention_mask",
+                        "shape differs from input_ids",
+                    ));
                 }
                 // true = masked: future keys (causal) and padded keys.
                 let mut data = Vec::with_capacity(b * n * n);
@@ -182,7 +235,10 @@ impl ClipTextModel {
                         }
                     }
                 }
-                Some(Tensor::<4, Bool>::from_data(TensorData::new(data, [b, 1, n, n]), device))
+                Some(Tensor::<4, Bool>::from_data(
+                    TensorData::new(data, [b, 1, n, n]),
+                    device,
+                ))
             }
         };
 

@@ -17,7 +17,9 @@ pub fn timestep_embedding(
     let half = dim / 2;
     let denom = half as f32 - downscale_freq_shift as f32;
     let ln_period = (10000f64).ln() as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| ((-ln_period * i as f32) / denom).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-ln_period * i as f32) / denom).exp())
+        .collect();
     let mut data = Vec::with_capacity(timesteps.len() * dim);
     for &t in timesteps {
         let args: Vec<f32> = freqs.iter().map(|f| t as f32 * f).collect();
@@ -52,6 +54,7 @@ impl TimestepEmbedding {
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.linear_2.forward(Activation::Silu.forward(self.linear_1.forward(x)))
+        self.linear_2
+            .forward(Activation::Silu.forward(self.linear_1.forward(x)))
     }
 }

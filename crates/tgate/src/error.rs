@@ -19,15 +19,29 @@ pub enum Error {
 
     /// A tensor the model needs is not in the weights.
     #[error("weights `{file}`: missing tensor `{tensor}` (expected shape {expected:?})")]
-    MissingTensor { file: String, tensor: String, expected: Vec<usize> },
+    MissingTensor {
+        file: String,
+        tensor: String,
+        expected: Vec<usize>,
+    },
 
     /// A tensor has the wrong shape.
     #[error("weights `{file}`: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    ShapeMismatch {
+        file: String,
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
 
     /// A tensor has a dtype the loader cannot use.
     #[error("weights `{file}`: tensor `{tensor}` has dtype {found}, expected {expected}")]
-    DtypeMismatch { file: String, tensor: String, expected: String, found: String },
+    DtypeMismatch {
+        file: String,
+        tensor: String,
+        expected: String,
+        found: String,
+    },
 
     /// The tokenizer files could not be read or used.
     #[error("tokenizer: {0}")]
@@ -54,12 +68,21 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config { file: file.into(), message: message.into() }
+        Error::Config {
+            file: file.into(),
+            message: message.into(),
+        }
     }
     pub fn param(name: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidParameter { name: name.into(), message: message.into() }
+        Error::InvalidParameter {
+            name: name.into(),
+            message: message.into(),
+        }
     }
     pub fn input(name: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Input { name: name.into(), message: message.into() }
+        Error::Input {
+            name: name.into(),
+            message: message.into(),
+        }
     }
 }

@@ -35,7 +35,8 @@ impl ModelSource for MemorySource {
 
 /// Reads a file the model cannot do without.
 pub fn read_required(src: &dyn ModelSource, path: &str) -> Result<Vec<u8>> {
-    src.read(path)?.ok_or_else(|| Error::MissingFile(format!("{} ({})", path, src.describe())))
+    src.read(path)?
+        .ok_or_else(|| Error::MissingFile(format!("{} ({})", path, src.describe())))
 }
 
 /// Which weight variant to prefer when several are present.
@@ -49,7 +50,13 @@ pub enum Variant {
 }
 
 /// Loads `{dir}/{stem}.safetensors` (or its `.fp16` / `.bf16` variant) onto `device`.
-pub fn load_weights(src: &dyn ModelSource, dir: &str, stem: &str, variant: Variant, device: &Device) -> Result<Weights> {
+pub fn load_weights(
+    src: &dyn ModelSource,
+    dir: &str,
+    stem: &str,
+    variant: Variant,
+    device: &Device,
+) -> Result<Weights> {
     let plain = format!("{dir}/{stem}.safetensors");
     let fp16 = format!("{dir}/{stem}.fp16.safetensors");
     let bf16 = format!("{dir}/{stem}.bf16.safetensors");
@@ -59,14 +66,26 @@ pub fn load_weights(src: &dyn ModelSource, dir: &str, stem: &str, variant: Varia
     };
     for path in &order {
         if let Some(bytes) = src.read(path)? {
-            return Ok(Weights::new(SafeTensors::parse(path.clone(), bytes)?, device));
+            return Ok(Weights::new(
+                SafeTensors::parse(path.clone(), bytes)?,
+                device,
+            ));
         }
     }
     let sharded = format!("{dir}/{stem}.safetensors.index.json");
     if src.read(&sharded)?.is_some() {
-        return Err(Error::config(sharded, "sharded checkpoints are not supported; merge the shards into one file"));
+        return Err(Error::config(
+            sharded,
+            "sharded checkpoints are not supported; merge the shards into one file",
+        ));
     }
-    Err(Error::MissingFile(format!("{} (also tried {} and {}) in {}", order[0], order[1], order[2], src.describe())))
+    Err(Error::MissingFile(format!(
+        "{} (also tried {} and {}) in {}",
+        order[0],
+        order[1],
+        order[2],
+        src.describe()
+    )))
 }
 
 /// A model folder on the local filesystem (native builds only).

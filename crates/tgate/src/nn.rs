@@ -44,7 +44,11 @@ impl Linear {
             }
         }
         let weight = w.upload(t, [d_in, d_out]);
-        let bias = if bias { Some(w.get("bias", [d_out])?) } else { None };
+        let bias = if bias {
+            Some(w.get("bias", [d_out])?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -65,10 +69,22 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn load(w: &Weights, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let weight = w.get("weight", [c_out, c_in, kernel, kernel])?;
         let bias = Some(w.get("bias", [c_out])?);
-        Ok(Conv2d { weight, bias, stride, padding })
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
     }
 
     /// `[b, c_in, h, w] -> [b, c_out, h', w']`
@@ -98,7 +114,12 @@ impl GroupNorm {
                 format!("{channels} channels cannot be split into {groups} groups"),
             ));
         }
-        Ok(GroupNorm { gamma: w.get("weight", [channels])?, beta: w.get("bias", [channels])?, groups, eps })
+        Ok(GroupNorm {
+            gamma: w.get("weight", [channels])?,
+            beta: w.get("bias", [channels])?,
+            groups,
+            eps,
+        })
     }
 
     /// Normalises `[b, c, ...]` (any rank ≥ 3).
@@ -112,7 +133,8 @@ impl GroupNorm {
         let normed = centered / var.add_scalar(self.eps).sqrt();
         let mut affine = [1usize; D];
         affine[1] = c;
-        normed.reshape(dims) * self.gamma.clone().reshape(affine) + self.beta.clone().reshape(affine)
+        normed.reshape(dims) * self.gamma.clone().reshape(affine)
+            + self.beta.clone().reshape(affine)
     }
 }
 
@@ -126,7 +148,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { gamma: w.get("weight", [dim])?, beta: w.get("bias", [dim])?, eps })
+        Ok(LayerNorm {
+            gamma: w.get("weight", [dim])?,
+            beta: w.get("bias", [dim])?,
+            eps,
+        })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
@@ -142,7 +168,9 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn load(w: &Weights, count: usize, dim: usize) -> Result<Self> {
-        Ok(Embedding { weight: w.get("weight", [count, dim])? })
+        Ok(Embedding {
+            weight: w.get("weight", [count, dim])?,
+        })
     }
 
     /// `[b, n]` ids -> `[b, n, dim]`
@@ -200,7 +228,11 @@ pub fn multi_head_attention(
     let split = |t: Tensor<3>, n: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
     let (q, k, v) = (split(q, n_q), split(k, n_k), split(v, n_k));
     let mask = mask.map(|m| m.expand([b, heads, n_q, n_k]));
-    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: causal,
+    };
     let out = sdpa(q, k, v, mask, None, options);
     out.swap_dims(1, 2).reshape([b, n_q, inner])
 }

@@ -27,7 +27,10 @@ pub enum Noise {
     Seed(u64),
     /// Given tensors, as diffusers' `latents=` argument: `noise` `[1, 4, h, w]` and, for
     /// ancestral schedulers, one `[1, 4, h, w]` tensor per step, flattened in order.
-    Tensors { noise: Vec<f32>, step_noise: Option<Vec<f32>> },
+    Tensors {
+        noise: Vec<f32>,
+        step_noise: Option<Vec<f32>>,
+    },
 }
 
 /// Everything a generation needs besides the model.
@@ -93,7 +96,10 @@ impl StableDiffusion {
             opt("tokenizer/tokenizer_config.json")?.as_deref(),
             opt("tokenizer/special_tokens_map.json")?.as_deref(),
         )?;
-        let text_cfg = ClipTextConfig::from_json("text_encoder/config.json", &json(src, "text_encoder/config.json")?)?;
+        let text_cfg = ClipTextConfig::from_json(
+            "text_encoder/config.json",
+            &json(src, "text_encoder/config.json")?,
+        )?;
         let text_w = load_weights(src, "text_encoder", "model", variant, device)?;
         let text_encoder = ClipTextModel::load(&text_cfg, &text_w)?;
         drop(text_w);
@@ -104,8 +110,10 @@ impl StableDiffusion {
         let vae_cfg = VaeConfig::from_json("vae/config.json", &json(src, "vae/config.json")?)?;
         let vae_w = load_weights(src, "vae", "diffusion_pytorch_model", variant, device)?;
         let vae = VaeDecoder::load(&vae_cfg, &vae_w)?;
-        let scheduler_config =
-            SchedulerConfig::from_json("scheduler/scheduler_config.json", &json(src, "scheduler/scheduler_config.json")?)?;
+        let scheduler_config = SchedulerConfig::from_json(
+            "scheduler/scheduler_config.json",
+            &json(src, "scheduler/scheduler_config.json")?,
+        )?;
         if text_cfg.hidden_size != unet_cfg.cross_attention_dim {
             return Err(Error::config(
                 "unet/config.json",
@@ -115,7 +123,14 @@ impl StableDiffusion {
                 ),
             ));
         }
-        Ok(StableDiffusion { tokenizer, text_encoder, unet, vae, scheduler_config, device: device.clone() })
+        Ok(StableDiffusion {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            device: device.clone(),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -125,7 +140,10 @@ impl StableDiffusion {
     /// The scheduler the model folder names.
     pub fn default_scheduler(&self) -> Result<SchedulerKind> {
         self.scheduler_config.class_kind().ok_or_else(|| {
-            Error::config("scheduler/scheduler_config.json", "unknown `_class_name`; pick a scheduler by name")
+            Error::config(
+                "scheduler/scheduler_config.json",
+                "unknown `_class_name`; pick a scheduler by name",
+            )
         })
     }
 
@@ -137,7 +155,8 @@ impl StableDiffusion {
     /// Text embeddings `[1, 77, d]` of one prompt.
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor<3>> {
         let ids = self.tokenizer.encode(prompt)?;
-        self.text_encoder.forward(&[ids], None, clip_skip, &self.device)
+        self.text_encoder
+            .forward(&[ids], None, clip_skip, &self.device)
     }
 
     /// Checks parameters before any work is done.
@@ -154,13 +173,21 @@ impl StableDiffusion {
     ) -> Result<Latents> {
         validate(p)?;
         let cond = self.encode_prompt(&p.prompt, p.clip_skip)?;
-        let uncond = if p.guidance > 1.0 { Some(self.encode_prompt(&p.negative_prompt, p.clip_skip)?) } else { None };
+        let uncond = if p.guidance > 1.0 {
+            Some(self.encode_prompt(&p.negative_prompt, p.clip_skip)?)
+        } else {
+            None
+        };
         denoise(&self.unet, &self.scheduler_config, p, cond, uncond, on_step)
     }
 
     /// Decodes final latents to an image `[1, 3, H, W]` in `[0, 1]`.
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
-        self.vae.decode_latents(latents).div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0)
+        self.vae
+            .decode_latents(latents)
+            .div_scalar(2.0)
+            .add_scalar(0.5)
+            .clamp(0.0, 1.0)
     }
 }
 
@@ -171,7 +198,10 @@ pub fn validate(p: &GenerateParams) -> Result<()> {
     }
     for (name, v) in [("width", p.width), ("height", p.height)] {
         if v == 0 || v % 8 != 0 {
-            return Err(Error::param(name, format!("must be a positive multiple of 8, got {v}")));
+            return Err(Error::param(
+                name,
+                format!("must be a positive multiple of 8, got {v}"),
+            ));
         }
     }
     if !p.guidance.is_finite() {
@@ -198,7 +228,10 @@ pub fn denoise(
     let kind = match p.scheduler {
         Some(k) => k,
         None => scheduler_config.class_kind().ok_or_else(|| {
-            Error::config("scheduler/scheduler_config.json", "unknown `_class_name`; pick a scheduler by name")
+            Error::config(
+                "scheduler/scheduler_config.json",
+                "unknown `_class_name`; pick a scheduler by name",
+            )
         })?,
     };
     let mut scheduler = build_scheduler(scheduler_config, kind, p.steps)?;
@@ -211,21 +244,35 @@ pub fn denoise(
     let (noise, mut step_noise): (Vec<f32>, Box<dyn FnMut(usize) -> Vec<f32>>) = match &p.noise {
         Noise::Seed(seed) => {
             let seed = *seed;
-            (randn(seed, 0, numel), Box::new(move |j| randn(seed, 1 + j as u64, numel)))
+            (
+                randn(seed, 0, numel),
+                Box::new(move |j| randn(seed, 1 + j as u64, numel)),
+            )
         }
         Noise::Tensors { noise, step_noise } => {
             if noise.len() != numel {
-                return Err(Error::input("noise", format!("has {} values, expected shape {shape:?}", noise.len())));
+                return Err(Error::input(
+                    "noise",
+                    format!("has {} values, expected shape {shape:?}", noise.len()),
+                ));
             }
             let given = step_noise.as_ref().map(|s| s.len()).unwrap_or(0);
             if needs_noise && given != timesteps.len() * numel {
                 return Err(Error::input(
                     "step_noise",
-                    format!("{} needs {} tensors of shape {shape:?}, got {} values", kind.name(), timesteps.len(), given),
+                    format!(
+                        "{} needs {} tensors of shape {shape:?}, got {} values",
+                        kind.name(),
+                        timesteps.len(),
+                        given
+                    ),
                 ));
             }
             let step_noise = step_noise.clone().unwrap_or_default();
-            (noise.clone(), Box::new(move |j| step_noise[j * numel..(j + 1) * numel].to_vec()))
+            (
+                noise.clone(),
+                Box::new(move |j| step_noise[j * numel..(j + 1) * numel].to_vec()),
+            )
         }
     };
     let upload = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), &device);
@@ -247,7 +294,11 @@ pub fn denoise(
             let text = pred.narrow(0, 1, 1);
             pred = uncond.clone() + (text - uncond).mul_scalar(p.guidance);
         }
-        let noise = if needs_noise { Some(upload(step_noise(i))) } else { None };
+        let noise = if needs_noise {
+            Some(upload(step_noise(i)))
+        } else {
+            None
+        };
         latents = scheduler.step(pred, i, latents, noise)?;
         device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
         let info = StepInfo {
@@ -262,7 +313,11 @@ pub fn denoise(
             return Err(Error::Cancelled);
         }
     }
-    Ok(Latents { latents, steps: infos, scheduler: kind })
+    Ok(Latents {
+        latents,
+        steps: infos,
+        scheduler: kind,
+    })
 }
 
 /// Converts a `[1, 3, H, W]` image in `[0, 1]` to interleaved 8-bit RGB (a host readback).

@@ -29,17 +29,25 @@ impl ResnetBlock2D {
         Ok(ResnetBlock2D {
             norm1: GroupNorm::load(&w.pp("norm1"), groups, c_in, eps)?,
             conv1: Conv2d::load(&w.pp("conv1"), c_in, c_out, 3, 1, 1)?,
-            time_emb_proj: temb_channels.map(|t| Linear::load(&w.pp("time_emb_proj"), t, c_out, true)).transpose()?,
+            time_emb_proj: temb_channels
+                .map(|t| Linear::load(&w.pp("time_emb_proj"), t, c_out, true))
+                .transpose()?,
             norm2: GroupNorm::load(&w.pp("norm2"), groups, c_out, eps)?,
             conv2: Conv2d::load(&w.pp("conv2"), c_out, c_out, 3, 1, 1)?,
-            conv_shortcut: if c_in != c_out { Some(Conv2d::load(&w.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?) } else { None },
+            conv_shortcut: if c_in != c_out {
+                Some(Conv2d::load(&w.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?)
+            } else {
+                None
+            },
         })
     }
 
     /// `x: [b, c_in, h, w]`, `temb: [b, temb_channels]` -> `[b, c_out, h, w]`
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
         let silu = Activation::Silu;
-        let mut h = self.conv1.forward(silu.forward(self.norm1.forward(x.clone())));
+        let mut h = self
+            .conv1
+            .forward(silu.forward(self.norm1.forward(x.clone())));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(silu.forward(temb.clone()));
             let [b, c] = t.dims();

@@ -70,7 +70,12 @@ pub struct SafeTensors {
 
 impl std::fmt::Debug for SafeTensors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SafeTensors({}, {} tensors)", self.file, self.entries.len())
+        write!(
+            f,
+            "SafeTensors({}, {} tensors)",
+            self.file,
+            self.entries.len()
+        )
     }
 }
 
@@ -85,9 +90,15 @@ impl SafeTensors {
     /// Parses and validates `bytes`; `file` names it in errors.
     pub fn parse(file: impl Into<String>, bytes: Vec<u8>) -> Result<Self> {
         let file = file.into();
-        let corrupt = |message: String| Error::CorruptWeights { file: file.clone(), message };
+        let corrupt = |message: String| Error::CorruptWeights {
+            file: file.clone(),
+            message,
+        };
         if bytes.len() < 8 {
-            return Err(corrupt(format!("{} bytes is too short for a header", bytes.len())));
+            return Err(corrupt(format!(
+                "{} bytes is too short for a header",
+                bytes.len()
+            )));
         }
         let mut len8 = [0u8; 8];
         len8.copy_from_slice(&bytes[..8]);
@@ -96,11 +107,16 @@ impl SafeTensors {
             .checked_add(header_len)
             .filter(|&end| end <= bytes.len() as u64)
             .ok_or_else(|| {
-                corrupt(format!("header length {header_len} runs past the end of the {}-byte file", bytes.len()))
+                corrupt(format!(
+                    "header length {header_len} runs past the end of the {}-byte file",
+                    bytes.len()
+                ))
             })? as usize;
         let header: serde_json::Value = serde_json::from_slice(&bytes[8..data_start])
             .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
-        let header = header.as_object().ok_or_else(|| corrupt("header is not a JSON object".into()))?;
+        let header = header
+            .as_object()
+            .ok_or_else(|| corrupt("header is not a JSON object".into()))?;
         let data_len = bytes.len() - data_start;
         let mut entries = BTreeMap::new();
         for (name, info) in header {
@@ -108,7 +124,10 @@ impl SafeTensors {
                 continue;
             }
             let bad = |what: &str| corrupt(format!("tensor `{name}`: {what}"));
-            let dtype_name = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
+            let dtype_name = info
+                .get("dtype")
+                .and_then(|d| d.as_str())
+                .ok_or_else(|| bad("no dtype"))?;
             let shape = info
                 .get("shape")
                 .and_then(|s| s.as_array())
@@ -141,10 +160,21 @@ impl SafeTensors {
             }
             entries.insert(
                 name.clone(),
-                Entry { dtype, dtype_name: dtype_name.to_string(), shape, start: data_start + start, end: data_start + end },
+                Entry {
+                    dtype,
+                    dtype_name: dtype_name.to_string(),
+                    shape,
+                    start: data_start + start,
+                    end: data_start + end,
+                },
             );
         }
-        Ok(SafeTensors { file, bytes, data_start, entries })
+        Ok(SafeTensors {
+            file,
+            bytes,
+            data_start,
+            entries,
+        })
     }
 
     /// The file name used in errors.
@@ -184,12 +214,23 @@ impl SafeTensors {
         let e = self.entry(name, &[])?;
         let raw = &self.bytes[e.start..e.end];
         let data: Vec<f32> = match e.dtype {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             Dtype::F64 => raw
                 .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
                 .collect(),
             _ => {
                 return Err(Error::DtypeMismatch {
@@ -200,7 +241,10 @@ impl SafeTensors {
                 })
             }
         };
-        Ok(HostTensor { shape: e.shape.clone(), data })
+        Ok(HostTensor {
+            shape: e.shape.clone(),
+            data,
+        })
     }
 
     /// Reads a floating-point tensor as f32 and checks its shape.
@@ -226,7 +270,10 @@ impl SafeTensors {
                 .chunks_exact(8)
                 .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                 .collect(),
-            Dtype::I32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
+            Dtype::I32 => raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
             _ => {
                 return Err(Error::DtypeMismatch {
                     file: self.file.clone(),
@@ -284,15 +331,30 @@ mod tests {
         let bytes = write_f32(&[("a", &[2, 2], &a)]);
         let st = SafeTensors::parse("x.safetensors", bytes.clone()).unwrap();
         assert_eq!(st.read_f32("a", &[2, 2]).unwrap().data, a);
-        assert!(matches!(st.read_f32("a", &[4]), Err(Error::ShapeMismatch { .. })));
-        assert!(matches!(st.read_f32("b", &[4]), Err(Error::MissingTensor { .. })));
+        assert!(matches!(
+            st.read_f32("a", &[4]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            st.read_f32("b", &[4]),
+            Err(Error::MissingTensor { .. })
+        ));
         // Truncation is caught at parse time.
         let cut = bytes[..bytes.len() - 3].to_vec();
-        assert!(matches!(SafeTensors::parse("x", cut), Err(Error::CorruptWeights { .. })));
-        assert!(matches!(SafeTensors::parse("x", vec![1, 2, 3]), Err(Error::CorruptWeights { .. })));
+        assert!(matches!(
+            SafeTensors::parse("x", cut),
+            Err(Error::CorruptWeights { .. })
+        ));
+        assert!(matches!(
+            SafeTensors::parse("x", vec![1, 2, 3]),
+            Err(Error::CorruptWeights { .. })
+        ));
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(SafeTensors::parse("x", huge), Err(Error::CorruptWeights { .. })));
+        assert!(matches!(
+            SafeTensors::parse("x", huge),
+            Err(Error::CorruptWeights { .. })
+        ));
     }
 
     #[test]

@@ -69,7 +69,12 @@ pub struct GateConfig {
 impl GateConfig {
     /// The original T-GATE: only cross-attention is gated.
     pub fn original(gate_step: usize) -> Self {
-        GateConfig { gate_step, sp_interval: 1, fi_interval: 1, warm_up: 0 }
+        GateConfig {
+            gate_step,
+            sp_interval: 1,
+            fi_interval: 1,
+            warm_up: 0,
+        }
     }
 
     /// The paper's default gate step for `steps` steps: round(0.4 × steps) (10 of 25).
@@ -80,7 +85,13 @@ impl GateConfig {
     /// Refuses impossible settings for a run of `steps` steps.
     pub fn validate(&self, steps: usize) -> Result<()> {
         if self.gate_step == 0 || self.gate_step > steps {
-            return Err(Error::param("gate_step", format!("must be in 1..={steps} (the number of steps), got {}", self.gate_step)));
+            return Err(Error::param(
+                "gate_step",
+                format!(
+                    "must be in 1..={steps} (the number of steps), got {}",
+                    self.gate_step
+                ),
+            ));
         }
         if self.sp_interval == 0 {
             return Err(Error::param("sp_interval", "must be at least 1"));
@@ -105,7 +116,11 @@ impl GateConfig {
         } else if cur + 1 == self.gate_step {
             (CacheMode::StoreMean, CacheMode::StoreMean)
         } else {
-            let sa = if cur % self.fi_interval == 0 { CacheMode::Store } else { CacheMode::Reuse };
+            let sa = if cur % self.fi_interval == 0 {
+                CacheMode::Store
+            } else {
+                CacheMode::Reuse
+            };
             (CacheMode::Reuse, sa)
         }
     }
@@ -151,14 +166,24 @@ impl AttentionCache {
     pub fn self_attention(&mut self, compute: impl FnOnce() -> Tensor<3>) -> Tensor<3> {
         let slot = self.self_cursor;
         self.self_cursor += 1;
-        apply(&mut self.self_attn, slot, self.self_mode.unwrap_or(CacheMode::Compute), compute)
+        apply(
+            &mut self.self_attn,
+            slot,
+            self.self_mode.unwrap_or(CacheMode::Compute),
+            compute,
+        )
     }
 
     /// Runs (or skips) the next cross-attention layer.
     pub fn cross_attention(&mut self, compute: impl FnOnce() -> Tensor<3>) -> Tensor<3> {
         let slot = self.cross_cursor;
         self.cross_cursor += 1;
-        apply(&mut self.cross, slot, self.cross_mode.unwrap_or(CacheMode::Compute), compute)
+        apply(
+            &mut self.cross,
+            slot,
+            self.cross_mode.unwrap_or(CacheMode::Compute),
+            compute,
+        )
     }
 }
 
@@ -217,7 +242,12 @@ pub struct Gate {
 impl Gate {
     /// A gate for `iterations` loop iterations of a scheduler with `steps` inference steps and
     /// diffusers order `order`. `config = None` disables gating (plain diffusers behaviour).
-    pub fn new(config: Option<GateConfig>, steps: usize, iterations: usize, order: usize) -> Result<Self> {
+    pub fn new(
+        config: Option<GateConfig>,
+        steps: usize,
+        iterations: usize,
+        order: usize,
+    ) -> Result<Self> {
         if let Some(c) = &config {
             c.validate(steps)?;
         }
@@ -236,10 +266,14 @@ impl Gate {
     pub fn begin_iteration(&mut self, i: usize, wants_guidance: bool) -> StepPlan {
         let Some(config) = self.config else {
             self.cache.begin(CacheMode::Compute, CacheMode::Compute);
-            return StepPlan { guidance: wants_guidance, phase: Phase::SemanticsPlanning };
+            return StepPlan {
+                guidance: wants_guidance,
+                phase: Phase::SemanticsPlanning,
+            };
         };
         let cur = i as i64 - self.num_warmup as i64;
-        let registers = i + 1 == self.iterations || ((i + 1) > self.num_warmup && (i + 1) % self.order == 0);
+        let registers =
+            i + 1 == self.iterations || ((i + 1) > self.num_warmup && (i + 1) % self.order == 0);
         if registers && cur >= 0 {
             self.modes = config.modes(cur as usize);
         }
@@ -247,7 +281,11 @@ impl Gate {
         let planning = cur < config.gate_step as i64;
         StepPlan {
             guidance: wants_guidance && planning,
-            phase: if planning { Phase::SemanticsPlanning } else { Phase::FidelityImproving },
+            phase: if planning {
+                Phase::SemanticsPlanning
+            } else {
+                Phase::FidelityImproving
+            },
         }
     }
 
@@ -273,17 +311,30 @@ mod tests {
 
     #[test]
     fn self_attention_schedule() {
-        let g = GateConfig { gate_step: 6, sp_interval: 2, fi_interval: 2, warm_up: 1 };
+        let g = GateConfig {
+            gate_step: 6,
+            sp_interval: 2,
+            fi_interval: 2,
+            warm_up: 1,
+        };
         let sa: Vec<_> = (0..9).map(|c| g.modes(c).1).collect();
-        assert_eq!(sa, [Compute, Store, Store, Reuse, Store, StoreMean, Store, Reuse, Store]);
+        assert_eq!(
+            sa,
+            [Compute, Store, Store, Reuse, Store, StoreMean, Store, Reuse, Store]
+        );
     }
 
     #[test]
     fn pndm_offset_and_validation() {
         // PNDM: 9 iterations for 8 steps, so iteration 0 keeps the initial registration.
         let mut gate = Gate::new(Some(GateConfig::original(3)), 8, 9, 1).unwrap();
-        let plans: Vec<_> = (0..9).map(|i| gate.begin_iteration(i, true).guidance).collect();
-        assert_eq!(plans, [true, true, true, true, false, false, false, false, false]);
+        let plans: Vec<_> = (0..9)
+            .map(|i| gate.begin_iteration(i, true).guidance)
+            .collect();
+        assert_eq!(
+            plans,
+            [true, true, true, true, false, false, false, false, false]
+        );
         assert!(Gate::new(Some(GateConfig::original(9)), 8, 8, 1).is_err());
         assert!(Gate::new(Some(GateConfig::original(0)), 8, 8, 1).is_err());
         assert_eq!(GateConfig::default_gate_step(25), 10);

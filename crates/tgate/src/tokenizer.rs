@@ -79,11 +79,17 @@ impl ClipTokenizer {
         let mut decoder: Vec<(u64, AddedToken)> = Vec::new();
         if let Some(entries) = config.get("added_tokens_decoder") {
             let entries = entries.as_object().ok_or_else(|| {
-                Error::config("tokenizer_config.json", "`added_tokens_decoder` is not an object")
+                Error::config(
+                    "tokenizer_config.json",
+                    "`added_tokens_decoder` is not an object",
+                )
             })?;
             for (id, v) in entries {
                 let id = id.parse().map_err(|_| {
-                    Error::config("tokenizer_config.json", format!("bad added token id `{id}`"))
+                    Error::config(
+                        "tokenizer_config.json",
+                        format!("bad added token id `{id}`"),
+                    )
                 })?;
                 let what = format!("added_tokens_decoder.{id}");
                 match parse_spec("tokenizer_config.json", &what, v, false)? {
@@ -112,7 +118,9 @@ impl ClipTokenizer {
                 Some(v) => parse_spec("tokenizer_config.json", key, v, false)?,
                 None => None,
             };
-            let mut spec = from_map.or(from_config).unwrap_or_else(|| Spec::Plain(default.into()));
+            let mut spec = from_map
+                .or(from_config)
+                .unwrap_or_else(|| Spec::Plain(default.into()));
             if let Some((_, t)) = decoder.iter().find(|(_, t)| t.content == spec.content()) {
                 spec = Spec::Token(t.clone());
             }
@@ -121,7 +129,10 @@ impl ClipTokenizer {
 
         // The list of tokens transformers hands to the backend, in order; a named token is skipped
         // when its content is already a decoder entry or an equal value is already listed.
-        let mut listed: Vec<Spec> = decoder.iter().map(|(_, t)| Spec::Token(t.clone())).collect();
+        let mut listed: Vec<Spec> = decoder
+            .iter()
+            .map(|(_, t)| Spec::Token(t.clone()))
+            .collect();
         for spec in &named {
             let known = decoder.iter().any(|(_, t)| t.content == spec.content());
             if !known && !listed.contains(spec) {
@@ -149,7 +160,9 @@ impl ClipTokenizer {
             Some(v) => match v.as_u64() {
                 Some(n) if (2..=MAX_SANE_LENGTH).contains(&n) => n as usize,
                 Some(n) if n > MAX_SANE_LENGTH => DEFAULT_MAX_LENGTH,
-                None if v.as_f64().is_some_and(|f| f > MAX_SANE_LENGTH as f64) => DEFAULT_MAX_LENGTH,
+                None if v.as_f64().is_some_and(|f| f > MAX_SANE_LENGTH as f64) => {
+                    DEFAULT_MAX_LENGTH
+                }
                 _ => {
                     return Err(Error::config(
                         "tokenizer_config.json",
@@ -163,13 +176,20 @@ impl ClipTokenizer {
         let mut tokenizer = Tokenizer::new(model);
         let normalizer = normalizers::Sequence::new(vec![
             NFC.into(),
-            Replace::new(normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-                .map_err(tok_err)?
-                .into(),
+            Replace::new(
+                normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                " ",
+            )
+            .map_err(tok_err)?
+            .into(),
             Lowercase.into(),
         ]);
-        let split = Split::new(SplitPattern::Regex(WORD_REGEX.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(tok_err)?;
+        let split = Split::new(
+            SplitPattern::Regex(WORD_REGEX.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(tok_err)?;
         tokenizer.with_normalizer(Some(normalizer));
         tokenizer.with_pre_tokenizer(Some(PreSequence::new(vec![
             split.into(),
@@ -179,12 +199,18 @@ impl ClipTokenizer {
         tokenizer.add_tokens(&added);
 
         let id_of = |spec: &Spec| {
-            tokenizer
-                .token_to_id(spec.content())
-                .ok_or_else(|| Error::Tokenizer(format!("special token `{}` has no id", spec.content())))
+            tokenizer.token_to_id(spec.content()).ok_or_else(|| {
+                Error::Tokenizer(format!("special token `{}` has no id", spec.content()))
+            })
         };
         let (bos_id, eos_id, pad_id) = (id_of(&named[0])?, id_of(&named[1])?, id_of(&named[3])?);
-        Ok(Self { tokenizer, max_length, bos_id, eos_id, pad_id })
+        Ok(Self {
+            tokenizer,
+            max_length,
+            bos_id,
+            eos_id,
+            pad_id,
+        })
     }
 
     /// Length of every encoded sequence: `model_max_length` from the config, 77 by default.
@@ -252,15 +278,24 @@ fn parse_spec(file: &str, key: &str, v: &Value, force_special: bool) -> Result<O
         Value::Null => return Ok(None),
         Value::String(s) => return Ok(Some(Spec::Plain(s.clone()))),
         Value::Object(o) => o,
-        _ => return Err(Error::config(file, format!("`{key}` must be a string or an object"))),
+        _ => {
+            return Err(Error::config(
+                file,
+                format!("`{key}` must be a string or an object"),
+            ))
+        }
     };
     let flag = |name: &str, default: bool| match obj.get(name) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(Error::config(file, format!("`{key}.{name}` must be a boolean"))),
+        Some(_) => Err(Error::config(
+            file,
+            format!("`{key}.{name}` must be a boolean"),
+        )),
     };
     let content = obj.get("content").and_then(Value::as_str);
-    let content = content.ok_or_else(|| Error::config(file, format!("`{key}` has no string `content`")))?;
+    let content =
+        content.ok_or_else(|| Error::config(file, format!("`{key}` has no string `content`")))?;
     let special = force_special || flag("special", false)?;
     let token = AddedToken::from(content, special)
         .single_word(flag("single_word", false)?)
@@ -284,7 +319,12 @@ fn build_bpe(vocab_json: &[u8], merges_txt: &[u8], unk: &str) -> Result<BPE> {
         }
         match line.split(' ').collect::<Vec<_>>()[..] {
             [a, b] if !a.is_empty() && !b.is_empty() => merges.push((a.to_string(), b.to_string())),
-            _ => return Err(Error::config("merges.txt", format!("line {}: expected `left right`", n + 1))),
+            _ => {
+                return Err(Error::config(
+                    "merges.txt",
+                    format!("line {}: expected `left right`", n + 1),
+                ))
+            }
         }
     }
     BPE::builder()

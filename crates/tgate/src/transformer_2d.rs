@@ -64,7 +64,12 @@ impl Transformer2DModel {
     }
 
     /// `[b, c, h, w] -> [b, c, h, w]`
-    pub fn forward(&self, x: Tensor<4>, context: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+    ) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let normed = self.norm.forward(x.clone());
         let to_tokens = |t: Tensor<4>| {

@@ -36,7 +36,9 @@ fn load_transformers(
     cross: Option<CrossAttn>,
     common: &BlockCommon,
 ) -> Result<Vec<Transformer2DModel>> {
-    let Some(cross) = cross else { return Ok(Vec::new()) };
+    let Some(cross) = cross else {
+        return Ok(Vec::new());
+    };
     (0..count)
         .map(|j| {
             Transformer2DModel::load(
@@ -77,14 +79,28 @@ impl DownBlock {
         let resnets = (0..layers)
             .map(|j| {
                 let c = if j == 0 { c_in } else { c_out };
-                ResnetBlock2D::load(&w.pp("resnets").pp(j), c, c_out, Some(common.temb_channels), common.groups, common.eps)
+                ResnetBlock2D::load(
+                    &w.pp("resnets").pp(j),
+                    c,
+                    c_out,
+                    Some(common.temb_channels),
+                    common.groups,
+                    common.eps,
+                )
             })
             .collect::<Result<_>>()?;
         Ok(DownBlock {
             resnets,
             attentions: load_transformers(w, layers, c_out, cross, common)?,
             downsampler: if add_downsample {
-                Some(Conv2d::load(&w.pp("downsamplers.0.conv"), c_out, c_out, 3, 2, 1)?)
+                Some(Conv2d::load(
+                    &w.pp("downsamplers.0.conv"),
+                    c_out,
+                    c_out,
+                    3,
+                    2,
+                    1,
+                )?)
             } else {
                 None
             },
@@ -123,16 +139,37 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn load(w: &Weights, channels: usize, cross: CrossAttn, common: &BlockCommon) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        channels: usize,
+        cross: CrossAttn,
+        common: &BlockCommon,
+    ) -> Result<Self> {
         let resnets = (0..2)
             .map(|j| {
-                ResnetBlock2D::load(&w.pp("resnets").pp(j), channels, channels, Some(common.temb_channels), common.groups, common.eps)
+                ResnetBlock2D::load(
+                    &w.pp("resnets").pp(j),
+                    channels,
+                    channels,
+                    Some(common.temb_channels),
+                    common.groups,
+                    common.eps,
+                )
             })
             .collect::<Result<_>>()?;
-        Ok(MidBlock { resnets, attentions: load_transformers(w, 1, channels, Some(cross), common)? })
+        Ok(MidBlock {
+            resnets,
+            attentions: load_transformers(w, 1, channels, Some(cross), common)?,
+        })
     }
 
-    pub fn forward(&self, x: Tensor<4>, temb: &Tensor<2>, context: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+    ) -> Tensor<4> {
         let mut x = self.resnets[0].forward(x, Some(temb));
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             x = attn.forward(x, context, cache);
@@ -168,14 +205,28 @@ impl UpBlock {
             .map(|j| {
                 let skip = if j == layers - 1 { skip_in } else { c_out };
                 let c = if j == 0 { prev_out } else { c_out };
-                ResnetBlock2D::load(&w.pp("resnets").pp(j), c + skip, c_out, Some(common.temb_channels), common.groups, common.eps)
+                ResnetBlock2D::load(
+                    &w.pp("resnets").pp(j),
+                    c + skip,
+                    c_out,
+                    Some(common.temb_channels),
+                    common.groups,
+                    common.eps,
+                )
             })
             .collect::<Result<_>>()?;
         Ok(UpBlock {
             resnets,
             attentions: load_transformers(w, layers, c_out, cross, common)?,
             upsampler: if add_upsample {
-                Some(Conv2d::load(&w.pp("upsamplers.0.conv"), c_out, c_out, 3, 1, 1)?)
+                Some(Conv2d::load(
+                    &w.pp("upsamplers.0.conv"),
+                    c_out,
+                    c_out,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             },
@@ -216,5 +267,8 @@ impl UpBlock {
 
 /// PyTorch `F.interpolate(mode="nearest")` to `size`.
 pub fn upsample_nearest(x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
-    interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size))
+    interpolate(
+        x,
+        InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size),
+    )
 }

@@ -45,24 +45,35 @@ fn per_block(v: Option<&Value>, n: usize, name: &str, file: &str) -> Result<Opti
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(x)) => Ok(Some(vec![x.as_u64().unwrap_or(0) as usize; n])),
         Some(Value::Array(a)) => {
-            let list: Option<Vec<usize>> = a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect();
+            let list: Option<Vec<usize>> =
+                a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect();
             match list {
                 Some(l) if l.len() == n => Ok(Some(l)),
-                _ => Err(Error::config(file, format!("`{name}` must be an int or a list of {n} ints"))),
+                _ => Err(Error::config(
+                    file,
+                    format!("`{name}` must be an int or a list of {n} ints"),
+                )),
             }
         }
-        Some(_) => Err(Error::config(file, format!("`{name}` must be an int or a list"))),
+        Some(_) => Err(Error::config(
+            file,
+            format!("`{name}` must be an int or a list"),
+        )),
     }
 }
 
 impl UNetConfig {
     /// Reads `unet/config.json`.
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
-        let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
+        let v: Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
         let err = |m: String| Error::config(file, m);
         let usize_of = |k: &str, default: Option<usize>| -> Result<usize> {
             match v.get(k) {
-                Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| err(format!("`{k}` must be a non-negative int"))),
+                Some(x) => x
+                    .as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| err(format!("`{k}` must be a non-negative int"))),
                 None => default.ok_or_else(|| err(format!("missing `{k}`"))),
             }
         };
@@ -75,7 +86,11 @@ impl UNetConfig {
         let block_out_channels: Vec<usize> = v
             .get("block_out_channels")
             .and_then(|x| x.as_array())
-            .and_then(|a| a.iter().map(|c| c.as_u64().map(|c| c as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|c| c.as_u64().map(|c| c as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
             .ok_or_else(|| err("missing or malformed `block_out_channels`".into()))?;
         let n = block_out_channels.len();
         if n == 0 {
@@ -84,7 +99,11 @@ impl UNetConfig {
         let down = str_list("down_block_types")?;
         let up = str_list("up_block_types")?;
         if down.len() != n || up.len() != n {
-            return Err(err(format!("{} down and {} up block types for {n} levels", down.len(), up.len())));
+            return Err(err(format!(
+                "{} down and {} up block types for {n} levels",
+                down.len(),
+                up.len()
+            )));
         }
         let kind = |t: &str, cross: &str, plain: &str| -> Result<bool> {
             if t == cross {
@@ -95,8 +114,14 @@ impl UNetConfig {
                 Err(err(format!("unsupported block type `{t}`")))
             }
         };
-        let down_cross = down.iter().map(|t| kind(t, "CrossAttnDownBlock2D", "DownBlock2D")).collect::<Result<Vec<_>>>()?;
-        let up_cross = up.iter().map(|t| kind(t, "CrossAttnUpBlock2D", "UpBlock2D")).collect::<Result<Vec<_>>>()?;
+        let down_cross = down
+            .iter()
+            .map(|t| kind(t, "CrossAttnDownBlock2D", "DownBlock2D"))
+            .collect::<Result<Vec<_>>>()?;
+        let up_cross = up
+            .iter()
+            .map(|t| kind(t, "CrossAttnUpBlock2D", "UpBlock2D"))
+            .collect::<Result<Vec<_>>>()?;
 
         // Refuse the variants that change the computation and are not implemented.
         let must_be = |k: &str, ok: &dyn Fn(&Value) -> bool| -> Result<()> {
@@ -107,7 +132,13 @@ impl UNetConfig {
         };
         let null = |x: &Value| x.is_null();
         let falsy = |x: &Value| x.is_null() || x == &Value::Bool(false);
-        for k in ["class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim", "num_class_embeds"] {
+        for k in [
+            "class_embed_type",
+            "addition_embed_type",
+            "time_cond_proj_dim",
+            "encoder_hid_dim",
+            "num_class_embeds",
+        ] {
             must_be(k, &null)?;
         }
         for k in ["only_cross_attention", "dual_cross_attention"] {
@@ -116,21 +147,37 @@ impl UNetConfig {
         must_be("act_fn", &|x| x == "silu")?;
         must_be("resnet_time_scale_shift", &|x| x == "default")?;
         must_be("time_embedding_type", &|x| x == "positional")?;
-        must_be("mid_block_type", &|x| x.is_null() || x == "UNetMidBlock2DCrossAttn")?;
+        must_be("mid_block_type", &|x| {
+            x.is_null() || x == "UNetMidBlock2DCrossAttn"
+        })?;
         must_be("conv_in_kernel", &|x| x.as_u64() == Some(3))?;
         must_be("conv_out_kernel", &|x| x.as_u64() == Some(3))?;
         must_be("mid_block_scale_factor", &|x| x.as_f64() == Some(1.0))?;
         must_be("downsample_padding", &|x| x.as_u64() == Some(1))?;
 
         let heads = per_block(v.get("num_attention_heads"), n, "num_attention_heads", file)?
-            .or(per_block(v.get("attention_head_dim"), n, "attention_head_dim", file)?)
+            .or(per_block(
+                v.get("attention_head_dim"),
+                n,
+                "attention_head_dim",
+                file,
+            )?)
             .unwrap_or(vec![8; n]);
-        let layers_per_block = per_block(v.get("layers_per_block"), n, "layers_per_block", file)?.unwrap_or(vec![2; n]);
-        let transformer_depth =
-            per_block(v.get("transformer_layers_per_block"), n, "transformer_layers_per_block", file)?.unwrap_or(vec![1; n]);
+        let layers_per_block = per_block(v.get("layers_per_block"), n, "layers_per_block", file)?
+            .unwrap_or(vec![2; n]);
+        let transformer_depth = per_block(
+            v.get("transformer_layers_per_block"),
+            n,
+            "transformer_layers_per_block",
+            file,
+        )?
+        .unwrap_or(vec![1; n]);
         let cross_attention_dim = match v.get("cross_attention_dim") {
             None => 1280,
-            Some(x) => x.as_u64().ok_or_else(|| err("`cross_attention_dim` must be an int".into()))? as usize,
+            Some(x) => x
+                .as_u64()
+                .ok_or_else(|| err("`cross_attention_dim` must be an int".into()))?
+                as usize,
         };
         let cfg = UNetConfig {
             in_channels: usize_of("in_channels", Some(4))?,
@@ -141,21 +188,35 @@ impl UNetConfig {
             heads,
             transformer_depth,
             cross_attention_dim,
-            use_linear_projection: v.get("use_linear_projection").and_then(|x| x.as_bool()).unwrap_or(false),
+            use_linear_projection: v
+                .get("use_linear_projection")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
             norm_num_groups: usize_of("norm_num_groups", Some(32))?,
             norm_eps: v.get("norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
-            flip_sin_to_cos: v.get("flip_sin_to_cos").and_then(|x| x.as_bool()).unwrap_or(true),
+            flip_sin_to_cos: v
+                .get("flip_sin_to_cos")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(true),
             freq_shift: v.get("freq_shift").and_then(|x| x.as_f64()).unwrap_or(0.0),
             sample_size: usize_of("sample_size", Some(64))?,
-            center_input_sample: v.get("center_input_sample").and_then(|x| x.as_bool()).unwrap_or(false),
+            center_input_sample: v
+                .get("center_input_sample")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
             block_out_channels,
         };
         for (i, (&c, &h)) in cfg.block_out_channels.iter().zip(&cfg.heads).enumerate() {
             if h == 0 || c % h != 0 {
-                return Err(err(format!("block {i}: {c} channels do not split into {h} attention heads")));
+                return Err(err(format!(
+                    "block {i}: {c} channels do not split into {h} attention heads"
+                )));
             }
             if c % cfg.norm_num_groups != 0 {
-                return Err(err(format!("block {i}: {c} channels do not split into {} groups", cfg.norm_num_groups)));
+                return Err(err(format!(
+                    "block {i}: {c} channels do not split into {} groups",
+                    cfg.norm_num_groups
+                )));
             }
         }
         Ok(cfg)
@@ -193,16 +254,34 @@ impl UNet2DConditionModel {
             cross_attention_dim: c.cross_attention_dim,
             use_linear_projection: c.use_linear_projection,
         };
-        let cross = |i: usize, on: bool| on.then_some(CrossAttn { heads: c.heads[i], depth: c.transformer_depth[i] });
+        let cross = |i: usize, on: bool| {
+            on.then_some(CrossAttn {
+                heads: c.heads[i],
+                depth: c.transformer_depth[i],
+            })
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut c_in = boc[0];
         for i in 0..n {
             let w = w.pp("down_blocks").pp(i);
-            down_blocks.push(DownBlock::load(&w, c_in, boc[i], c.layers_per_block[i], cross(i, c.down_cross[i]), i + 1 < n, &common)?);
+            down_blocks.push(DownBlock::load(
+                &w,
+                c_in,
+                boc[i],
+                c.layers_per_block[i],
+                cross(i, c.down_cross[i]),
+                i + 1 < n,
+                &common,
+            )?);
             c_in = boc[i];
         }
-        let mid_block = MidBlock::load(&w.pp("mid_block"), boc[n - 1], cross(n - 1, true).unwrap_or(CrossAttn { heads: 1, depth: 1 }), &common)?;
+        let mid_block = MidBlock::load(
+            &w.pp("mid_block"),
+            boc[n - 1],
+            cross(n - 1, true).unwrap_or(CrossAttn { heads: 1, depth: 1 }),
+            &common,
+        )?;
 
         let mut up_blocks = Vec::with_capacity(n);
         let mut prev_out = boc[n - 1];
@@ -225,11 +304,20 @@ impl UNet2DConditionModel {
         }
         Ok(UNet2DConditionModel {
             conv_in: Conv2d::load(&w.pp("conv_in"), c.in_channels, boc[0], 3, 1, 1)?,
-            time_embedding: TimestepEmbedding::load(&w.pp("time_embedding"), boc[0], c.time_embed_dim())?,
+            time_embedding: TimestepEmbedding::load(
+                &w.pp("time_embedding"),
+                boc[0],
+                c.time_embed_dim(),
+            )?,
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(&w.pp("conv_norm_out"), c.norm_num_groups, boc[0], c.norm_eps)?,
+            conv_norm_out: GroupNorm::load(
+                &w.pp("conv_norm_out"),
+                c.norm_num_groups,
+                boc[0],
+                c.norm_eps,
+            )?,
             conv_out: Conv2d::load(&w.pp("conv_out"), boc[0], c.out_channels, 3, 1, 1)?,
             config: config.clone(),
         })
@@ -241,14 +329,30 @@ impl UNet2DConditionModel {
 
     /// One denoiser call: `sample [b, in, h, w]` at `timestep`, conditioned on `context
     /// [b, 77, cross_attention_dim]`; the attention caches follow the gate's current modes.
-    pub fn forward(&self, sample: Tensor<4>, timestep: f64, context: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        sample: Tensor<4>,
+        timestep: f64,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+    ) -> Tensor<4> {
         let b = sample.dims()[0];
         let device = sample.device();
         // 1. time
-        let t = timestep_embedding(&vec![timestep; b], self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift, &device);
+        let t = timestep_embedding(
+            &vec![timestep; b],
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            &device,
+        );
         let temb = self.time_embedding.forward(t);
         // 2. pre-process
-        let sample = if self.config.center_input_sample { sample.mul_scalar(2.0).sub_scalar(1.0) } else { sample };
+        let sample = if self.config.center_input_sample {
+            sample.mul_scalar(2.0).sub_scalar(1.0)
+        } else {
+            sample
+        };
         let mut x = self.conv_in.forward(sample);
         // 3. down
         let mut skips = vec![x.clone()];
@@ -267,6 +371,7 @@ impl UNet2DConditionModel {
             x = block.forward(x, &temb, context, cache, &mut skips, upsample_to);
         }
         // 6. post-process
-        self.conv_out.forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
     }
 }

@@ -56,12 +56,16 @@ fn yes() -> bool {
 
 impl VaeConfig {
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
-        let cfg: VaeConfig = serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
+        let cfg: VaeConfig =
+            serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
         if cfg.block_out_channels.is_empty() {
             return Err(Error::config(file, "`block_out_channels` is empty"));
         }
         if let Some(t) = cfg.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return Err(Error::config(file, format!("unsupported up block type `{t}`")));
+            return Err(Error::config(
+                file,
+                format!("unsupported up block type `{t}`"),
+            ));
         }
         Ok(cfg)
     }
@@ -89,7 +93,11 @@ impl SpatialAttention {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let tokens = self
+            .group_norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
         let out = self.attn.forward(tokens, None);
         out.swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
@@ -122,21 +130,48 @@ impl VaeDecoder {
         for (i, &c_out) in boc.iter().rev().enumerate() {
             let bw = w.pp("up_blocks").pp(i);
             let resnets = (0..config.layers_per_block + 1)
-                .map(|j| resnet(&bw.pp("resnets").pp(j), if j == 0 { prev } else { c_out }, c_out))
+                .map(|j| {
+                    resnet(
+                        &bw.pp("resnets").pp(j),
+                        if j == 0 { prev } else { c_out },
+                        c_out,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let up = if i + 1 < boc.len() { Some(Conv2d::load(&bw.pp("upsamplers.0.conv"), c_out, c_out, 3, 1, 1)?) } else { None };
+            let up = if i + 1 < boc.len() {
+                Some(Conv2d::load(
+                    &bw.pp("upsamplers.0.conv"),
+                    c_out,
+                    c_out,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
             up_blocks.push((resnets, up));
             prev = c_out;
         }
         let lat = config.latent_channels;
         Ok(VaeDecoder {
             post_quant_conv: if config.use_post_quant_conv {
-                Some(Conv2d::load(&root.pp("post_quant_conv"), lat, lat, 1, 1, 0)?)
+                Some(Conv2d::load(
+                    &root.pp("post_quant_conv"),
+                    lat,
+                    lat,
+                    1,
+                    1,
+                    0,
+                )?)
             } else {
                 None
             },
             conv_in: Conv2d::load(&w.pp("conv_in"), lat, top, 3, 1, 1)?,
-            mid_resnets: [resnet(&mid.pp("resnets.0"), top, top)?, resnet(&mid.pp("resnets.1"), top, top)?],
+            mid_resnets: [
+                resnet(&mid.pp("resnets.0"), top, top)?,
+                resnet(&mid.pp("resnets.1"), top, top)?,
+            ],
             mid_attention: if config.mid_block_add_attention {
                 Some(SpatialAttention::load(&mid.pp("attentions.0"), top, g)?)
             } else {
@@ -175,7 +210,8 @@ impl VaeDecoder {
                 x = conv.forward(upsample_nearest(x, [h * 2, w * 2]));
             }
         }
-        self.conv_out.forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
     }
 
     /// The pipeline's hand-over: latents → `latents / scaling_factor + shift_factor` → decode.

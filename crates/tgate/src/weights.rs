@@ -65,7 +65,11 @@ impl Weights {
     /// The view one level down: `pp("down_blocks").pp(0)` reads `down_blocks.0.*`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Weights {
         let mut w = self.clone();
-        w.prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        w.prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
         w
     }
 
@@ -130,7 +134,11 @@ impl Weights {
     pub fn unused_keys(&self) -> Vec<String> {
         let used = self.used.borrow();
         match &self.store {
-            Store::File(f) => f.names().filter(|k| !used.contains(*k)).map(|k| k.to_string()).collect(),
+            Store::File(f) => f
+                .names()
+                .filter(|k| !used.contains(*k))
+                .map(|k| k.to_string())
+                .collect(),
             Store::Random(_) => Vec::new(),
         }
     }
@@ -139,12 +147,16 @@ impl Weights {
 /// Seeded values for one parameter: 1-D tensors named `weight` (norm scales) are 1 ± 0.1,
 /// other 1-D tensors 0.1·N, and matrices / kernels N(0, 1/fan_in).
 fn random_parameter(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
-    let stream = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let stream = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     let n: usize = shape.iter().product();
     let z = crate::noise::randn(seed, stream, n);
     if shape.len() == 1 {
         let is_scale = key.ends_with("weight") || key.ends_with("gamma");
-        z.into_iter().map(|v| if is_scale { 1.0 + 0.1 * v } else { 0.1 * v }).collect()
+        z.into_iter()
+            .map(|v| if is_scale { 1.0 + 0.1 * v } else { 0.1 * v })
+            .collect()
     } else {
         let fan_in: usize = shape[1..].iter().product();
         let s = 1.0 / (fan_in.max(1) as f32).sqrt();

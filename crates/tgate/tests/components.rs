@@ -13,17 +13,27 @@ const REL: f32 = 1e-4;
 
 fn ids(r: &tgate::safetensors::SafeTensors, key: &str) -> Vec<Vec<u32>> {
     let (shape, data) = r.read_i64_any(key).expect("ids");
-    data.chunks(shape[1]).map(|row| row.iter().map(|&v| v as u32).collect()).collect()
+    data.chunks(shape[1])
+        .map(|row| row.iter().map(|&v| v as u32).collect())
+        .collect()
 }
 
 fn text_encoder(name: &str) {
     let device = cpu();
     let src = source(name);
     let r = reference(name);
-    let cfg = ClipTextConfig::from_json("config.json", &read_required(&src, "text_encoder/config.json").unwrap()).unwrap();
+    let cfg = ClipTextConfig::from_json(
+        "config.json",
+        &read_required(&src, "text_encoder/config.json").unwrap(),
+    )
+    .unwrap();
     let w = load_weights(&src, "text_encoder", "model", Variant::Auto, &device).unwrap();
     let model = ClipTextModel::load(&cfg, &w).unwrap();
-    let unused: Vec<_> = w.unused_keys().into_iter().filter(|k| !k.ends_with("position_ids")).collect();
+    let unused: Vec<_> = w
+        .unused_keys()
+        .into_iter()
+        .filter(|k| !k.ends_with("position_ids"))
+        .collect();
     assert!(unused.is_empty(), "unused text-encoder tensors: {unused:?}");
 
     let input = ids(&r, "text.input_ids");
@@ -40,10 +50,25 @@ fn unet(name: &str) {
     let device = cpu();
     let src = source(name);
     let r = reference(name);
-    let cfg = UNetConfig::from_json("config.json", &read_required(&src, "unet/config.json").unwrap()).unwrap();
-    let w = load_weights(&src, "unet", "diffusion_pytorch_model", Variant::Auto, &device).unwrap();
+    let cfg = UNetConfig::from_json(
+        "config.json",
+        &read_required(&src, "unet/config.json").unwrap(),
+    )
+    .unwrap();
+    let w = load_weights(
+        &src,
+        "unet",
+        "diffusion_pytorch_model",
+        Variant::Auto,
+        &device,
+    )
+    .unwrap();
     let model = UNet2DConditionModel::load(&cfg, &w).unwrap();
-    assert!(w.unused_keys().is_empty(), "unused UNet tensors: {:?}", w.unused_keys());
+    assert!(
+        w.unused_keys().is_empty(),
+        "unused UNet tensors: {:?}",
+        w.unused_keys()
+    );
     let t = host(&r, "unet.timestep").data[0] as f64;
     let out = model.forward(
         tensor(&r, "unet.sample", &device),
@@ -58,13 +83,32 @@ fn vae(name: &str) {
     let device = cpu();
     let src = source(name);
     let r = reference(name);
-    let cfg = VaeConfig::from_json("config.json", &read_required(&src, "vae/config.json").unwrap()).unwrap();
-    let w = load_weights(&src, "vae", "diffusion_pytorch_model", Variant::Auto, &device).unwrap();
+    let cfg = VaeConfig::from_json(
+        "config.json",
+        &read_required(&src, "vae/config.json").unwrap(),
+    )
+    .unwrap();
+    let w = load_weights(
+        &src,
+        "vae",
+        "diffusion_pytorch_model",
+        Variant::Auto,
+        &device,
+    )
+    .unwrap();
     let model = VaeDecoder::load(&cfg, &w).unwrap();
-    let unused: Vec<_> =
-        w.unused_keys().into_iter().filter(|k| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).collect();
+    let unused: Vec<_> = w
+        .unused_keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("encoder.") && !k.starts_with("quant_conv."))
+        .collect();
     assert!(unused.is_empty(), "unused VAE decoder tensors: {unused:?}");
-    assert_close(model.decode(tensor(&r, "vae.z", &device)), &r, "vae.image", REL);
+    assert_close(
+        model.decode(tensor(&r, "vae.z", &device)),
+        &r,
+        "vae.image",
+        REL,
+    );
 }
 
 #[test]
@@ -89,7 +133,17 @@ fn sd1_vae_decoder() {
 }
 #[test]
 fn sd2_vae_decoder_legacy_attention_keys() {
-    let w = load_weights(&source("sd2"), "vae", "diffusion_pytorch_model", Variant::Auto, &cpu()).unwrap();
-    assert!(w.contains("decoder.mid_block.attentions.0.query.weight"), "fixture should use the legacy names");
+    let w = load_weights(
+        &source("sd2"),
+        "vae",
+        "diffusion_pytorch_model",
+        Variant::Auto,
+        &cpu(),
+    )
+    .unwrap();
+    assert!(
+        w.contains("decoder.mid_block.attentions.0.query.weight"),
+        "fixture should use the legacy names"
+    );
     vae("sd2");
 }

@@ -18,7 +18,12 @@ const REL: f32 = 1e-3;
 fn gate_of(json: &serde_json::Value, run: &str) -> GateConfig {
     let g = &json["gate_runs"][run];
     let n = |k: &str| g[k].as_u64().expect(k) as usize;
-    GateConfig { gate_step: n("gate_step"), sp_interval: n("sp_interval"), fi_interval: n("fi_interval"), warm_up: n("warm_up") }
+    GateConfig {
+        gate_step: n("gate_step"),
+        sp_interval: n("sp_interval"),
+        fi_interval: n("fi_interval"),
+        warm_up: n("warm_up"),
+    }
 }
 
 fn params(json: &serde_json::Value, r: &tgate::safetensors::SafeTensors) -> GenerateParams {
@@ -31,7 +36,10 @@ fn params(json: &serde_json::Value, r: &tgate::safetensors::SafeTensors) -> Gene
         width: json["width"].as_u64().unwrap() as usize,
         height: json["height"].as_u64().unwrap() as usize,
         gate: None,
-        noise: Noise::Tensors { noise: host(r, "pipe.noise").data, step_noise: Some(host(r, "pipe.step_noise").data) },
+        noise: Noise::Tensors {
+            noise: host(r, "pipe.noise").data,
+            step_noise: Some(host(r, "pipe.step_noise").data),
+        },
         clip_skip: 0,
     }
 }
@@ -58,15 +66,26 @@ fn run_all(name: &str) {
                 .unwrap_or_else(|e| panic!("{name} {sched} {run}: {e}"));
             assert_close(out.latents, &r, &format!("pipe.{sched}.{run}"), REL);
             if let Some(g) = p.gate {
-                let gated = phases.iter().filter(|&&ph| ph == Phase::FidelityImproving).count();
-                assert_eq!(gated, p.steps - g.gate_step, "{sched} {run}: steps after the gate");
+                let gated = phases
+                    .iter()
+                    .filter(|&&ph| ph == Phase::FidelityImproving)
+                    .count();
+                assert_eq!(
+                    gated,
+                    p.steps - g.gate_step,
+                    "{sched} {run}: steps after the gate"
+                );
             }
         }
     }
     // The image of the default scheduler's un-gated run.
     let default: SchedulerKind = json["default_scheduler"].as_str().unwrap().parse().unwrap();
     assert_eq!(model.default_scheduler().unwrap(), default);
-    let image = model.vae.decode_latents(tensor(&r, &format!("pipe.{}.full", json["default_scheduler"].as_str().unwrap()), &device));
+    let image = model.vae.decode_latents(tensor(
+        &r,
+        &format!("pipe.{}.full", json["default_scheduler"].as_str().unwrap()),
+        &device,
+    ));
     assert_close(image, &r, "pipe.default.image", 1e-4);
 }
 
@@ -88,7 +107,9 @@ fn sd1_files() -> MemorySource {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
             let entry = entry.unwrap();
             let rel = format!("{dir}/{}", entry.file_name().to_string_lossy());
-            files.files.insert(rel, std::fs::read(entry.path()).unwrap());
+            files
+                .files
+                .insert(rel, std::fs::read(entry.path()).unwrap());
         }
     }
     files
@@ -107,29 +128,44 @@ fn bad_weights_give_typed_errors() {
     // Missing file.
     let mut files = sd1_files();
     files.files.remove(unet);
-    assert!(matches!(load_err(&files), Error::MissingFile(m) if m.contains("unet/diffusion_pytorch_model")));
+    assert!(
+        matches!(load_err(&files), Error::MissingFile(m) if m.contains("unet/diffusion_pytorch_model"))
+    );
     // Truncated file.
     let mut files = sd1_files();
     let bytes = files.files.get_mut(unet).unwrap();
     bytes.truncate(bytes.len() / 2);
-    assert!(matches!(load_err(&files), Error::CorruptWeights { file, .. } if file.contains("unet")));
+    assert!(
+        matches!(load_err(&files), Error::CorruptWeights { file, .. } if file.contains("unet"))
+    );
     // Garbage header.
     let mut files = sd1_files();
-    files.files.insert(unet.into(), b"\x10\0\0\0\0\0\0\0not json at all!".to_vec());
+    files
+        .files
+        .insert(unet.into(), b"\x10\0\0\0\0\0\0\0not json at all!".to_vec());
     assert!(matches!(load_err(&files), Error::CorruptWeights { .. }));
     // Wrong shape: a config that disagrees with the weights.
     let mut files = sd1_files();
     let cfg = String::from_utf8(files.files["unet/config.json"].clone()).unwrap();
     let cfg = cfg.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 48");
-    files.files.insert("unet/config.json".into(), cfg.into_bytes());
+    files
+        .files
+        .insert("unet/config.json".into(), cfg.into_bytes());
     let e = load_err(&files);
-    assert!(matches!(&e, Error::ShapeMismatch { tensor, .. } if tensor.contains("attn2")), "{e}");
+    assert!(
+        matches!(&e, Error::ShapeMismatch { tensor, .. } if tensor.contains("attn2")),
+        "{e}"
+    );
     // Unsupported config value.
     let mut files = sd1_files();
     let cfg = String::from_utf8(files.files["unet/config.json"].clone()).unwrap();
     let cfg = cfg.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"");
-    files.files.insert("unet/config.json".into(), cfg.into_bytes());
-    assert!(matches!(load_err(&files), Error::Config { message, .. } if message.contains("SimpleCrossAttnDownBlock2D")));
+    files
+        .files
+        .insert("unet/config.json".into(), cfg.into_bytes());
+    assert!(
+        matches!(load_err(&files), Error::Config { message, .. } if message.contains("SimpleCrossAttnDownBlock2D"))
+    );
     assert!(files.read("nope").unwrap().is_none());
 }
 
@@ -139,9 +175,18 @@ fn impossible_parameters_are_refused() {
     let json = reference_json("sd1");
     let r = reference("sd1");
     let base = params(&json, &r);
-    let go = |p: GenerateParams| model.generate_latents(&p, &mut |_| ControlFlow::Continue(())).err().expect("refused");
-    assert!(matches!(go(GenerateParams { steps: 0, ..base.clone() }), Error::InvalidParameter { name, .. } if name == "steps"));
-    assert!(matches!(go(GenerateParams { width: 60, ..base.clone() }), Error::InvalidParameter { name, .. } if name == "width"));
+    let go = |p: GenerateParams| {
+        model
+            .generate_latents(&p, &mut |_| ControlFlow::Continue(()))
+            .err()
+            .expect("refused")
+    };
+    assert!(
+        matches!(go(GenerateParams { steps: 0, ..base.clone() }), Error::InvalidParameter { name, .. } if name == "steps")
+    );
+    assert!(
+        matches!(go(GenerateParams { width: 60, ..base.clone() }), Error::InvalidParameter { name, .. } if name == "width")
+    );
     assert!(matches!(
         go(GenerateParams { gate: Some(GateConfig::original(9)), ..base.clone() }),
         Error::InvalidParameter { name, .. } if name == "gate_step"
@@ -162,17 +207,35 @@ fn cancel_between_steps_and_seeded_noise_is_deterministic() {
     let model = StableDiffusion::load(&source("sd1"), Variant::Auto, &cpu()).unwrap();
     let json = reference_json("sd1");
     let r = reference("sd1");
-    let p = GenerateParams { noise: Noise::Seed(7), steps: 4, gate: Some(GateConfig::original(2)), ..params(&json, &r) };
+    let p = GenerateParams {
+        noise: Noise::Seed(7),
+        steps: 4,
+        gate: Some(GateConfig::original(2)),
+        ..params(&json, &r)
+    };
     let mut seen = 0;
     let e = model.generate_latents(&p, &mut |_| {
         seen += 1;
-        if seen == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if seen == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     });
     assert!(matches!(e, Err(Error::Cancelled)));
     assert_eq!(seen, 2);
-    let a = model.generate_latents(&p, &mut |_| ControlFlow::Continue(())).unwrap().latents;
-    let b = model.generate_latents(&p, &mut |_| ControlFlow::Continue(())).unwrap().latents;
-    let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
+    let a = model
+        .generate_latents(&p, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+        .latents;
+    let b = model
+        .generate_latents(&p, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+        .latents;
+    let (a, b) = (
+        a.into_data().try_to_vec::<f32>().unwrap(),
+        b.into_data().try_to_vec::<f32>().unwrap(),
+    );
     assert_eq!(a, b);
     assert!(a.iter().all(|v| v.is_finite()));
 }

@@ -23,11 +23,16 @@ fn load(dir: &Path) -> ClipTokenizer {
     let merges = std::fs::read(dir.join("merges.txt")).expect("merges.txt");
     let config = read_opt(&dir.join("tokenizer_config.json"));
     let map = read_opt(&dir.join("special_tokens_map.json"));
-    ClipTokenizer::from_files(&vocab, &merges, config.as_deref(), map.as_deref()).expect("tokenizer loads")
+    ClipTokenizer::from_files(&vocab, &merges, config.as_deref(), map.as_deref())
+        .expect("tokenizer loads")
 }
 
 fn ints(v: &Value) -> Vec<u32> {
-    v.as_array().expect("int list").iter().map(|x| x.as_u64().expect("int") as u32).collect()
+    v.as_array()
+        .expect("int list")
+        .iter()
+        .map(|x| x.as_u64().expect("int") as u32)
+        .collect()
 }
 
 /// Compares every `{"prompt", "ids", "mask"}` case; returns how many were checked.
@@ -37,14 +42,23 @@ fn check_cases(name: &str, tok: &ClipTokenizer, cases: &[Value]) -> usize {
         let prompt = case["prompt"].as_str().expect("prompt");
         let (want_ids, want_mask) = (ints(&case["ids"]), ints(&case["mask"]));
         let (ids, mask) = tok.encode_with_mask(prompt).expect("encode");
-        assert_eq!(ids, tok.encode(prompt).expect("encode"), "{name}: encode != encode_with_mask");
+        assert_eq!(
+            ids,
+            tok.encode(prompt).expect("encode"),
+            "{name}: encode != encode_with_mask"
+        );
         if ids != want_ids || mask != want_mask {
             failures.push(format!(
                 "{name}: {prompt:?}\n  want {want_ids:?} {want_mask:?}\n  got  {ids:?} {mask:?}"
             ));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     cases.len()
 }
 
@@ -52,11 +66,18 @@ fn check_cases(name: &str, tok: &ClipTokenizer, cases: &[Value]) -> usize {
 /// are read as `null`, since reference files written by `json.dump` may contain them.
 fn json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).expect("read json");
-    let (mut out, mut rest, mut in_str, mut escaped) =
-        (String::with_capacity(text.len()), text.as_str(), false, false);
+    let (mut out, mut rest, mut in_str, mut escaped) = (
+        String::with_capacity(text.len()),
+        text.as_str(),
+        false,
+        false,
+    );
     while let Some(c) = rest.chars().next() {
         if !in_str {
-            if let Some(word) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|w| rest.starts_with(w)) {
+            if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|w| rest.starts_with(w))
+            {
                 out.push_str("null");
                 rest = &rest[word.len()..];
                 continue;
@@ -149,11 +170,21 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(ClipTokenizer::from_files(&vocab, b"#version: 0.2\nzzzzqq xx\n", None, None).is_err());
     assert!(ClipTokenizer::from_files(&vocab, &merges, Some(b"{"), None).is_err());
     assert!(ClipTokenizer::from_files(&vocab, &merges, Some(b"[1]"), None).is_err());
-    assert!(ClipTokenizer::from_files(&vocab, &merges, Some(br#"{"pad_token": 3}"#), None).is_err());
-    assert!(ClipTokenizer::from_files(&vocab, &merges, Some(br#"{"model_max_length": 1}"#), None).is_err());
-    assert!(ClipTokenizer::from_files(&vocab, &merges, None, Some(br#"{"pad_token": {}}"#)).is_err());
+    assert!(
+        ClipTokenizer::from_files(&vocab, &merges, Some(br#"{"pad_token": 3}"#), None).is_err()
+    );
+    assert!(
+        ClipTokenizer::from_files(&vocab, &merges, Some(br#"{"model_max_length": 1}"#), None)
+            .is_err()
+    );
+    assert!(
+        ClipTokenizer::from_files(&vocab, &merges, None, Some(br#"{"pad_token": {}}"#)).is_err()
+    );
     // The unknown token must be in the vocabulary once a character falls outside it.
     let tiny = br#"{"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}"#;
     let tok = ClipTokenizer::from_files(tiny, b"#version: 0.2\n", None, None).expect("loads");
-    assert_eq!(tok.encode("a b").expect("unk falls back")[..4], [1, 0, 2, 2]);
+    assert_eq!(
+        tok.encode("a b").expect("unk falls back")[..4],
+        [1, 0, 2, 2]
+    );
 }

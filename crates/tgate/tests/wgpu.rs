@@ -14,18 +14,30 @@ use tgate::tgate::GateConfig;
 /// The wgpu runtime can be initialised once per process: share one device.
 fn gpu() -> Device {
     static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
-    DEVICE.get_or_init(|| Device::wgpu_options().init().expect("a wgpu adapter (install mesa-vulkan-drivers)")).clone()
+    DEVICE
+        .get_or_init(|| {
+            Device::wgpu_options()
+                .init()
+                .expect("a wgpu adapter (install mesa-vulkan-drivers)")
+        })
+        .clone()
 }
 
 fn check(name: &str, sched: &str, run: &str) {
     let device = gpu();
-    let model = StableDiffusion::load(&source(name), Variant::Auto, &device).expect("loads on wgpu");
+    let model =
+        StableDiffusion::load(&source(name), Variant::Auto, &device).expect("loads on wgpu");
     let json = reference_json(name);
     let r = reference(name);
     let gate = (run != "full").then(|| {
         let g = &json["gate_runs"][run];
         let n = |k: &str| g[k].as_u64().unwrap() as usize;
-        GateConfig { gate_step: n("gate_step"), sp_interval: n("sp_interval"), fi_interval: n("fi_interval"), warm_up: n("warm_up") }
+        GateConfig {
+            gate_step: n("gate_step"),
+            sp_interval: n("sp_interval"),
+            fi_interval: n("fi_interval"),
+            warm_up: n("warm_up"),
+        }
     });
     let p = GenerateParams {
         prompt: json["prompt"].as_str().unwrap().into(),
@@ -36,10 +48,15 @@ fn check(name: &str, sched: &str, run: &str) {
         width: 64,
         height: 64,
         gate,
-        noise: Noise::Tensors { noise: host(&r, "pipe.noise").data, step_noise: Some(host(&r, "pipe.step_noise").data) },
+        noise: Noise::Tensors {
+            noise: host(&r, "pipe.noise").data,
+            step_noise: Some(host(&r, "pipe.step_noise").data),
+        },
         clip_skip: 0,
     };
-    let out = model.generate_latents(&p, &mut |_| ControlFlow::Continue(())).expect("generates");
+    let out = model
+        .generate_latents(&p, &mut |_| ControlFlow::Continue(()))
+        .expect("generates");
     assert_close(out.latents, &r, &format!("pipe.{sched}.{run}"), 1e-3);
 }
 

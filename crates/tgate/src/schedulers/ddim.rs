@@ -22,20 +22,32 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     /// `DDIMScheduler.from_config(config)` then `set_timesteps(num_inference_steps)`.
     pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
-        let train = TrainSchedule::read(config, TimestepSpacing::Leading, true, num_inference_steps)?;
+        let train =
+            TrainSchedule::read(config, TimestepSpacing::Leading, true, num_inference_steps)?;
         if config.bool_or("thresholding", false)? {
-            return Err(config.error("DDIM dynamic thresholding (`thresholding: true`) is not supported"));
+            return Err(
+                config.error("DDIM dynamic thresholding (`thresholding: true`) is not supported")
+            );
         }
         let clip = if config.bool_or("clip_sample", true)? {
             Some(config.f64_or("clip_sample_range", 1.0)?)
         } else {
             None
         };
-        let final_alpha_cumprod =
-            if config.bool_or("set_alpha_to_one", true)? { 1.0 } else { f64::from(train.alphas_cumprod[0]) };
+        let final_alpha_cumprod = if config.bool_or("set_alpha_to_one", true)? {
+            1.0
+        } else {
+            f64::from(train.alphas_cumprod[0])
+        };
         let timesteps = ddim_timesteps(&train, num_inference_steps);
         train.check_timesteps(&timesteps)?;
-        Ok(DdimScheduler { train, timesteps, num_inference_steps, final_alpha_cumprod, clip })
+        Ok(DdimScheduler {
+            train,
+            timesteps,
+            num_inference_steps,
+            final_alpha_cumprod,
+            clip,
+        })
     }
 }
 
@@ -43,12 +55,17 @@ impl DdimScheduler {
 fn ddim_timesteps(train: &TrainSchedule, n: usize) -> Vec<f64> {
     let t_count = train.num_train_timesteps;
     match train.spacing {
-        TimestepSpacing::Linspace => {
-            np_linspace(0.0, (t_count - 1) as f64, n).into_iter().rev().map(np_round).collect()
-        }
+        TimestepSpacing::Linspace => np_linspace(0.0, (t_count - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(np_round)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = t_count / n;
-            (0..n).rev().map(|i| (i * ratio) as f64 + train.steps_offset as f64).collect()
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio) as f64 + train.steps_offset as f64)
+                .collect()
         }
         TimestepSpacing::Trailing => np_arange(t_count as f64, 0.0, -(t_count as f64 / n as f64))
             .into_iter()
@@ -78,20 +95,37 @@ impl Scheduler for DdimScheduler {
         sample
     }
 
-    fn step(&mut self, model_output: Tensor<4>, i: usize, sample: Tensor<4>, _noise: Option<Tensor<4>>)
-        -> Result<Tensor<4>> {
-        let t = *self.timesteps.get(i).ok_or_else(|| step_index_error(i, self.timesteps.len()))?;
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        i: usize,
+        sample: Tensor<4>,
+        _noise: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>> {
+        let t = *self
+            .timesteps
+            .get(i)
+            .ok_or_else(|| step_index_error(i, self.timesteps.len()))?;
         // diffusers steps back by the leading stride whatever the spacing.
         let prev_t = t - (self.train.num_train_timesteps / self.num_inference_steps) as f64;
-        let alpha_t = self.train.alpha_cumprod(t).ok_or_else(|| step_index_error(i, self.timesteps.len()))?;
-        let alpha_prev = self.train.alpha_cumprod(prev_t).unwrap_or(self.final_alpha_cumprod);
+        let alpha_t = self
+            .train
+            .alpha_cumprod(t)
+            .ok_or_else(|| step_index_error(i, self.timesteps.len()))?;
+        let alpha_prev = self
+            .train
+            .alpha_cumprod(prev_t)
+            .unwrap_or(self.final_alpha_cumprod);
         let beta_t = 1.0 - alpha_t;
         let (sqrt_a, sqrt_b) = (alpha_t.sqrt(), beta_t.sqrt());
 
         // The predicted clean sample x0 and noise eps, as combinations of (sample, output).
         let (x0, eps) = match self.train.prediction {
             PredictionType::Epsilon => (
-                weighted_sum((sample.clone(), 1.0 / sqrt_a), [(model_output.clone(), -sqrt_b / sqrt_a)]),
+                weighted_sum(
+                    (sample.clone(), 1.0 / sqrt_a),
+                    [(model_output.clone(), -sqrt_b / sqrt_a)],
+                ),
                 model_output,
             ),
             PredictionType::Sample => (
@@ -108,7 +142,10 @@ impl Scheduler for DdimScheduler {
             None => x0,
         };
         // eta = 0: no variance term; the direction keeps the whole 1 - alpha_prev.
-        Ok(weighted_sum((x0, alpha_prev.sqrt()), [(eps, (1.0 - alpha_prev).sqrt())]))
+        Ok(weighted_sum(
+            (x0, alpha_prev.sqrt()),
+            [(eps, (1.0 - alpha_prev).sqrt())],
+        ))
     }
 }
 
@@ -125,7 +162,10 @@ mod tests {
     /// (diffusers 0.42.1).
     #[test]
     fn timesteps_match_diffusers() {
-        assert_eq!(timesteps(r#"{"steps_offset": 1}"#, 10), [901., 801., 701., 601., 501., 401., 301., 201., 101., 1.]);
+        assert_eq!(
+            timesteps(r#"{"steps_offset": 1}"#, 10),
+            [901., 801., 701., 601., 501., 401., 301., 201., 101., 1.]
+        );
         assert_eq!(
             timesteps(r#"{"timestep_spacing": "trailing"}"#, 7),
             [999., 856., 713., 570., 428., 285., 142.]

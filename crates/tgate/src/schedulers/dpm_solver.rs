@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 
 use super::euler::{final_sigma, SigmaSpacing};
 use super::tables::{
-    exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, np_round, sigma_to_t, BetaSchedule,
-    TimestepSpacing, TrainSchedule,
+    exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, np_round, sigma_to_t,
+    BetaSchedule, TimestepSpacing, TrainSchedule,
 };
 use super::{step_index_error, weighted_sum, PredictionType, Scheduler, SchedulerConfig};
 
@@ -77,7 +77,9 @@ impl DpmSolverMultistepScheduler {
                 return Err(config.error(format!("`{flag}: true` is not supported")));
             }
         }
-        if let Some(kind @ ("learned" | "learned_range")) = config.opt_string("variance_type")?.as_deref() {
+        if let Some(kind @ ("learned" | "learned_range")) =
+            config.opt_string("variance_type")?.as_deref()
+        {
             return Err(config.error(format!("variance_type `{kind}` is not supported")));
         }
         let sigma_spacing = SigmaSpacing::read(config)?;
@@ -85,31 +87,59 @@ impl DpmSolverMultistepScheduler {
 
         let table = train.sigmas_f32();
         let log_sigmas: Vec<f32> = table.iter().map(|s| s.ln()).collect();
-        let last_t = train.num_train_timesteps - clipped_count(&train, config.f64_or("lambda_min_clipped", f64::NEG_INFINITY)?);
+        let last_t = train.num_train_timesteps
+            - clipped_count(
+                &train,
+                config.f64_or("lambda_min_clipped", f64::NEG_INFINITY)?,
+            );
         let spaced = dpm_timesteps(&train, last_t, n);
         // Derived timesteps are rounded, except for the cosine schedule; all become integers.
         let to_timestep = |sigma: f64, round: bool| {
             let t = sigma_to_t(sigma, &log_sigmas);
-            let t = if round && train.beta_schedule != BetaSchedule::SquaredCosCapV2 { np_round(t) } else { t };
+            let t = if round && train.beta_schedule != BetaSchedule::SquaredCosCapV2 {
+                np_round(t)
+            } else {
+                t
+            };
             t.trunc()
         };
         // DPM has no sigma_min / sigma_max parameters, but diffusers reads them from the config
         // when the file has them; otherwise the ends of the training table.
         let sigma_min = config.opt_f64("sigma_min")?.unwrap_or(f64::from(table[0]));
-        let sigma_max = config.opt_f64("sigma_max")?.unwrap_or(f64::from(table[table.len() - 1]));
-        let (timesteps, mut sigmas): (Vec<f64>, Vec<f64>) = if sigma_spacing == SigmaSpacing::Karras {
+        let sigma_max = config
+            .opt_f64("sigma_max")?
+            .unwrap_or(f64::from(table[table.len() - 1]));
+        let (timesteps, mut sigmas): (Vec<f64>, Vec<f64>) = if sigma_spacing == SigmaSpacing::Karras
+        {
             let sigmas = karras_sigmas(sigma_min, sigma_max, n);
-            (sigmas.iter().map(|&s| to_timestep(s, true)).collect(), sigmas)
+            (
+                sigmas.iter().map(|&s| to_timestep(s, true)).collect(),
+                sigmas,
+            )
         } else if lu_lambdas {
-            let (low, high) = (f64::from(log_sigmas[0]), f64::from(log_sigmas[log_sigmas.len() - 1]));
-            let sigmas: Vec<f64> =
-                np_linspace(0.0, 1.0, n).into_iter().map(|r| (high + r * (low - high)).exp()).collect();
-            (sigmas.iter().map(|&s| to_timestep(s, true)).collect(), sigmas)
+            let (low, high) = (
+                f64::from(log_sigmas[0]),
+                f64::from(log_sigmas[log_sigmas.len() - 1]),
+            );
+            let sigmas: Vec<f64> = np_linspace(0.0, 1.0, n)
+                .into_iter()
+                .map(|r| (high + r * (low - high)).exp())
+                .collect();
+            (
+                sigmas.iter().map(|&s| to_timestep(s, true)).collect(),
+                sigmas,
+            )
         } else if sigma_spacing == SigmaSpacing::Exponential {
             let sigmas = exponential_sigmas(sigma_min, sigma_max, n);
-            (sigmas.iter().map(|&s| to_timestep(s, false)).collect(), sigmas)
+            (
+                sigmas.iter().map(|&s| to_timestep(s, false)).collect(),
+                sigmas,
+            )
         } else {
-            (spaced.clone(), spaced.iter().map(|&t| np_interp(t, &table)).collect())
+            (
+                spaced.clone(),
+                spaced.iter().map(|&t| np_interp(t, &table)).collect(),
+            )
         };
         sigmas.push(final_sigma(config, &train)?);
         let sigmas = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
@@ -135,11 +165,19 @@ impl DpmSolverMultistepScheduler {
     fn convert(&self, model_output: Tensor<4>, sample: Tensor<4>, sigma: f64) -> Tensor<4> {
         let (alpha, sigma_t, _) = alpha_sigma_lambda(sigma);
         match (self.data_prediction, self.prediction) {
-            (true, PredictionType::Epsilon) => weighted_sum((sample, 1.0 / alpha), [(model_output, -sigma_t / alpha)]),
+            (true, PredictionType::Epsilon) => {
+                weighted_sum((sample, 1.0 / alpha), [(model_output, -sigma_t / alpha)])
+            }
             (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => model_output,
-            (true, PredictionType::VPrediction) => weighted_sum((sample, alpha), [(model_output, -sigma_t)]),
-            (false, PredictionType::Sample) => weighted_sum((sample, 1.0 / sigma_t), [(model_output, -alpha / sigma_t)]),
-            (false, PredictionType::VPrediction) => weighted_sum((model_output, alpha), [(sample, sigma_t)]),
+            (true, PredictionType::VPrediction) => {
+                weighted_sum((sample, alpha), [(model_output, -sigma_t)])
+            }
+            (false, PredictionType::Sample) => {
+                weighted_sum((sample, 1.0 / sigma_t), [(model_output, -alpha / sigma_t)])
+            }
+            (false, PredictionType::VPrediction) => {
+                weighted_sum((model_output, alpha), [(sample, sigma_t)])
+            }
         }
     }
 
@@ -163,7 +201,11 @@ impl DpmSolverMultistepScheduler {
         let r0 = (lambda_0 - lambda_1) / h;
         // The first-order correction, on D1 = (m0 - m1) / r0.
         let c1 = if self.data_prediction {
-            if self.heun || order == 3 { phi * ((-h).exp_m1() / h + 1.0) } else { 0.5 * c0 }
+            if self.heun || order == 3 {
+                phi * ((-h).exp_m1() / h + 1.0)
+            } else {
+                0.5 * c0
+            }
         } else if self.heun || order == 3 {
             -phi * (h.exp_m1() / h - 1.0)
         } else {
@@ -211,16 +253,25 @@ fn clipped_count(train: &TrainSchedule, lambda_min_clipped: f64) -> usize {
 /// The integer timesteps of `DPMSolverMultistepScheduler.set_timesteps` (descending).
 fn dpm_timesteps(train: &TrainSchedule, last_t: usize, n: usize) -> Vec<f64> {
     match train.spacing {
-        TimestepSpacing::Linspace => {
-            np_linspace(0.0, (last_t - 1) as f64, n + 1).into_iter().rev().take(n).map(np_round).collect()
-        }
+        TimestepSpacing::Linspace => np_linspace(0.0, (last_t - 1) as f64, n + 1)
+            .into_iter()
+            .rev()
+            .take(n)
+            .map(np_round)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = last_t / (n + 1);
-            (1..=n).rev().map(|i| (i * ratio) as f64 + train.steps_offset as f64).collect()
+            (1..=n)
+                .rev()
+                .map(|i| (i * ratio) as f64 + train.steps_offset as f64)
+                .collect()
         }
         TimestepSpacing::Trailing => {
             let step = train.num_train_timesteps as f64 / n as f64;
-            np_arange(last_t as f64, 0.0, -step).into_iter().map(|t| np_round(t) - 1.0).collect()
+            np_arange(last_t as f64, 0.0, -step)
+                .into_iter()
+                .map(|t| np_round(t) - 1.0)
+                .collect()
         }
     }
 }
@@ -247,8 +298,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
 
     /// Steps must come in order; `i == 0` starts over.
-    fn step(&mut self, model_output: Tensor<4>, i: usize, sample: Tensor<4>, _noise: Option<Tensor<4>>)
-        -> Result<Tensor<4>> {
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        i: usize,
+        sample: Tensor<4>,
+        _noise: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>> {
         let len = self.timesteps.len();
         if i >= len {
             return Err(step_index_error(i, len));
@@ -257,7 +313,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
             self.history.clear();
             self.lower_order_nums = 0;
         } else if i != self.next_step {
-            return Err(Error::param("step", format!("DPM-Solver steps must run in order: expected {}, got {i}", self.next_step)));
+            return Err(Error::param(
+                "step",
+                format!(
+                    "DPM-Solver steps must run in order: expected {}, got {i}",
+                    self.next_step
+                ),
+            ));
         }
         let short = self.lower_order_final && len < 15;
         let lower_final = i == len - 1 && (self.euler_at_final || short || self.final_sigma_zero);
@@ -289,7 +351,10 @@ mod tests {
 
     fn timesteps(json: &str, n: usize) -> Vec<f64> {
         let cfg = SchedulerConfig::from_json("t.json", json.as_bytes()).unwrap();
-        DpmSolverMultistepScheduler::new(&cfg, n).unwrap().timesteps().to_vec()
+        DpmSolverMultistepScheduler::new(&cfg, n)
+            .unwrap()
+            .timesteps()
+            .to_vec()
     }
 
     /// Expected values printed by `DPMSolverMultistepScheduler.from_config(cfg);
@@ -297,11 +362,20 @@ mod tests {
     #[test]
     fn timesteps_match_diffusers() {
         let sd = r#""beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012"#;
-        assert_eq!(timesteps(&format!("{{{sd}}}"), 5), [999., 799., 599., 400., 200.]);
         assert_eq!(
-            timesteps(&format!(r#"{{{sd}, "timestep_spacing": "leading", "steps_offset": 1}}"#), 5),
+            timesteps(&format!("{{{sd}}}"), 5),
+            [999., 799., 599., 400., 200.]
+        );
+        assert_eq!(
+            timesteps(
+                &format!(r#"{{{sd}, "timestep_spacing": "leading", "steps_offset": 1}}"#),
+                5
+            ),
             [831., 665., 499., 333., 167.]
         );
-        assert_eq!(timesteps(&format!(r#"{{{sd}, "use_karras_sigmas": true}}"#), 5), [999., 786., 427., 59., 0.]);
+        assert_eq!(
+            timesteps(&format!(r#"{{{sd}, "use_karras_sigmas": true}}"#), 5),
+            [999., 786., 427., 59., 0.]
+        );
     }
 }

@@ -7,8 +7,8 @@ use burn::tensor::Tensor;
 use crate::error::Result;
 
 use super::tables::{
-    exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, np_round, sigma_to_t, TimestepSpacing,
-    TrainSchedule,
+    exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, np_round, sigma_to_t,
+    TimestepSpacing, TrainSchedule,
 };
 use super::{step_index_error, weighted_sum, PredictionType, Scheduler, SchedulerConfig};
 
@@ -57,12 +57,15 @@ impl SigmaSpacing {
 pub(crate) fn euler_timesteps(train: &TrainSchedule, n: usize) -> Vec<f32> {
     let t_count = train.num_train_timesteps;
     match train.spacing {
-        TimestepSpacing::Linspace => {
-            np_linspace(0.0, (t_count - 1) as f64, n).into_iter().rev().map(|t| t as f32).collect()
-        }
-        TimestepSpacing::Leading => {
-            (0..n).rev().map(|i| (i * (t_count / n)) as f32 + train.steps_offset as f32).collect()
-        }
+        TimestepSpacing::Linspace => np_linspace(0.0, (t_count - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32)
+            .collect(),
+        TimestepSpacing::Leading => (0..n)
+            .rev()
+            .map(|i| (i * (t_count / n)) as f32 + train.steps_offset as f32)
+            .collect(),
         TimestepSpacing::Trailing => np_arange(t_count as f64, 0.0, -(t_count as f64 / n as f64))
             .into_iter()
             .map(|t| np_round(t) as f32 - 1.0)
@@ -72,7 +75,10 @@ pub(crate) fn euler_timesteps(train: &TrainSchedule, n: usize) -> Vec<f32> {
 
 /// The training sigmas at `timesteps`, linearly interpolated (`np.interp`), in float64.
 pub(crate) fn interpolated_sigmas(table: &[f32], timesteps: &[f32]) -> Vec<f64> {
-    timesteps.iter().map(|&t| np_interp(f64::from(t), table)).collect()
+    timesteps
+        .iter()
+        .map(|&t| np_interp(f64::from(t), table))
+        .collect()
 }
 
 /// `init_noise_sigma` of the Euler family: the largest sigma, or `sqrt(max^2 + 1)` for
@@ -118,7 +124,9 @@ impl EulerDiscreteScheduler {
         let train = TrainSchedule::read(config, TimestepSpacing::Linspace, true, n)?;
         let interpolation = config.string_or("interpolation_type", "linear")?;
         if interpolation != "linear" {
-            return Err(config.error(format!("interpolation_type `{interpolation}` is not supported (only linear)")));
+            return Err(config.error(format!(
+                "interpolation_type `{interpolation}` is not supported (only linear)"
+            )));
         }
         let continuous = match config.string_or("timestep_type", "discrete")?.as_str() {
             "discrete" => false,
@@ -133,20 +141,28 @@ impl EulerDiscreteScheduler {
         let mut timesteps: Vec<f64> = spaced.into_iter().map(f64::from).collect();
         if spacing != SigmaSpacing::Interpolated {
             // Both ends come from the interpolated sigmas unless the config pins them.
-            let sigma_min = config.opt_f64("sigma_min")?.unwrap_or(sigmas[sigmas.len() - 1]);
+            let sigma_min = config
+                .opt_f64("sigma_min")?
+                .unwrap_or(sigmas[sigmas.len() - 1]);
             let sigma_max = config.opt_f64("sigma_max")?.unwrap_or(sigmas[0]);
             sigmas = match spacing {
                 SigmaSpacing::Karras => karras_sigmas(sigma_min, sigma_max, n),
                 _ => exponential_sigmas(sigma_min, sigma_max, n),
             };
             let log_sigmas: Vec<f32> = table.iter().map(|s| s.ln()).collect();
-            timesteps = sigmas.iter().map(|&s| f64::from(sigma_to_t(s, &log_sigmas) as f32)).collect();
+            timesteps = sigmas
+                .iter()
+                .map(|&s| f64::from(sigma_to_t(s, &log_sigmas) as f32))
+                .collect();
         }
         sigmas.push(final_sigma(config, &train)?);
         let sigmas: Vec<f64> = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
 
         if continuous && train.prediction == PredictionType::VPrediction {
-            timesteps = sigmas[..sigmas.len() - 1].iter().map(|&s| f64::from(0.25 * (s as f32).ln())).collect();
+            timesteps = sigmas[..sigmas.len() - 1]
+                .iter()
+                .map(|&s| f64::from(0.25 * (s as f32).ln()))
+                .collect();
         }
         Ok(EulerDiscreteScheduler {
             prediction: train.prediction,
@@ -189,18 +205,29 @@ impl Scheduler for EulerDiscreteScheduler {
 
     /// Divides by `sqrt(sigma_i^2 + 1)`; an out-of-range `i` leaves the sample as it is.
     fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4> {
-        scale_by_sigma(sample, self.sigmas.get(i).filter(|_| i < self.timesteps.len()))
+        scale_by_sigma(
+            sample,
+            self.sigmas.get(i).filter(|_| i < self.timesteps.len()),
+        )
     }
 
-    fn step(&mut self, model_output: Tensor<4>, i: usize, sample: Tensor<4>, _noise: Option<Tensor<4>>)
-        -> Result<Tensor<4>> {
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        i: usize,
+        sample: Tensor<4>,
+        _noise: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>> {
         if i >= self.timesteps.len() {
             return Err(step_index_error(i, self.timesteps.len()));
         }
         let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
         let (ds, dm) = derivative_weights(self.prediction, sigma);
         let dt = next - sigma;
-        Ok(weighted_sum((sample, 1.0 + ds * dt), [(model_output, dm * dt)]))
+        Ok(weighted_sum(
+            (sample, 1.0 + ds * dt),
+            [(model_output, dm * dt)],
+        ))
     }
 }
 
@@ -213,7 +240,8 @@ mod tests {
         EulerDiscreteScheduler::new(&cfg, n).unwrap()
     }
 
-    const SD: &str = r#""beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012"#;
+    const SD: &str =
+        r#""beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012"#;
 
     /// Expected values printed by `EulerDiscreteScheduler.from_config(cfg); s.set_timesteps(n)`
     /// then `s.timesteps`, `s.sigmas`, `s.init_noise_sigma` (diffusers 0.42.1, float32).
@@ -228,7 +256,10 @@ mod tests {
         }
         assert_eq!(s.init_noise_sigma as f32, 14.614647);
 
-        let s = build(&format!(r#"{{{SD}, "timestep_spacing": "leading", "steps_offset": 1}}"#), 3);
+        let s = build(
+            &format!(r#"{{{SD}, "timestep_spacing": "leading", "steps_offset": 1}}"#),
+            3,
+        );
         assert_eq!(s.timesteps, [667.0, 334.0, 1.0]);
         assert_eq!(s.init_noise_sigma as f32, 3.095523);
 

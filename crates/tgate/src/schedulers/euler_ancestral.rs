@@ -6,7 +6,10 @@ use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
 
-use super::euler::{derivative_weights, euler_init_noise_sigma, euler_timesteps, interpolated_sigmas, scale_by_sigma};
+use super::euler::{
+    derivative_weights, euler_init_noise_sigma, euler_timesteps, interpolated_sigmas,
+    scale_by_sigma,
+};
 use super::tables::{TimestepSpacing, TrainSchedule};
 use super::{step_index_error, weighted_sum, PredictionType, Scheduler, SchedulerConfig};
 
@@ -27,7 +30,9 @@ impl EulerAncestralScheduler {
         let n = num_inference_steps;
         let train = TrainSchedule::read(config, TimestepSpacing::Linspace, true, n)?;
         if train.prediction == PredictionType::Sample {
-            return Err(config.error("Euler ancestral supports prediction_type epsilon or v_prediction, not sample"));
+            return Err(config.error(
+                "Euler ancestral supports prediction_type epsilon or v_prediction, not sample",
+            ));
         }
         let spaced = euler_timesteps(&train, n);
         let sigmas: Vec<f64> = interpolated_sigmas(&train.sigmas_f32(), &spaced)
@@ -64,23 +69,40 @@ impl Scheduler for EulerAncestralScheduler {
 
     /// Divides by `sqrt(sigma_i^2 + 1)`; an out-of-range `i` leaves the sample as it is.
     fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4> {
-        scale_by_sigma(sample, self.sigmas.get(i).filter(|_| i < self.timesteps.len()))
+        scale_by_sigma(
+            sample,
+            self.sigmas.get(i).filter(|_| i < self.timesteps.len()),
+        )
     }
 
     fn needs_noise(&self) -> bool {
         true
     }
 
-    fn step(&mut self, model_output: Tensor<4>, i: usize, sample: Tensor<4>, noise: Option<Tensor<4>>)
-        -> Result<Tensor<4>> {
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        i: usize,
+        sample: Tensor<4>,
+        noise: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>> {
         if i >= self.timesteps.len() {
             return Err(step_index_error(i, self.timesteps.len()));
         }
-        let noise = noise.ok_or_else(|| Error::input("noise", "the Euler ancestral step needs standard-normal noise"))?;
+        let noise = noise.ok_or_else(|| {
+            Error::input(
+                "noise",
+                "the Euler ancestral step needs standard-normal noise",
+            )
+        })?;
         if noise.dims() != sample.dims() {
             return Err(Error::input(
                 "noise",
-                format!("shape {:?} differs from the sample's {:?}", noise.dims(), sample.dims()),
+                format!(
+                    "shape {:?} differs from the sample's {:?}",
+                    noise.dims(),
+                    sample.dims()
+                ),
             ));
         }
         let (from, to) = (self.sigmas[i], self.sigmas[i + 1]);
@@ -88,7 +110,10 @@ impl Scheduler for EulerAncestralScheduler {
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
         let (ds, dm) = derivative_weights(self.prediction, from);
         let dt = sigma_down - from;
-        Ok(weighted_sum((sample, 1.0 + ds * dt), [(model_output, dm * dt), (noise, sigma_up)]))
+        Ok(weighted_sum(
+            (sample, 1.0 + ds * dt),
+            [(model_output, dm * dt), (noise, sigma_up)],
+        ))
     }
 }
 
@@ -109,7 +134,8 @@ mod tests {
         let s = EulerAncestralScheduler::new(&cfg, 3).unwrap();
         assert_eq!(s.timesteps, [999.0, 666.0, 332.0]);
         assert_eq!(s.init_noise_sigma as f32, 14.614647);
-        let cfg = SchedulerConfig::from_json("t.json", br#"{"prediction_type": "sample"}"#).unwrap();
+        let cfg =
+            SchedulerConfig::from_json("t.json", br#"{"prediction_type": "sample"}"#).unwrap();
         assert!(EulerAncestralScheduler::new(&cfg, 3).is_err());
     }
 }

@@ -35,17 +35,29 @@ fn read_safetensors(path: &Path) -> HashMap<String, Array> {
     let data = &bytes[8 + header_len..];
     let mut arrays = HashMap::new();
     for (name, info) in header.as_object().unwrap() {
-        let (Some(dtype), Some(shape), Some(offsets)) =
-            (info["dtype"].as_str(), info["shape"].as_array(), info["data_offsets"].as_array())
-        else {
+        let (Some(dtype), Some(shape), Some(offsets)) = (
+            info["dtype"].as_str(),
+            info["shape"].as_array(),
+            info["data_offsets"].as_array(),
+        ) else {
             continue; // __metadata__
         };
         let shape: Vec<usize> = shape.iter().map(|d| d.as_u64().unwrap() as usize).collect();
-        let raw = &data[offsets[0].as_u64().unwrap() as usize..offsets[1].as_u64().unwrap() as usize];
+        let raw =
+            &data[offsets[0].as_u64().unwrap() as usize..offsets[1].as_u64().unwrap() as usize];
         let values = match dtype {
-            "F32" => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            "F64" => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            "I64" => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            "F64" => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            "I64" => raw
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
             _ => continue,
         };
         arrays.insert(name.clone(), Array { shape, values });
@@ -58,7 +70,10 @@ impl Array {
     fn item(&self, i: usize, device: &Device) -> Tensor<4> {
         let dims: [usize; 4] = self.shape[1..].try_into().unwrap();
         let size: usize = dims.iter().product();
-        Tensor::<4>::from_data(TensorData::new(self.values[i * size..(i + 1) * size].to_vec(), dims), device)
+        Tensor::<4>::from_data(
+            TensorData::new(self.values[i * size..(i + 1) * size].to_vec(), dims),
+            device,
+        )
     }
 }
 
@@ -66,18 +81,29 @@ impl Array {
 fn max_diff(got: Tensor<4>, want: Tensor<4>) -> (f32, f32) {
     let got = got.into_data().try_to_vec::<f32>().unwrap();
     let want = want.into_data().try_to_vec::<f32>().unwrap();
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     (diff, want.iter().map(|b| b.abs()).fold(0.0, f32::max))
 }
 
 /// Compares all five schedulers with the reference folder `dir`; returns the failures.
 fn check_reference_folder(dir: &Path) -> Vec<String> {
     let device = Device::flex();
-    let config_path = [dir.join("scheduler_config.json"), dir.join("scheduler/scheduler_config.json")]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("no scheduler_config.json in {}", dir.display()));
-    let config = SchedulerConfig::from_json("scheduler_config.json", &std::fs::read(config_path).unwrap()).unwrap();
+    let config_path = [
+        dir.join("scheduler_config.json"),
+        dir.join("scheduler/scheduler_config.json"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| panic!("no scheduler_config.json in {}", dir.display()));
+    let config = SchedulerConfig::from_json(
+        "scheduler_config.json",
+        &std::fs::read(config_path).unwrap(),
+    )
+    .unwrap();
     let meta: Value = std::fs::read(dir.join("reference.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -88,15 +114,22 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
         .and_then(Value::as_u64)
         .unwrap_or(10) as usize;
     // Kinds diffusers refused for this config (`expect_error`): the port must refuse them too.
-    let refused: Vec<&str> =
-        meta.get("expect_error").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    let refused: Vec<&str> = meta
+        .get("expect_error")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
     let arrays = read_safetensors(&dir.join("reference.safetensors"));
     let mut failures = Vec::new();
     for kind in SchedulerKind::ALL {
         let key = |what: &str| format!("sched.{}.{what}", kind.name());
         if refused.contains(&kind.name()) {
             if build_scheduler(&config, kind, steps).is_ok() {
-                failures.push(format!("{kind}: diffusers refuses this config, the port accepts it"));
+                failures.push(format!(
+                    "{kind}: diffusers refuses this config, the port accepts it"
+                ));
             }
             continue;
         }
@@ -110,28 +143,43 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
         // Integer timesteps must match exactly; fractional ones (Euler with Karras or
         // exponential sigmas) go through `ln` of the sigma table and may move by an ulp.
         let close = got_t.len() == want_t.len()
-            && got_t.iter().zip(&want_t).all(|(g, w)| g == w || (w.fract() != 0.0 && (g - w).abs() < 1e-3));
+            && got_t
+                .iter()
+                .zip(&want_t)
+                .all(|(g, w)| g == w || (w.fract() != 0.0 && (g - w).abs() < 1e-3));
         if !close {
             failures.push(format!("{kind}: timesteps {got_t:?} != {want_t:?}"));
             continue;
         }
         let sigma = arrays[&key("init_noise_sigma")].values[0];
         if (scheduler.init_noise_sigma() as f32 - sigma).abs() > 1e-6 * sigma.max(1.0) {
-            failures.push(format!("{kind}: init_noise_sigma {} != {sigma}", scheduler.init_noise_sigma()));
+            failures.push(format!(
+                "{kind}: init_noise_sigma {} != {sigma}",
+                scheduler.init_noise_sigma()
+            ));
         }
-        let (samples, outputs, scaled) = (&arrays[&key("samples")], &arrays[&key("model_outputs")], &arrays[&key("scaled_inputs")]);
+        let (samples, outputs, scaled) = (
+            &arrays[&key("samples")],
+            &arrays[&key("model_outputs")],
+            &arrays[&key("scaled_inputs")],
+        );
         let noise = arrays.get(&key("step_noise"));
         let mut free = samples.item(0, &device);
         let mut worst = 0.0f32;
         for i in 0..got_t.len() {
             let sample = samples.item(i, &device);
-            let (d, m) = max_diff(scheduler.scale_model_input(sample.clone(), i), scaled.item(i, &device));
+            let (d, m) = max_diff(
+                scheduler.scale_model_input(sample.clone(), i),
+                scaled.item(i, &device),
+            );
             if d > 2e-6 * m.max(1.0) {
                 failures.push(format!("{kind}: scaled input {i} differs by {d} (max {m})"));
             }
             // Teacher-forced: each step starts from diffusers' own sample.
             let step_noise = noise.map(|n| n.item(i, &device));
-            let prev = scheduler.step(outputs.item(i, &device), i, sample, step_noise).unwrap();
+            let prev = scheduler
+                .step(outputs.item(i, &device), i, sample, step_noise)
+                .unwrap();
             let (d, m) = max_diff(prev, samples.item(i + 1, &device));
             worst = worst.max(d / m.max(1.0));
             if d > 1e-5 * m.max(1.0) {
@@ -141,19 +189,34 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
         // Free-running from the first sample (the multistep history now holds our own outputs).
         let mut fresh = build_scheduler(&config, kind, steps).unwrap();
         for i in 0..got_t.len() {
-            free = fresh.step(outputs.item(i, &device), i, free, noise.map(|n| n.item(i, &device))).unwrap();
+            free = fresh
+                .step(
+                    outputs.item(i, &device),
+                    i,
+                    free,
+                    noise.map(|n| n.item(i, &device)),
+                )
+                .unwrap();
         }
         let (d, m) = max_diff(free, samples.item(got_t.len(), &device));
-        eprintln!("{} {kind}: worst step error {worst:.2e}, free-running {:.2e}", dir.display(), d / m.max(1.0));
+        eprintln!(
+            "{} {kind}: worst step error {worst:.2e}, free-running {:.2e}",
+            dir.display(),
+            d / m.max(1.0)
+        );
         if d > 1e-4 * m.max(1.0) {
-            failures.push(format!("{kind}: free-running final sample differs by {d} (max {m})"));
+            failures.push(format!(
+                "{kind}: free-running final sample differs by {d} (max {m})"
+            ));
         }
     }
     failures
 }
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 #[test]
@@ -173,12 +236,24 @@ fn schedulers_match_fixtures() {
 #[test]
 #[ignore = "needs TGATE_SCHEDULER_REFERENCES (a directory of reference folders)"]
 fn schedulers_match_extra_references() {
-    let root = PathBuf::from(std::env::var("TGATE_SCHEDULER_REFERENCES").expect("TGATE_SCHEDULER_REFERENCES"));
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    let root = PathBuf::from(
+        std::env::var("TGATE_SCHEDULER_REFERENCES").expect("TGATE_SCHEDULER_REFERENCES"),
+    );
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     dirs.sort();
     let mut failures = Vec::new();
-    for dir in dirs.iter().filter(|d| d.join("reference.safetensors").exists()) {
-        failures.extend(check_reference_folder(dir).into_iter().map(|f| format!("{}: {f}", dir.display())));
+    for dir in dirs
+        .iter()
+        .filter(|d| d.join("reference.safetensors").exists())
+    {
+        failures.extend(
+            check_reference_folder(dir)
+                .into_iter()
+                .map(|f| format!("{}: {f}", dir.display())),
+        );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(!dirs.is_empty());

@@ -64,8 +64,13 @@ pub trait Scheduler {
     }
     /// One step from `sample` at iteration `i` to the previous sample.
     /// `noise` is standard normal with the sample's shape; required when `needs_noise()`.
-    fn step(&mut self, model_output: Tensor<4>, i: usize, sample: Tensor<4>, noise: Option<Tensor<4>>)
-        -> Result<Tensor<4>>;
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        i: usize,
+        sample: Tensor<4>,
+        noise: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>>;
 }
 
 impl SchedulerKind {
@@ -102,7 +107,9 @@ impl SchedulerKind {
 
     /// The kind of a diffusers `_class_name`, if it is one of the five ported classes.
     pub fn from_class_name(class_name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.class_name() == class_name)
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.class_name() == class_name)
     }
 }
 
@@ -116,10 +123,19 @@ impl FromStr for SchedulerKind {
     type Err = Error;
 
     fn from_str(name: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name).ok_or_else(|| {
-            let valid: Vec<&str> = Self::ALL.iter().map(|kind| kind.name()).collect();
-            Error::param("scheduler", format!("unknown scheduler `{name}`; valid names: {}", valid.join(", ")))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Self::ALL.iter().map(|kind| kind.name()).collect();
+                Error::param(
+                    "scheduler",
+                    format!(
+                        "unknown scheduler `{name}`; valid names: {}",
+                        valid.join(", ")
+                    ),
+                )
+            })
     }
 }
 
@@ -165,7 +181,10 @@ impl SchedulerConfig {
                 values.remove(key);
             }
         }
-        Ok(SchedulerConfig { file_name: file_name.to_owned(), values })
+        Ok(SchedulerConfig {
+            file_name: file_name.to_owned(),
+            values,
+        })
     }
 
     /// The file name given to [`SchedulerConfig::from_json`].
@@ -237,9 +256,9 @@ impl SchedulerConfig {
     pub(crate) fn i64_or(&self, key: &str, default: i64) -> Result<i64> {
         match self.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(Value::Number(n)) => {
-                n.as_i64().ok_or_else(|| self.error(format!("`{key}` must be an integer, found {n}")))
-            }
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .ok_or_else(|| self.error(format!("`{key}` must be an integer, found {n}"))),
             Some(other) => Err(self.error(format!("`{key}` must be an integer, found {other}"))),
         }
     }
@@ -268,10 +287,15 @@ impl SchedulerConfig {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_f64().ok_or_else(|| self.error(format!("`{key}` must hold numbers only"))))
+                .map(|v| {
+                    v.as_f64()
+                        .ok_or_else(|| self.error(format!("`{key}` must hold numbers only")))
+                })
                 .collect::<Result<Vec<f64>>>()
                 .map(Some),
-            Some(other) => Err(self.error(format!("`{key}` must be a list of numbers, found {other}"))),
+            Some(other) => {
+                Err(self.error(format!("`{key}` must be a list of numbers, found {other}")))
+            }
         }
     }
 }
@@ -296,7 +320,10 @@ fn quote_non_finite(bytes: &[u8]) -> Vec<u8> {
             }
         } else if byte == b'"' {
             in_string = true;
-        } else if let Some(word) = NON_FINITE.iter().find(|w| bytes[i..].starts_with(w.as_bytes())) {
+        } else if let Some(word) = NON_FINITE
+            .iter()
+            .find(|w| bytes[i..].starts_with(w.as_bytes()))
+        {
             out.push(b'"');
             out.extend_from_slice(word.as_bytes());
             out.push(b'"');
@@ -323,22 +350,38 @@ pub fn build_scheduler(
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
         SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(EulerDiscreteScheduler::new(config, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => Box::new(EulerAncestralScheduler::new(config, num_inference_steps)?),
-        SchedulerKind::DpmSolverMultistep => {
-            Box::new(DpmSolverMultistepScheduler::new(config, num_inference_steps)?)
+        SchedulerKind::EulerAncestral => {
+            Box::new(EulerAncestralScheduler::new(config, num_inference_steps)?)
         }
+        SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::new(
+            config,
+            num_inference_steps,
+        )?),
     })
 }
 
 /// `first.0 * first.1 + sum(tensor_k * weight_k)`: the only tensor maths the schedulers need.
-fn weighted_sum(first: (Tensor<4>, f64), rest: impl IntoIterator<Item = (Tensor<4>, f64)>) -> Tensor<4> {
-    let scale = |(tensor, weight): (Tensor<4>, f64)| if weight == 1.0 { tensor } else { tensor.mul_scalar(weight) };
-    rest.into_iter().fold(scale(first), |sum, term| sum + scale(term))
+fn weighted_sum(
+    first: (Tensor<4>, f64),
+    rest: impl IntoIterator<Item = (Tensor<4>, f64)>,
+) -> Tensor<4> {
+    let scale = |(tensor, weight): (Tensor<4>, f64)| {
+        if weight == 1.0 {
+            tensor
+        } else {
+            tensor.mul_scalar(weight)
+        }
+    };
+    rest.into_iter()
+        .fold(scale(first), |sum, term| sum + scale(term))
 }
 
 /// The error for a step index past the end of the schedule.
 fn step_index_error(i: usize, len: usize) -> Error {
-    Error::param("step", format!("step index {i} is past the end of the {len} timesteps"))
+    Error::param(
+        "step",
+        format!("step index {i} is past the end of the {len} timesteps"),
+    )
 }
 
 #[cfg(test)]
@@ -349,7 +392,10 @@ mod tests {
     fn kind_names_round_trip() {
         for kind in SchedulerKind::ALL {
             assert_eq!(kind.name().parse::<SchedulerKind>().unwrap(), kind);
-            assert_eq!(SchedulerKind::from_class_name(kind.class_name()), Some(kind));
+            assert_eq!(
+                SchedulerKind::from_class_name(kind.class_name()),
+                Some(kind)
+            );
         }
         let err = "lms".parse::<SchedulerKind>().unwrap_err().to_string();
         assert!(err.contains("ddim, pndm, euler, euler-a, dpm++2m"), "{err}");
@@ -373,7 +419,10 @@ mod tests {
             br#"{"lambda_min_clipped": -Infinity, "name": "NaN \" Infinity", "x": NaN}"#,
         )
         .unwrap();
-        assert_eq!(inf.opt_f64("lambda_min_clipped").unwrap(), Some(f64::NEG_INFINITY));
+        assert_eq!(
+            inf.opt_f64("lambda_min_clipped").unwrap(),
+            Some(f64::NEG_INFINITY)
+        );
         assert_eq!(inf.string_or("name", "").unwrap(), "NaN \" Infinity");
         assert!(inf.opt_f64("x").unwrap().unwrap().is_nan());
         assert!(SchedulerConfig::from_json("x.json", b"[1]").is_err());
@@ -386,8 +435,14 @@ mod tests {
     fn step_count_is_checked() {
         let cfg = SchedulerConfig::from_json("c.json", b"{}").unwrap();
         for kind in SchedulerKind::ALL {
-            assert!(matches!(build_scheduler(&cfg, kind, 0), Err(Error::InvalidParameter { .. })));
-            assert!(matches!(build_scheduler(&cfg, kind, 1001), Err(Error::InvalidParameter { .. })));
+            assert!(matches!(
+                build_scheduler(&cfg, kind, 0),
+                Err(Error::InvalidParameter { .. })
+            ));
+            assert!(matches!(
+                build_scheduler(&cfg, kind, 1001),
+                Err(Error::InvalidParameter { .. })
+            ));
             assert!(build_scheduler(&cfg, kind, 1000).is_ok(), "{kind}");
         }
         // PNDM's default Runge-Kutta warm-up needs 4 steps (diffusers fails below that too).

@@ -41,26 +41,40 @@ impl PndmScheduler {
         let n = num_inference_steps;
         let train = TrainSchedule::read(config, TimestepSpacing::Leading, false, n)?;
         if train.prediction == PredictionType::Sample {
-            return Err(config.error("PNDM supports prediction_type epsilon or v_prediction, not sample"));
+            return Err(
+                config.error("PNDM supports prediction_type epsilon or v_prediction, not sample")
+            );
         }
         let use_prk = !config.bool_or("skip_prk_steps", false)?;
-        let final_alpha_cumprod =
-            if config.bool_or("set_alpha_to_one", false)? { 1.0 } else { f64::from(train.alphas_cumprod[0]) };
+        let final_alpha_cumprod = if config.bool_or("set_alpha_to_one", false)? {
+            1.0
+        } else {
+            f64::from(train.alphas_cumprod[0])
+        };
 
         let base = base_timesteps(&train, n);
         let (prk_timesteps, plms_timesteps) = if use_prk {
             if n < 4 {
                 return Err(Error::param(
                     "steps",
-                    format!("PNDM's Runge-Kutta warm-up needs at least 4 steps, got {n} (or set skip_prk_steps)"),
+                    format!(
+                        "PNDM's Runge-Kutta warm-up needs at least 4 steps, got {n} (or set skip_prk_steps)"
+                    ),
                 ));
             }
             let half = (train.num_train_timesteps / n / 2) as f64;
-            (prk_schedule(&base[n - 4..], half), base[..n - 3].iter().rev().copied().collect())
+            (
+                prk_schedule(&base[n - 4..], half),
+                base[..n - 3].iter().rev().copied().collect(),
+            )
         } else {
             (Vec::new(), plms_schedule(&base))
         };
-        let timesteps: Vec<f64> = prk_timesteps.iter().chain(&plms_timesteps).copied().collect();
+        let timesteps: Vec<f64> = prk_timesteps
+            .iter()
+            .chain(&plms_timesteps)
+            .copied()
+            .collect();
         train.check_timesteps(&timesteps)?;
         Ok(PndmScheduler {
             train,
@@ -89,13 +103,22 @@ impl PndmScheduler {
         if t < 0.0 {
             return Ok(self.final_alpha_cumprod);
         }
-        self.train
-            .alpha_cumprod(t)
-            .ok_or_else(|| Error::param("steps", format!("timestep {t} is outside the training table")))
+        self.train.alpha_cumprod(t).ok_or_else(|| {
+            Error::param(
+                "steps",
+                format!("timestep {t} is outside the training table"),
+            )
+        })
     }
 
     /// One PNDM transfer from `sample` at `t` to `prev_t` (formula (9) of the paper).
-    fn prev_sample(&self, sample: Tensor<4>, t: f64, prev_t: f64, model_output: Tensor<4>) -> Result<Tensor<4>> {
+    fn prev_sample(
+        &self,
+        sample: Tensor<4>,
+        t: f64,
+        prev_t: f64,
+        model_output: Tensor<4>,
+    ) -> Result<Tensor<4>> {
         let alpha_t = self.alpha(t)?;
         let alpha_prev = self.alpha(prev_t)?;
         let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
@@ -105,14 +128,25 @@ impl PndmScheduler {
         // v-prediction: eps = sqrt(a) v + sqrt(b) sample, folded into the coefficients on the
         // host (near a zero terminal SNR the two sample terms nearly cancel).
         let (sample_coeff, output_coeff) = match self.train.prediction {
-            PredictionType::VPrediction => (sample_coeff + eps_coeff * beta_t.sqrt(), eps_coeff * alpha_t.sqrt()),
+            PredictionType::VPrediction => (
+                sample_coeff + eps_coeff * beta_t.sqrt(),
+                eps_coeff * alpha_t.sqrt(),
+            ),
             _ => (sample_coeff, eps_coeff),
         };
-        Ok(weighted_sum((sample, sample_coeff), [(model_output, output_coeff)]))
+        Ok(weighted_sum(
+            (sample, sample_coeff),
+            [(model_output, output_coeff)],
+        ))
     }
 
     /// A Runge-Kutta warm-up iteration (diffusers' `step_prk`).
-    fn step_prk(&mut self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Result<Tensor<4>> {
+    fn step_prk(
+        &mut self,
+        model_output: Tensor<4>,
+        t: f64,
+        sample: Tensor<4>,
+    ) -> Result<Tensor<4>> {
         let half = (self.train.num_train_timesteps / self.num_inference_steps / 2) as f64;
         let prev_t = if self.counter % 2 == 1 { t } else { t - half };
         let start_t = self.prk_timesteps[self.counter / 4 * 4];
@@ -122,13 +156,21 @@ impl PndmScheduler {
         };
         let model_output = match self.counter % 4 {
             0 => {
-                self.cur_model_output = Some(accumulate(self.cur_model_output.take(), 1.0 / 6.0, model_output.clone()));
+                self.cur_model_output = Some(accumulate(
+                    self.cur_model_output.take(),
+                    1.0 / 6.0,
+                    model_output.clone(),
+                ));
                 self.ets.push(model_output.clone());
                 self.cur_sample = Some(sample.clone());
                 model_output
             }
             1 | 2 => {
-                self.cur_model_output = Some(accumulate(self.cur_model_output.take(), 1.0 / 3.0, model_output.clone()));
+                self.cur_model_output = Some(accumulate(
+                    self.cur_model_output.take(),
+                    1.0 / 3.0,
+                    model_output.clone(),
+                ));
                 model_output
             }
             _ => accumulate(self.cur_model_output.take(), 1.0 / 6.0, model_output),
@@ -138,9 +180,17 @@ impl PndmScheduler {
     }
 
     /// A linear multistep iteration (diffusers' `step_plms`).
-    fn step_plms(&mut self, model_output: Tensor<4>, t: f64, sample: Tensor<4>) -> Result<Tensor<4>> {
+    fn step_plms(
+        &mut self,
+        model_output: Tensor<4>,
+        t: f64,
+        sample: Tensor<4>,
+    ) -> Result<Tensor<4>> {
         if self.use_prk && self.ets.len() < 3 {
-            return Err(Error::param("step", "PNDM's multistep phase needs the 12 Runge-Kutta iterations first"));
+            return Err(Error::param(
+                "step",
+                "PNDM's multistep phase needs the 12 Runge-Kutta iterations first",
+            ));
         }
         let stride = (self.train.num_train_timesteps / self.num_inference_steps) as f64;
         let (mut t, mut prev_t) = (t, t - stride);
@@ -169,10 +219,17 @@ impl PndmScheduler {
                 weighted_sum((model_output, 0.5), [(e[0].clone(), 0.5)])
             }
             (2, _) => weighted_sum((e[1].clone(), 1.5), [(e[0].clone(), -0.5)]),
-            (3, _) => weighted_sum((e[2].clone(), 23.0 / 12.0), [(e[1].clone(), -16.0 / 12.0), (e[0].clone(), 5.0 / 12.0)]),
+            (3, _) => weighted_sum(
+                (e[2].clone(), 23.0 / 12.0),
+                [(e[1].clone(), -16.0 / 12.0), (e[0].clone(), 5.0 / 12.0)],
+            ),
             _ => weighted_sum(
                 (e[n - 1].clone(), 55.0 / 24.0),
-                [(e[n - 2].clone(), -59.0 / 24.0), (e[n - 3].clone(), 37.0 / 24.0), (e[n - 4].clone(), -9.0 / 24.0)],
+                [
+                    (e[n - 2].clone(), -59.0 / 24.0),
+                    (e[n - 3].clone(), 37.0 / 24.0),
+                    (e[n - 4].clone(), -9.0 / 24.0),
+                ],
             ),
         };
         self.prev_sample(sample, t, prev_t, model_output)
@@ -183,8 +240,13 @@ impl PndmScheduler {
 fn base_timesteps(train: &TrainSchedule, n: usize) -> Vec<f64> {
     let t_count = train.num_train_timesteps;
     match train.spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (t_count - 1) as f64, n).into_iter().map(np_round).collect(),
-        TimestepSpacing::Leading => (0..n).map(|i| (i * (t_count / n)) as f64 + train.steps_offset as f64).collect(),
+        TimestepSpacing::Linspace => np_linspace(0.0, (t_count - 1) as f64, n)
+            .into_iter()
+            .map(np_round)
+            .collect(),
+        TimestepSpacing::Leading => (0..n)
+            .map(|i| (i * (t_count / n)) as f64 + train.steps_offset as f64)
+            .collect(),
         TimestepSpacing::Trailing => np_arange(t_count as f64, 0.0, -(t_count as f64 / n as f64))
             .into_iter()
             .rev()
@@ -211,7 +273,11 @@ fn prk_schedule(last4: &[f64], half: f64) -> Vec<f64> {
     // Ascending points a, a+h, b, b+h, c, c+h, d; each doubled; the outer two dropped.
     let points: Vec<f64> = last4.iter().flat_map(|&s| [s, s + half]).take(7).collect();
     let doubled: Vec<f64> = points.iter().flat_map(|&p| [p, p]).collect();
-    doubled[1..doubled.len() - 1].iter().rev().copied().collect()
+    doubled[1..doubled.len() - 1]
+        .iter()
+        .rev()
+        .copied()
+        .collect()
 }
 
 impl Scheduler for PndmScheduler {
@@ -236,13 +302,27 @@ impl Scheduler for PndmScheduler {
     }
 
     /// Steps must come in order; `i == 0` starts over.
-    fn step(&mut self, model_output: Tensor<4>, i: usize, sample: Tensor<4>, _noise: Option<Tensor<4>>)
-        -> Result<Tensor<4>> {
-        let t = *self.timesteps.get(i).ok_or_else(|| step_index_error(i, self.timesteps.len()))?;
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        i: usize,
+        sample: Tensor<4>,
+        _noise: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>> {
+        let t = *self
+            .timesteps
+            .get(i)
+            .ok_or_else(|| step_index_error(i, self.timesteps.len()))?;
         if i == 0 {
             self.reset();
         } else if i != self.counter {
-            return Err(Error::param("step", format!("PNDM steps must run in order: expected {}, got {i}", self.counter)));
+            return Err(Error::param(
+                "step",
+                format!(
+                    "PNDM steps must run in order: expected {}, got {i}",
+                    self.counter
+                ),
+            ));
         }
         let prev = if self.counter < self.prk_timesteps.len() {
             self.step_prk(model_output, t, sample)?
@@ -273,7 +353,10 @@ mod tests {
         );
         assert_eq!(timesteps(r#"{"skip_prk_steps": true}"#, 1), [0.]);
         assert_eq!(
-            timesteps(r#"{"skip_prk_steps": true, "timestep_spacing": "trailing"}"#, 4),
+            timesteps(
+                r#"{"skip_prk_steps": true, "timestep_spacing": "trailing"}"#,
+                4
+            ),
             [999., 749., 749., 499., 249.]
         );
         assert_eq!(

@@ -67,7 +67,9 @@ impl TrainSchedule {
         if num_inference_steps == 0 || num_inference_steps > num_train_timesteps {
             return Err(Error::param(
                 "steps",
-                format!("{num_inference_steps} inference steps: expected 1 to {num_train_timesteps}"),
+                format!(
+                    "{num_inference_steps} inference steps: expected 1 to {num_train_timesteps}"
+                ),
             ));
         }
         let beta_schedule = match cfg.string_or("beta_schedule", "linear")?.as_str() {
@@ -86,15 +88,15 @@ impl TrainSchedule {
         let beta_start = cfg.f64_or("beta_start", 0.0001)?;
         let beta_end = cfg.f64_or("beta_end", 0.02)?;
         let mut betas = match cfg.opt_f64_list("trained_betas")? {
-            Some(list) if list.len() != num_train_timesteps => {
-                return Err(cfg.error(format!(
-                    "`trained_betas` has {} values but num_train_timesteps is {num_train_timesteps}",
-                    list.len()
-                )))
-            }
+            Some(list) if list.len() != num_train_timesteps => return Err(cfg.error(format!(
+                "`trained_betas` has {} values but num_train_timesteps is {num_train_timesteps}",
+                list.len()
+            ))),
             Some(list) => list.into_iter().map(|b| b as f32).collect(),
             None => match beta_schedule {
-                BetaSchedule::Linear => torch_linspace_f32(beta_start, beta_end, num_train_timesteps),
+                BetaSchedule::Linear => {
+                    torch_linspace_f32(beta_start, beta_end, num_train_timesteps)
+                }
                 BetaSchedule::ScaledLinear => {
                     torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
                         .into_iter()
@@ -137,16 +139,25 @@ impl TrainSchedule {
                 *last = 2f32.powi(-24);
             }
         }
-        alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+        alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect()
     }
 
     /// The error for an inference timestep outside the training table (diffusers would index
     /// out of bounds there).
     pub fn check_timesteps(&self, timesteps: &[f64]) -> Result<()> {
-        match timesteps.iter().find(|&&t| t < 0.0 || t >= self.num_train_timesteps as f64) {
+        match timesteps
+            .iter()
+            .find(|&&t| t < 0.0 || t >= self.num_train_timesteps as f64)
+        {
             Some(t) => Err(Error::param(
                 "steps",
-                format!("timestep {t} falls outside 0..{} (check steps_offset)", self.num_train_timesteps),
+                format!(
+                    "timestep {t} falls outside 0..{} (check steps_offset)",
+                    self.num_train_timesteps
+                ),
             )),
             None => Ok(()),
         }
@@ -174,7 +185,11 @@ pub(crate) fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
 
 /// The `squaredcos_cap_v2` betas (float64 maths, stored as float32).
 fn cosine_betas(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -208,7 +223,10 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
             shifted * shifted
         })
         .collect();
-    std::iter::once(bar[0]).chain(bar.windows(2).map(|w| w[1] / w[0])).map(|a| 1.0 - a).collect()
+    std::iter::once(bar[0])
+        .chain(bar.windows(2).map(|w| w[1] / w[0]))
+        .map(|a| 1.0 - a)
+        .collect()
 }
 
 /// `np.round`: half to even.
@@ -235,7 +253,15 @@ pub(crate) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     }
     let len = len as usize;
     let delta = (start + step) - start;
-    (0..len).map(|i| if i == 1 { start + step } else { start + i as f64 * delta }).collect()
+    (0..len)
+        .map(|i| {
+            if i == 1 {
+                start + step
+            } else {
+                start + i as f64 * delta
+            }
+        })
+        .collect()
 }
 
 /// `np.interp(x, arange(len(fp)), fp)`: linear interpolation over integer abscissae,
@@ -273,12 +299,18 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// Sigmas evenly spaced in log space, from `sigma_max` down to `sigma_min`.
 pub(crate) fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
-    np_linspace(sigma_max.ln(), sigma_min.ln(), n).into_iter().map(f64::exp).collect()
+    np_linspace(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
 }
 
 #[cfg(test)]
@@ -298,12 +330,18 @@ mod tests {
         // The zero-SNR rescale takes square roots, and torch's float32 sqrt is not correctly
         // rounded (off by up to an ulp), so that case is compared to 1e-6 instead of bitwise.
         let cases: [(&str, [u32; 5]); 4] = [
-            ("{}", [0x3f7ff972, 0x3f7ff196, 0x3d9f53da, 0x382cbac6, 0x38294666]),
+            (
+                "{}",
+                [0x3f7ff972, 0x3f7ff196, 0x3d9f53da, 0x382cbac6, 0x38294666],
+            ),
             (
                 r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
                 [0x3f7fc84b, 0x3f7f9054, 0x3e8d7b73, 0x3b9a8e83, 0x3b98b3b6],
             ),
-            (r#"{"beta_schedule": "squaredcos_cap_v2"}"#, [0x3f7ffd4b, 0x3f7ffa45, 0x3efc0cc9, 0x3622fde3, 0x3126e6c2]),
+            (
+                r#"{"beta_schedule": "squaredcos_cap_v2"}"#,
+                [0x3f7ffd4b, 0x3f7ffa45, 0x3efc0cc9, 0x3622fde3, 0x3126e6c2],
+            ),
             (
                 r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                     "rescale_betas_zero_snr": true}"#,
@@ -312,7 +350,10 @@ mod tests {
         ];
         for (json, bits) in cases {
             let ac = schedule(json).alphas_cumprod;
-            let got: Vec<u32> = [0, 1, 500, 998, 999].iter().map(|&i| ac[i].to_bits()).collect();
+            let got: Vec<u32> = [0, 1, 500, 998, 999]
+                .iter()
+                .map(|&i| ac[i].to_bits())
+                .collect();
             if json.contains("rescale") {
                 for (g, w) in got.iter().zip(bits) {
                     let (g, w) = (f32::from_bits(*g), f32::from_bits(w));
@@ -331,7 +372,10 @@ mod tests {
         assert_eq!(np_linspace(0.0, 999.0, 1), vec![0.0]);
         assert_eq!(np_linspace(0.0, 1.0, 3), vec![0.0, 0.5, 1.0]);
         // np.arange(1000, 0, -1000 / 7).round() == [1000, 857, 714, 571, 429, 286, 143]
-        let r: Vec<f64> = np_arange(1000.0, 0.0, -1000.0 / 7.0).into_iter().map(np_round).collect();
+        let r: Vec<f64> = np_arange(1000.0, 0.0, -1000.0 / 7.0)
+            .into_iter()
+            .map(np_round)
+            .collect();
         assert_eq!(r, vec![1000.0, 857.0, 714.0, 571.0, 429.0, 286.0, 143.0]);
         assert_eq!(np_interp(-1.0, &[1.0, 2.0]), 1.0);
         assert_eq!(np_interp(0.25, &[1.0, 2.0, 4.0]), 1.25);

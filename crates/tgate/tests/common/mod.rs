@@ -11,7 +11,9 @@ use tgate::loader::DirSource;
 use tgate::safetensors::{HostTensor, SafeTensors};
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 pub fn source(name: &str) -> DirSource {
@@ -64,6 +66,12 @@ pub fn assert_close<const D: usize>(actual: Tensor<D>, r: &SafeTensors, key: &st
     assert_eq!(actual.dims().to_vec(), expected.shape, "{key}: shape");
     let a = actual.into_data().try_to_vec::<f32>().expect("f32 data");
     let (err, scale) = compare(&a, &expected.data);
-    eprintln!("{key}: max abs err {err:.3e} (scale {scale:.3}, allowed {:.3e})", rel * scale);
-    assert!(err <= rel * scale, "{key}: max abs err {err} > {rel} × {scale}");
+    eprintln!(
+        "{key}: max abs err {err:.3e} (scale {scale:.3}, allowed {:.3e})",
+        rel * scale
+    );
+    assert!(
+        err <= rel * scale,
+        "{key}: max abs err {err} > {rel} × {scale}"
+    );
 }

@@ -1,0 +1,206 @@
+//! The `tgate` binary as other tools drive it, against the fixtures' references.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tgate::safetensors::{write_f32, SafeTensors};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tgate"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tgate-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn reference() -> SafeTensors {
+    let path = fixtures().join("sd1/reference.safetensors");
+    SafeTensors::parse("reference", std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Writes the reference noise (and step noise) as the CLI's `--noise` file.
+fn noise_file(r: &SafeTensors) -> PathBuf {
+    let noise = r.read_f32_any("pipe.noise").unwrap();
+    let steps = r.read_f32_any("pipe.step_noise").unwrap();
+    let path = scratch("noise.safetensors");
+    std::fs::write(
+        &path,
+        write_f32(&[
+            ("noise", &noise.shape, &noise.data),
+            ("step_noise", &steps.shape, &steps.data),
+        ]),
+    )
+    .unwrap();
+    path
+}
+
+fn latents(path: &Path) -> Vec<f32> {
+    let st = SafeTensors::parse("latents", std::fs::read(path).unwrap()).unwrap();
+    st.read_f32("latents", &[1, 4, 8, 8]).unwrap().data
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    (
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())),
+        scale,
+    )
+}
+
+#[test]
+fn generate_matches_diffusers_and_tgate() {
+    let r = reference();
+    let noise = noise_file(&r);
+    let model = fixtures().join("sd1");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("sd1/reference.json")).unwrap())
+            .unwrap();
+    let cases: [(&str, &[&str], &str); 3] = [
+        ("pndm", &["--no-gate"], "pipe.pndm.full"),
+        ("pndm", &["--gate-step", "3"], "pipe.pndm.tgate"),
+        (
+            "euler-a",
+            &[
+                "--gate-step",
+                "4",
+                "--sp-interval",
+                "2",
+                "--fi-interval",
+                "2",
+                "--warm-up",
+                "1",
+            ],
+            "pipe.euler-a.tgate_sa",
+        ),
+    ];
+    for (sched, gate_args, key) in cases {
+        let out_latents = scratch(&format!("{key}.safetensors"));
+        let png = scratch(&format!("{key}.png"));
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            json["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            json["negative_prompt"].as_str().unwrap(),
+            "--steps",
+            "8",
+            "--guidance",
+            "7.5",
+            "--scheduler",
+            sched,
+            "--noise",
+            noise.to_str().unwrap(),
+            "--save-latents",
+            out_latents.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(gate_args);
+        let out = tgate(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{key}: {stderr}");
+        assert!(stderr.contains("total"), "summary printed: {stderr}");
+        let expected = r.read_f32_any(key).unwrap().data;
+        let (err, scale) = max_err(&latents(&out_latents), &expected);
+        assert!(
+            err <= 1e-3 * scale,
+            "{key}: max abs err {err} (scale {scale})"
+        );
+        let png = std::fs::read(&png).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
+}
+
+#[test]
+fn defaults_and_seed_run() {
+    let png = scratch("default.png");
+    let model = fixtures().join("sd1");
+    let out = tgate(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a fox",
+        "--steps",
+        "5",
+        "--seed",
+        "3",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Defaults: the folder's scheduler, the paper's gate step (round(0.4 × 5) = 2), 64 px.
+    assert!(stderr.contains("scheduler pndm"), "{stderr}");
+    assert!(stderr.contains("gate_step 2"), "{stderr}");
+    assert!(stderr.contains("64x64"), "{stderr}");
+    assert!(stderr.contains("fidelity-improving"), "{stderr}");
+}
+
+#[test]
+fn tokenize_prints_the_reference_ids() {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("sd1/reference.json")).unwrap())
+            .unwrap();
+    let case = &json["tokenizer_cases"][0];
+    let model = fixtures().join("sd1");
+    let out = tgate(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let ids: Vec<u64> = serde_json::from_slice(&out.stdout).unwrap();
+    let expected: Vec<u64> = case["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, expected);
+}
+
+#[test]
+fn impossible_parameters_fail_with_a_message() {
+    let model = fixtures().join("sd1");
+    let m = model.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--steps", "0"], "steps"),
+        (&["--steps", "8", "--gate-step", "9"], "gate_step"),
+        (&["--width", "60"], "width"),
+        (&["--scheduler", "lms"], "lms"),
+        (&["--sp-interval", "0"], "sp_interval"),
+        (
+            &["--noise", "/nonexistent/noise.safetensors"],
+            "nonexistent",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["generate", "--model", m, "--prompt", "x"];
+        args.extend_from_slice(extra);
+        let out = tgate(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        assert!(
+            stderr.contains("error") && stderr.contains(needle),
+            "{extra:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+    }
+    let out = tgate(&["generate", "--model", "/nonexistent", "--prompt", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+}
