@@ -175,7 +175,7 @@ fn bench(name: &str, config_json: &str, a: &Args, device: &Device) -> Result<(),
         if let Some((n, t, m)) = gated.phase(phase) {
             macs_total += m * n as u64;
             println!(
-                "  gated {:<19}: {n:>3} steps, {:>9.1} ms/step, {:>8.2} GMAC/step ({:.2} of ungated)",
+                "  gated {:<20}: {n:>3} steps, {:>9.1} ms/step, {:>8.2} GMAC/step ({:.2} of ungated)",
                 phase.name(),
                 t * 1e3,
                 m as f64 / 1e9,
@@ -185,7 +185,8 @@ fn bench(name: &str, config_json: &str, a: &Args, device: &Device) -> Result<(),
     }
     let macs_ungated = m_u * n_u as u64;
     println!(
-        "  whole loop         : gated {:.2} s vs ungated {:.2} s -> time ratio {:.3}, MAC ratio {:.3}",
+        "  {:<26}: gated {:.2} s vs ungated {:.2} s -> time ratio {:.3}, MAC ratio {:.3}",
+        "whole loop",
         gated.total(),
         ungated.total(),
         gated.total() / ungated.total(),

@@ -145,6 +145,7 @@ impl UNetConfig {
             must_be(k, &falsy)?;
         }
         must_be("act_fn", &|x| x == "silu")?;
+        must_be("attention_type", &|x| x == "default")?;
         must_be("resnet_time_scale_shift", &|x| x == "default")?;
         must_be("time_embedding_type", &|x| x == "positional")?;
         must_be("mid_block_type", &|x| {

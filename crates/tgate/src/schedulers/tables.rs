@@ -88,10 +88,12 @@ impl TrainSchedule {
         let beta_start = cfg.f64_or("beta_start", 0.0001)?;
         let beta_end = cfg.f64_or("beta_end", 0.02)?;
         let mut betas = match cfg.opt_f64_list("trained_betas")? {
-            Some(list) if list.len() != num_train_timesteps => return Err(cfg.error(format!(
+            Some(list) if list.len() != num_train_timesteps => {
+                return Err(cfg.error(format!(
                 "`trained_betas` has {} values but num_train_timesteps is {num_train_timesteps}",
                 list.len()
-            ))),
+            )))
+            }
             Some(list) => list.into_iter().map(|b| b as f32).collect(),
             None => match beta_schedule {
                 BetaSchedule::Linear => {
