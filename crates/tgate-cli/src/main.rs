@@ -151,7 +151,8 @@ fn device(backend: Backend) -> Result<Device, Error> {
     }
 }
 
-fn read_noise(path: &Path, steps: usize) -> Result<Noise, Error> {
+/// Reads a `--noise` file; returns the noise and the shape of `noise`.
+fn read_noise(path: &Path, steps: usize) -> Result<(Noise, Vec<usize>), Error> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::MissingFile(format!("{}: {e}", path.display())))?;
     let st = SafeTensors::parse(path.display().to_string(), bytes)?;
@@ -174,10 +175,13 @@ fn read_noise(path: &Path, steps: usize) -> Result<Noise, Error> {
     } else {
         None
     };
-    Ok(Noise::Tensors {
-        noise: noise.data,
-        step_noise,
-    })
+    Ok((
+        Noise::Tensors {
+            noise: noise.data,
+            step_noise,
+        },
+        noise.shape,
+    ))
 }
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
@@ -209,30 +213,51 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
             warm_up: a.warm_up,
         })
     };
+    let mut noise_shape: Option<Vec<usize>> = None;
     let (noise, seed_note) = match (&a.noise, a.seed) {
-        (Some(path), _) => (
-            read_noise(path, a.steps)?,
-            format!("noise from {}", path.display()),
-        ),
+        (Some(path), _) => {
+            let (noise, shape) = read_noise(path, a.steps)?;
+            noise_shape = Some(shape);
+            (noise, format!("noise from {}", path.display()))
+        }
         (None, Some(seed)) => (Noise::Seed(seed), format!("seed {seed}")),
         (None, None) => {
             let seed = web_seed();
             (Noise::Seed(seed), format!("seed {seed} (random)"))
         }
     };
+    // Without --width/--height, a noise file decides the size.
+    let from_noise = |dim: usize| noise_shape.as_ref().map(|s| s[dim] * 8);
     let params = GenerateParams {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
         guidance: a.guidance,
         scheduler,
-        width: a.width.unwrap_or(size),
-        height: a.height.unwrap_or(size),
+        width: a.width.or(from_noise(3)).unwrap_or(size),
+        height: a.height.or(from_noise(2)).unwrap_or(size),
         gate,
         noise,
         clip_skip: 0,
     };
     model.validate(&params)?;
+    if let Some(shape) = &noise_shape {
+        let expected = [
+            1,
+            model.unet.config().in_channels,
+            params.height / 8,
+            params.width / 8,
+        ];
+        if shape[..] != expected[..] {
+            return Err(Error::input(
+                "noise",
+                format!(
+                    "shape {shape:?}, expected {expected:?} for {}x{}",
+                    params.width, params.height
+                ),
+            ));
+        }
+    }
     let kind = match scheduler {
         Some(k) => k,
         None => model.default_scheduler()?,

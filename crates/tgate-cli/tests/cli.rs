@@ -200,6 +200,25 @@ fn impossible_parameters_fail_with_a_message() {
         );
         assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
     }
+    // A noise file whose shape does not fit the requested size.
+    let r = reference();
+    let noise = noise_file(&r);
+    let out = tgate(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--noise",
+        noise.to_str().unwrap(),
+        "--width",
+        "128",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("noise") && stderr.contains("expected"),
+        "{stderr}"
+    );
     let out = tgate(&["generate", "--model", "/nonexistent", "--prompt", "x"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));

@@ -137,10 +137,14 @@ impl BasicTransformerBlock {
         context: &Tensor<3>,
         cache: &mut AttentionCache,
     ) -> Tensor<3> {
-        let h = self.norm1.forward(x.clone());
-        let x = x + cache.self_attention(|| self.attn1.forward(h, None));
-        let h = self.norm2.forward(x.clone());
-        let x = x + cache.cross_attention(|| self.attn2.forward(h, Some(context)));
+        // The norms sit inside the closures, so a layer served from the cache costs nothing.
+        let a = cache.self_attention(|| self.attn1.forward(self.norm1.forward(x.clone()), None));
+        let x = x + a;
+        let a = cache.cross_attention(|| {
+            self.attn2
+                .forward(self.norm2.forward(x.clone()), Some(context))
+        });
+        let x = x + a;
         let h = self.norm3.forward(x.clone());
         x + self.ff.forward(h)
     }

@@ -24,6 +24,9 @@ pub struct ClipTextConfig {
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Pipelines pass the tokenizer's padding mask when set (diffusers' `use_attention_mask`).
+    #[serde(default)]
+    pub use_attention_mask: bool,
 }
 
 fn default_max_positions() -> usize {

@@ -96,24 +96,31 @@ impl StableDiffusion {
             opt("tokenizer/tokenizer_config.json")?.as_deref(),
             opt("tokenizer/special_tokens_map.json")?.as_deref(),
         )?;
+        // Every config first: inconsistent folders fail before gigabytes of weights are read.
         let text_cfg = ClipTextConfig::from_json(
             "text_encoder/config.json",
             &json(src, "text_encoder/config.json")?,
         )?;
-        let text_w = load_weights(src, "text_encoder", "model", variant, device)?;
-        let text_encoder = ClipTextModel::load(&text_cfg, &text_w)?;
-        drop(text_w);
         let unet_cfg = UNetConfig::from_json("unet/config.json", &json(src, "unet/config.json")?)?;
-        let unet_w = load_weights(src, "unet", "diffusion_pytorch_model", variant, device)?;
-        let unet = UNet2DConditionModel::load(&unet_cfg, &unet_w)?;
-        drop(unet_w);
         let vae_cfg = VaeConfig::from_json("vae/config.json", &json(src, "vae/config.json")?)?;
-        let vae_w = load_weights(src, "vae", "diffusion_pytorch_model", variant, device)?;
-        let vae = VaeDecoder::load(&vae_cfg, &vae_w)?;
         let scheduler_config = SchedulerConfig::from_json(
             "scheduler/scheduler_config.json",
             &json(src, "scheduler/scheduler_config.json")?,
         )?;
+        let (unet_in, unet_out, latent) = (
+            unet_cfg.in_channels,
+            unet_cfg.out_channels,
+            vae_cfg.latent_channels,
+        );
+        if unet_in != unet_out || unet_out != latent {
+            return Err(Error::config(
+                "unet/config.json",
+                format!(
+                    "in_channels {unet_in}, out_channels {unet_out} and the VAE's latent_channels {latent} must agree \
+                     (inpainting and depth UNets are not supported)"
+                ),
+            ));
+        }
         if text_cfg.hidden_size != unet_cfg.cross_attention_dim {
             return Err(Error::config(
                 "unet/config.json",
@@ -123,6 +130,16 @@ impl StableDiffusion {
                 ),
             ));
         }
+        // Then the weights, one component at a time (each file's bytes are dropped after use).
+        let text_encoder = ClipTextModel::load(
+            &text_cfg,
+            &load_weights(src, "text_encoder", "model", variant, device)?,
+        )?;
+        let unet_w = load_weights(src, "unet", "diffusion_pytorch_model", variant, device)?;
+        let unet = UNet2DConditionModel::load(&unet_cfg, &unet_w)?;
+        drop(unet_w);
+        let vae_w = load_weights(src, "vae", "diffusion_pytorch_model", variant, device)?;
+        let vae = VaeDecoder::load(&vae_cfg, &vae_w)?;
         Ok(StableDiffusion {
             tokenizer,
             text_encoder,
@@ -154,6 +171,12 @@ impl StableDiffusion {
 
     /// Text embeddings `[1, 77, d]` of one prompt.
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor<3>> {
+        if self.text_encoder.config().use_attention_mask {
+            let (ids, mask) = self.tokenizer.encode_with_mask(prompt)?;
+            return self
+                .text_encoder
+                .forward(&[ids], Some(&[mask]), clip_skip, &self.device);
+        }
         let ids = self.tokenizer.encode(prompt)?;
         self.text_encoder
             .forward(&[ids], None, clip_skip, &self.device)
@@ -276,7 +299,9 @@ pub fn denoise(
         }
     };
     let upload = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), &device);
-    let both = uncond.map(|u| Tensor::cat(vec![u, cond.clone()], 0));
+    let both = uncond
+        .filter(|_| p.guidance > 1.0)
+        .map(|u| Tensor::cat(vec![u, cond.clone()], 0));
 
     let mut latents = upload(noise).mul_scalar(scheduler.init_noise_sigma());
     let mut infos = Vec::with_capacity(timesteps.len());

@@ -133,14 +133,19 @@ impl SafeTensors {
                 .and_then(|s| s.as_array())
                 .ok_or_else(|| bad("no shape"))?
                 .iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| bad("shape is not a list of sizes"))?;
             let offsets = info
                 .get("data_offsets")
                 .and_then(|s| s.as_array())
                 .filter(|a| a.len() == 2)
-                .and_then(|a| Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize)))
+                .and_then(|a| {
+                    Some((
+                        usize::try_from(a[0].as_u64()?).ok()?,
+                        usize::try_from(a[1].as_u64()?).ok()?,
+                    ))
+                })
                 .ok_or_else(|| bad("no data_offsets pair"))?;
             let (start, end) = offsets;
             if start > end || end > data_len {
@@ -150,10 +155,10 @@ impl SafeTensors {
             }
             let dtype = Dtype::parse(dtype_name);
             if let Some(size) = dtype.size() {
-                let expected = shape.iter().product::<usize>() * size;
-                if expected != end - start {
+                let expected = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
+                if expected != Some(end - start) {
                     return Err(bad(&format!(
-                        "{} bytes for shape {shape:?} of {dtype_name} (needs {expected})",
+                        "{} bytes for shape {shape:?} of {dtype_name} (needs {expected:?})",
                         end - start
                     )));
                 }

@@ -102,8 +102,27 @@ impl GateConfig {
         Ok(())
     }
 
-    /// tgate's `tgate_scheduler(cur_step)`: (cross-attention mode, self-attention mode).
+    /// tgate's `tgate_scheduler(cur_step)` (cross-attention mode, self-attention mode), except
+    /// that a self-attention output is kept only when a later step can reuse it (with an
+    /// interval of 1 nothing is reused): the same results with less memory held.
     pub fn modes(&self, cur: usize) -> (CacheMode, CacheMode) {
+        let (cross, sa) = self.tgate_modes(cur);
+        // Before the gate a stored output can only be reused before the gate (the gate step
+        // overwrites it); from the gate step on, only after it.
+        let reusable = if cur + 1 < self.gate_step {
+            self.sp_interval > 1
+        } else {
+            self.fi_interval > 1
+        };
+        let sa = match sa {
+            CacheMode::Store | CacheMode::StoreMean if !reusable => CacheMode::Compute,
+            other => other,
+        };
+        (cross, sa)
+    }
+
+    /// tgate 1.0.0's `tgate_scheduler(cur_step)` as written.
+    fn tgate_modes(&self, cur: usize) -> (CacheMode, CacheMode) {
         if cur + 1 < self.gate_step {
             let sa = if cur < self.warm_up {
                 CacheMode::Compute
@@ -303,10 +322,14 @@ mod tests {
     #[test]
     fn original_schedule() {
         let g = GateConfig::original(3);
-        assert_eq!(g.modes(0), (Compute, Store));
-        assert_eq!(g.modes(1), (Compute, Store));
-        assert_eq!(g.modes(2), (StoreMean, StoreMean));
-        assert_eq!(g.modes(3), (Reuse, Store));
+        assert_eq!(g.tgate_modes(0), (Compute, Store));
+        assert_eq!(g.tgate_modes(1), (Compute, Store));
+        assert_eq!(g.tgate_modes(2), (StoreMean, StoreMean));
+        assert_eq!(g.tgate_modes(3), (Reuse, Store));
+        // With intervals of 1 self-attention is never reused, so nothing is kept.
+        assert_eq!(g.modes(1), (Compute, Compute));
+        assert_eq!(g.modes(2), (StoreMean, Compute));
+        assert_eq!(g.modes(3), (Reuse, Compute));
     }
 
     #[test]
@@ -317,7 +340,7 @@ mod tests {
             fi_interval: 2,
             warm_up: 1,
         };
-        let sa: Vec<_> = (0..9).map(|c| g.modes(c).1).collect();
+        let sa: Vec<_> = (0..9).map(|c| g.tgate_modes(c).1).collect();
         assert_eq!(
             sa,
             [Compute, Store, Store, Reuse, Store, StoreMean, Store, Reuse, Store]

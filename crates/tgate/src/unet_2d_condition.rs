@@ -43,7 +43,13 @@ pub struct UNetConfig {
 fn per_block(v: Option<&Value>, n: usize, name: &str, file: &str) -> Result<Option<Vec<usize>>> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(x)) => Ok(Some(vec![x.as_u64().unwrap_or(0) as usize; n])),
+        Some(Value::Number(x)) => match x.as_u64() {
+            Some(x) => Ok(Some(vec![x as usize; n])),
+            None => Err(Error::config(
+                file,
+                format!("`{name}` must be a non-negative int, got {x}"),
+            )),
+        },
         Some(Value::Array(a)) => {
             let list: Option<Vec<usize>> =
                 a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect();
@@ -148,21 +154,16 @@ impl UNetConfig {
         must_be("attention_type", &|x| x == "default")?;
         must_be("resnet_time_scale_shift", &|x| x == "default")?;
         must_be("time_embedding_type", &|x| x == "positional")?;
-        must_be("mid_block_type", &|x| {
-            x.is_null() || x == "UNetMidBlock2DCrossAttn"
-        })?;
+        must_be("mid_block_type", &|x| x == "UNetMidBlock2DCrossAttn")?;
+        // diffusers 0.42 itself refuses `num_attention_heads` for this model (its
+        // `attention_head_dim` carries the head counts).
+        must_be("num_attention_heads", &null)?;
         must_be("conv_in_kernel", &|x| x.as_u64() == Some(3))?;
         must_be("conv_out_kernel", &|x| x.as_u64() == Some(3))?;
         must_be("mid_block_scale_factor", &|x| x.as_f64() == Some(1.0))?;
         must_be("downsample_padding", &|x| x.as_u64() == Some(1))?;
 
-        let heads = per_block(v.get("num_attention_heads"), n, "num_attention_heads", file)?
-            .or(per_block(
-                v.get("attention_head_dim"),
-                n,
-                "attention_head_dim",
-                file,
-            )?)
+        let heads = per_block(v.get("attention_head_dim"), n, "attention_head_dim", file)?
             .unwrap_or(vec![8; n]);
         let layers_per_block = per_block(v.get("layers_per_block"), n, "layers_per_block", file)?
             .unwrap_or(vec![2; n]);
@@ -207,6 +208,19 @@ impl UNetConfig {
                 .unwrap_or(false),
             block_out_channels,
         };
+        if cfg.norm_num_groups == 0 {
+            return Err(err("`norm_num_groups` must be at least 1".into()));
+        }
+        if let Some(i) = cfg.layers_per_block.iter().position(|&l| l == 0) {
+            return Err(err(format!(
+                "block {i}: `layers_per_block` must be at least 1"
+            )));
+        }
+        if let Some(i) = cfg.transformer_depth.iter().position(|&l| l == 0) {
+            return Err(err(format!(
+                "block {i}: `transformer_layers_per_block` must be at least 1"
+            )));
+        }
         for (i, (&c, &h)) in cfg.block_out_channels.iter().zip(&cfg.heads).enumerate() {
             if h == 0 || c % h != 0 {
                 return Err(err(format!(

@@ -25,14 +25,18 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "sd_scale")]
     pub scaling_factor: f64,
-    #[serde(default)]
-    pub shift_factor: Option<f64>,
     #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+}
+
+fn silu() -> String {
+    "silu".into()
 }
 
 fn three() -> usize {
@@ -60,6 +64,28 @@ impl VaeConfig {
             serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
         if cfg.block_out_channels.is_empty() {
             return Err(Error::config(file, "`block_out_channels` is empty"));
+        }
+        if cfg.block_out_channels.len() != 4 {
+            return Err(Error::config(
+                file,
+                format!(
+                    "{} levels: the pipeline assumes 4 (an 8x latent scale, as every SD 1.x/2.x VAE)",
+                    cfg.block_out_channels.len()
+                ),
+            ));
+        }
+        if cfg.act_fn != "silu" {
+            return Err(Error::config(
+                file,
+                format!("unsupported act_fn `{}`", cfg.act_fn),
+            ));
+        }
+        let g = cfg.norm_num_groups;
+        if g == 0 || cfg.block_out_channels.iter().any(|c| c % g != 0) {
+            return Err(Error::config(
+                file,
+                "`block_out_channels` do not split into `norm_num_groups` groups",
+            ));
         }
         if let Some(t) = cfg.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(Error::config(
@@ -214,12 +240,9 @@ impl VaeDecoder {
             .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
     }
 
-    /// The pipeline's hand-over: latents → `latents / scaling_factor + shift_factor` → decode.
+    /// The Stable Diffusion pipeline's hand-over: `latents / scaling_factor`, then decode
+    /// (diffusers' SD pipeline does not apply `shift_factor`).
     pub fn decode_latents(&self, latents: Tensor<4>) -> Tensor<4> {
-        let mut z = latents.div_scalar(self.config.scaling_factor);
-        if let Some(shift) = self.config.shift_factor {
-            z = z.add_scalar(shift);
-        }
-        self.decode(z)
+        self.decode(latents.div_scalar(self.config.scaling_factor))
     }
 }

@@ -146,15 +146,36 @@ fn bad_weights_give_typed_errors() {
     assert!(matches!(load_err(&files), Error::CorruptWeights { .. }));
     // Wrong shape: a config that disagrees with the weights.
     let mut files = sd1_files();
+    let cfg = String::from_utf8(files.files["text_encoder/config.json"].clone()).unwrap();
+    assert!(cfg.contains("\"intermediate_size\": 64"));
+    let cfg = cfg.replace("\"intermediate_size\": 64", "\"intermediate_size\": 48");
+    files
+        .files
+        .insert("text_encoder/config.json".into(), cfg.into_bytes());
+    let e = load_err(&files);
+    assert!(
+        matches!(&e, Error::ShapeMismatch { tensor, expected, .. } if tensor.contains("fc1") && expected[0] == 48),
+        "{e}"
+    );
+    // Components that disagree with each other.
+    let mut files = sd1_files();
     let cfg = String::from_utf8(files.files["unet/config.json"].clone()).unwrap();
     let cfg = cfg.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 48");
     files
         .files
         .insert("unet/config.json".into(), cfg.into_bytes());
-    let e = load_err(&files);
     assert!(
-        matches!(&e, Error::ShapeMismatch { tensor, .. } if tensor.contains("attn2")),
-        "{e}"
+        matches!(load_err(&files), Error::Config { message, .. } if message.contains("cross_attention_dim 48"))
+    );
+    // An inpainting-style UNet (9 input channels) is refused at load, not mid-run.
+    let mut files = sd1_files();
+    let cfg = String::from_utf8(files.files["unet/config.json"].clone()).unwrap();
+    let cfg = cfg.replace("\"in_channels\": 4", "\"in_channels\": 9");
+    files
+        .files
+        .insert("unet/config.json".into(), cfg.into_bytes());
+    assert!(
+        matches!(load_err(&files), Error::Config { message, .. } if message.contains("in_channels 9"))
     );
     // Unsupported config value.
     let mut files = sd1_files();
