@@ -82,10 +82,6 @@ pub struct StableDiffusion {
     device: Device,
 }
 
-fn json(src: &dyn ModelSource, path: &str) -> Result<Vec<u8>> {
-    read_required(src, path)
-}
-
 impl StableDiffusion {
     /// Loads a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
     pub fn load(src: &dyn ModelSource, variant: Variant, device: &Device) -> Result<Self> {
@@ -99,13 +95,15 @@ impl StableDiffusion {
         // Every config first: inconsistent folders fail before gigabytes of weights are read.
         let text_cfg = ClipTextConfig::from_json(
             "text_encoder/config.json",
-            &json(src, "text_encoder/config.json")?,
+            &read_required(src, "text_encoder/config.json")?,
         )?;
-        let unet_cfg = UNetConfig::from_json("unet/config.json", &json(src, "unet/config.json")?)?;
-        let vae_cfg = VaeConfig::from_json("vae/config.json", &json(src, "vae/config.json")?)?;
+        let unet_cfg =
+            UNetConfig::from_json("unet/config.json", &read_required(src, "unet/config.json")?)?;
+        let vae_cfg =
+            VaeConfig::from_json("vae/config.json", &read_required(src, "vae/config.json")?)?;
         let scheduler_config = SchedulerConfig::from_json(
             "scheduler/scheduler_config.json",
-            &json(src, "scheduler/scheduler_config.json")?,
+            &read_required(src, "scheduler/scheduler_config.json")?,
         )?;
         let (unet_in, unet_out, latent) = (
             unet_cfg.in_channels,
