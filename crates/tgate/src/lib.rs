@@ -8,6 +8,7 @@ pub mod error;
 pub mod loader;
 pub mod nn;
 pub mod noise;
+pub mod paella_vq_model;
 pub mod pipeline;
 pub mod resnet;
 pub mod safetensors;
@@ -19,5 +20,8 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod vae;
 pub mod weights;
+pub mod wuerstchen_common;
+pub mod wuerstchen_diffnext;
+pub mod wuerstchen_prior;
 
 pub use error::{Error, Result};

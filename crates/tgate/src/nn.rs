@@ -1,8 +1,8 @@
 //! The few layers every model part is built from, bound to PyTorch key names
 //! (`weight`, `bias`) and PyTorch semantics (Linear weights are `[out, in]` in the file).
 
-use burn::tensor::module::{attention as sdpa, conv2d, layer_norm};
-use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::module::{attention as sdpa, conv2d, conv_transpose2d, layer_norm};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, ConvTransposeOptions};
 use burn::tensor::{activation, Bool, Int, Tensor};
 
 use crate::error::Result;
@@ -59,13 +59,14 @@ impl Linear {
     }
 }
 
-/// `torch.nn.Conv2d` with square kernels, symmetric padding and no dilation.
+/// `torch.nn.Conv2d` with square kernels, symmetric padding, optional groups and no dilation.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Tensor<4>,
     bias: Option<Tensor<1>>,
     stride: usize,
     padding: usize,
+    groups: usize,
 }
 
 impl Conv2d {
@@ -77,24 +78,123 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let weight = w.get("weight", [c_out, c_in, kernel, kernel])?;
+        Self::load_grouped(w, c_in, c_out, kernel, stride, padding, 1)
+    }
+
+    /// A grouped convolution (`groups = c_out` for depthwise); the weight is `[c_out, c_in / groups, k, k]`.
+    pub fn load_grouped(
+        w: &Weights,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        if groups == 0 || c_in % groups != 0 || c_out % groups != 0 {
+            return Err(crate::Error::param(
+                "groups",
+                format!("{c_in} → {c_out} channels cannot be split into {groups} groups"),
+            ));
+        }
+        let weight = w.get("weight", [c_out, c_in / groups, kernel, kernel])?;
         let bias = Some(w.get("bias", [c_out])?);
         Ok(Conv2d {
             weight,
             bias,
             stride,
             padding,
+            groups,
         })
     }
 
     /// `[b, c_in, h, w] -> [b, c_out, h', w']`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
+        let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], self.groups);
         let out = conv2d(x, self.weight.clone(), self.bias.clone(), options);
         let [_, c_in, k, _] = self.weight.dims();
         add_macs(out.shape().num_elements() * c_in * k * k);
         out
     }
+}
+
+/// `torch.nn.ConvTranspose2d` with square kernels, symmetric padding, no groups or dilation.
+#[derive(Clone, Debug)]
+pub struct ConvTranspose2d {
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    stride: usize,
+    padding: usize,
+}
+
+impl ConvTranspose2d {
+    /// The weight is `[c_in, c_out, k, k]`, as PyTorch stores it.
+    pub fn load(
+        w: &Weights,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(ConvTranspose2d {
+            weight: w.get("weight", [c_in, c_out, kernel, kernel])?,
+            bias: w.get("bias", [c_out])?,
+            stride,
+            padding,
+        })
+    }
+
+    /// `[b, c_in, h, w] -> [b, c_out, (h - 1) s - 2p + k, …]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, c_out, k, _] = self.weight.dims();
+        add_macs(x.shape().num_elements() * c_out * k * k);
+        let options =
+            ConvTransposeOptions::new([self.stride; 2], [self.padding; 2], [0, 0], [1, 1], 1);
+        conv_transpose2d(x, self.weight.clone(), Some(self.bias.clone()), options)
+    }
+}
+
+/// LayerNorm without affine parameters over dimension `dim` (PyTorch's biased variance).
+///
+/// On `[b, c, h, w]` with `dim = 1` this is Würstchen's `WuerstchenLayerNorm` (a LayerNorm over
+/// channels applied to the channels-last view), without the two permutes.
+pub fn norm_over<const D: usize>(x: Tensor<D>, dim: usize, eps: f64) -> Tensor<D> {
+    let mean = x.clone().mean_dim(dim);
+    let centered = x - mean;
+    let var = centered.clone().square().mean_dim(dim);
+    centered / var.add_scalar(eps).sqrt()
+}
+
+/// `torch.nn.PixelUnshuffle(r)`: `[b, c, h·r, w·r] -> [b, c·r², h, w]`.
+pub fn pixel_unshuffle(x: Tensor<4>, r: usize) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    let (ho, wo) = (h / r, w / r);
+    x.reshape([b, c, ho, r, wo, r])
+        .permute([0, 1, 3, 5, 2, 4])
+        .reshape([b, c * r * r, ho, wo])
+}
+
+/// `torch.nn.PixelShuffle(r)`: `[b, c·r², h, w] -> [b, c, h·r, w·r]`.
+pub fn pixel_shuffle(x: Tensor<4>, r: usize) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    let co = c / (r * r);
+    x.reshape([b, co, r, r, h, w])
+        .permute([0, 1, 4, 2, 5, 3])
+        .reshape([b, co, h * r, w * r])
+}
+
+/// `torch.nn.ReplicationPad2d(1)`: repeats the edge rows and columns once.
+pub fn replication_pad1(x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let x = Tensor::cat(
+        vec![x.clone().narrow(3, 0, 1), x.clone(), x.narrow(3, w - 1, 1)],
+        3,
+    );
+    Tensor::cat(
+        vec![x.clone().narrow(2, 0, 1), x.clone(), x.narrow(2, h - 1, 1)],
+        2,
+    )
 }
 
 /// `torch.nn.GroupNorm` (affine), statistics over each group of channels × pixels.
@@ -235,4 +335,81 @@ pub fn multi_head_attention(
     };
     let out = sdpa(q, k, v, mask, None, options);
     out.swap_dims(1, 2).reshape([b, n_q, inner])
+}
+
+/// PyTorch's `interpolate(x, size, mode="bicubic", antialias=True, align_corners=True)`.
+///
+/// The resize is separable: a `[out, in]` weight matrix per axis (built on the host with
+/// PyTorch's antialiasing filter: Keys' cubic with `a = -0.5`, widened by the scale when
+/// shrinking, weights normalised per output pixel), applied as two matmuls, width first as
+/// PyTorch does.
+pub fn resize_bicubic_antialias(x: Tensor<4>, out_h: usize, out_w: usize) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    if (h, w) == (out_h, out_w) {
+        return x;
+    }
+    let device = x.device();
+    let matrix = |rows: Vec<f32>, shape: [usize; 2]| {
+        Tensor::<2>::from_data(burn::tensor::TensorData::new(rows, shape), &device)
+    };
+    // width: [b, c, h, w] @ [w, out_w]
+    let ww = antialias_weights(w, out_w);
+    let mut wt = vec![0f32; w * out_w];
+    for o in 0..out_w {
+        for i in 0..w {
+            wt[i * out_w + o] = ww[o * w + i];
+        }
+    }
+    let wt = matrix(wt, [w, out_w])
+        .reshape([1, 1, w, out_w])
+        .expand([b, c, w, out_w]);
+    let x = x.matmul(wt);
+    // height: [out_h, h] @ [b, c, h, out_w]
+    let wh = matrix(antialias_weights(h, out_h), [out_h, h])
+        .reshape([1, 1, out_h, h])
+        .expand([b, c, out_h, h]);
+    wh.matmul(x)
+}
+
+/// Row-major `[output, input]` interpolation weights of one axis (see [`resize_bicubic_antialias`]).
+pub fn antialias_weights(input: usize, output: usize) -> Vec<f32> {
+    fn cubic(x: f64) -> f64 {
+        const A: f64 = -0.5;
+        let x = x.abs();
+        if x < 1.0 {
+            ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * A
+        } else {
+            0.0
+        }
+    }
+    // align_corners=True: the scale maps the first and last pixel centres onto each other.
+    // Positions are computed in f32 as PyTorch's float kernel does; the filter in f64.
+    let scale = if output > 1 {
+        (input - 1) as f32 / (output - 1) as f32
+    } else {
+        0.0
+    };
+    let (support, inv_scale) = if scale >= 1.0 {
+        (2.0 * scale, 1.0 / scale)
+    } else {
+        (2.0f32, 1.0f32)
+    };
+    let mut weights = vec![0f32; output * input];
+    for o in 0..output {
+        let center = scale * (o as f32 + 0.5);
+        let lo = ((center - support + 0.5) as i64).max(0) as usize;
+        let hi = ((center + support + 0.5) as i64).min(input as i64).max(0) as usize;
+        let taps: Vec<f64> = (lo..hi)
+            .map(|j| cubic(((j as f32 - center + 0.5) * inv_scale) as f64))
+            .collect();
+        let total: f64 = taps.iter().sum();
+        if total != 0.0 {
+            for (j, t) in (lo..hi).zip(taps) {
+                weights[o * input + j] = (t / total) as f32;
+            }
+        }
+    }
+    weights
 }

@@ -206,6 +206,41 @@ impl AttentionCache {
     }
 }
 
+impl AttentionCache {
+    /// Runs (or gates) the next Würstchen Stage C attention block, whose keys and values are the
+    /// image tokens followed by the text tokens (there is no separate cross-attention there).
+    ///
+    /// `with_text` is the block's attention over `[image, text]`, `image_only` the same attention
+    /// over the image tokens alone. Under the cross-attention schedule: before the gate step
+    /// `with_text` is computed; at the gate step (`StoreMean`) both are, and the difference
+    /// δ = with_text − image_only, averaged over the two guidance halves, is kept on the device;
+    /// after it (`Reuse`) the block returns `image_only + δ`.
+    pub fn text_kv_attention(
+        &mut self,
+        with_text: impl FnOnce() -> Tensor<3>,
+        image_only: impl FnOnce() -> Tensor<3>,
+    ) -> Tensor<3> {
+        let slot = self.cross_cursor;
+        self.cross_cursor += 1;
+        if self.cross.len() <= slot {
+            self.cross.resize(slot + 1, None);
+        }
+        match self.cross_mode.unwrap_or(CacheMode::Compute) {
+            CacheMode::StoreMean => {
+                let out = with_text();
+                let delta = out.clone() - image_only();
+                self.cross[slot] = Some(batch_half_mean(delta));
+                out
+            }
+            CacheMode::Reuse => match &self.cross[slot] {
+                Some(delta) => image_only() + delta.clone(),
+                None => with_text(),
+            },
+            CacheMode::Compute | CacheMode::Store => with_text(),
+        }
+    }
+}
+
 fn apply(
     slots: &mut Vec<Option<Tensor<3>>>,
     slot: usize,

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 
 mod ddim;
+pub mod ddpm_wuerstchen;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;

@@ -1,0 +1,201 @@
+//! The blocks Würstchen's Stage C and Stage B share, as diffusers'
+//! `pipelines/deprecated/wuerstchen/modeling_wuerstchen_common.py`: the channel LayerNorm,
+//! `TimestepBlock`, `ResBlock` with `GlobalResponseNorm`, `AttnBlock`, and the r-embedding.
+
+use burn::tensor::{activation, Device, Tensor, TensorData};
+
+use crate::attention::{Attention, AttentionKeys};
+use crate::error::{Error, Result};
+use crate::nn::{norm_over, Activation, Conv2d, Linear};
+use crate::tgate::AttentionCache;
+use crate::weights::Weights;
+
+/// `WuerstchenLayerNorm(c, elementwise_affine=False, eps=1e-6)` on `[b, c, h, w]`.
+pub fn channel_norm(x: Tensor<4>) -> Tensor<4> {
+    norm_over(x, 1, 1e-6)
+}
+
+/// `gen_r_embedding`: the noise ratio `r ∈ [0, 1]` → `[b, c_r]`, sin first then cos, computed on
+/// the host in f32 as PyTorch does (`r · 10000`, frequencies `exp(-k · ln(10000) / (c_r/2 - 1))`).
+pub fn r_embedding(r: &[f32], c_r: usize, device: &Device) -> Tensor<2> {
+    let half = c_r / 2;
+    let step = (10000f64.ln() / (half as f64 - 1.0)) as f32;
+    let freqs: Vec<f32> = (0..half).map(|k| (k as f32 * -step).exp()).collect();
+    let mut data = Vec::with_capacity(r.len() * c_r);
+    for &ratio in r {
+        let scaled = ratio * 10000.0;
+        let args: Vec<f32> = freqs.iter().map(|f| scaled * f).collect();
+        data.extend(args.iter().map(|a| a.sin()));
+        data.extend(args.iter().map(|a| a.cos()));
+        if c_r % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [r.len(), c_r]), device)
+}
+
+/// Refuses an r-embedding size the formula cannot use (`c_r / 2 - 1` is a divisor).
+pub fn check_c_r(file: &str, c_r: usize) -> Result<()> {
+    if c_r < 4 {
+        return Err(Error::config(
+            file,
+            format!("c_r must be at least 4, got {c_r}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `TimestepBlock`: `x · (1 + a) + b` with `[a, b] = mapper(r_embed)`.
+#[derive(Clone, Debug)]
+pub struct TimestepBlock {
+    mapper: Linear,
+    c: usize,
+}
+
+impl TimestepBlock {
+    pub fn load(w: &Weights, c: usize, c_r: usize) -> Result<Self> {
+        Ok(TimestepBlock {
+            mapper: Linear::load(&w.pp("mapper"), c_r, 2 * c, true)?,
+            c,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>, r_embed: &Tensor<2>) -> Tensor<4> {
+        let b = r_embed.dims()[0];
+        let ab = self.mapper.forward(r_embed.clone());
+        let a = ab.clone().narrow(1, 0, self.c).reshape([b, self.c, 1, 1]);
+        let bias = ab.narrow(1, self.c, self.c).reshape([b, self.c, 1, 1]);
+        x * a.add_scalar(1.0) + bias
+    }
+}
+
+/// `GlobalResponseNorm` on channels-last `[b, h, w, c]`.
+#[derive(Clone, Debug)]
+pub struct GlobalResponseNorm {
+    gamma: Tensor<4>,
+    beta: Tensor<4>,
+}
+
+impl GlobalResponseNorm {
+    pub fn load(w: &Weights, dim: usize) -> Result<Self> {
+        Ok(GlobalResponseNorm {
+            gamma: w.get("gamma", [1, 1, 1, dim])?,
+            beta: w.get("beta", [1, 1, 1, dim])?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let agg = x.clone().square().sum_dim(1).sum_dim(2).sqrt();
+        let stand = agg.clone() / agg.mean_dim(3).add_scalar(1e-6);
+        self.gamma.clone() * (x.clone() * stand) + self.beta.clone() + x
+    }
+}
+
+/// The channel MLP of both ResBlock variants: `Linear → GELU → GRN → Linear` on channels-last.
+#[derive(Clone, Debug)]
+pub struct Channelwise {
+    fc1: Linear,
+    grn: GlobalResponseNorm,
+    fc2: Linear,
+}
+
+impl Channelwise {
+    pub fn load(w: &Weights, c_in: usize, c_hidden: usize, c_out: usize) -> Result<Self> {
+        Ok(Channelwise {
+            fc1: Linear::load(&w.pp("0"), c_in, c_hidden, true)?,
+            grn: GlobalResponseNorm::load(&w.pp("2"), c_hidden)?,
+            fc2: Linear::load(&w.pp("4"), c_hidden, c_out, true)?,
+        })
+    }
+
+    /// `[b, c_in, h, w] -> [b, c_out, h, w]` (through the channels-last view).
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = x.permute([0, 2, 3, 1]);
+        let x = self.fc1.forward(x);
+        let x = self.grn.forward(Activation::Gelu.forward(x));
+        self.fc2.forward(x).permute([0, 3, 1, 2])
+    }
+}
+
+/// Stage C's `ResBlock`: depthwise conv (on `[x, skip]`), channel norm, channel MLP, residual.
+#[derive(Clone, Debug)]
+pub struct ResBlock {
+    depthwise: Conv2d,
+    channelwise: Channelwise,
+}
+
+impl ResBlock {
+    pub fn load(w: &Weights, c: usize, c_skip: usize, kernel: usize) -> Result<Self> {
+        Ok(ResBlock {
+            depthwise: Conv2d::load_grouped(
+                &w.pp("depthwise"),
+                c + c_skip,
+                c,
+                kernel,
+                1,
+                kernel / 2,
+                c,
+            )?,
+            channelwise: Channelwise::load(&w.pp("channelwise"), c, 4 * c, c)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>, skip: Option<Tensor<4>>) -> Tensor<4> {
+        let residual = x.clone();
+        let x = match skip {
+            Some(s) => Tensor::cat(vec![x, s], 1),
+            None => x,
+        };
+        let x = channel_norm(self.depthwise.forward(x));
+        self.channelwise.forward(x) + residual
+    }
+}
+
+/// `AttnBlock` (with `self_attn=True`): attention of the normalised image tokens over
+/// `[image tokens, kv_mapper(cond)]`. In Stage C this is where the text enters, so this is also
+/// where the gate acts (see [`AttentionCache::text_kv_attention`]).
+#[derive(Clone, Debug)]
+pub struct AttnBlock {
+    attention: Attention,
+    kv_mapper: Linear,
+}
+
+impl AttnBlock {
+    pub fn load(w: &Weights, c: usize, c_cond: usize, nhead: usize) -> Result<Self> {
+        if nhead == 0 || c % nhead != 0 {
+            return Err(Error::param(
+                "nhead",
+                format!("{c} channels cannot be split into {nhead} heads"),
+            ));
+        }
+        Ok(AttnBlock {
+            attention: Attention::load(
+                &w.pp("attention"),
+                c,
+                c,
+                nhead,
+                c / nhead,
+                true,
+                AttentionKeys::CURRENT,
+            )?,
+            kv_mapper: Linear::load(&w.pp("kv_mapper").pp("1"), c_cond, c, true)?,
+        })
+    }
+
+    /// `x: [b, c, h, w]`, `cond: [b, n, c_cond]`. Blocks outside Stage C pass a fresh cache.
+    pub fn forward(&self, x: Tensor<4>, cond: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let tokens = channel_norm(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
+        let out = cache.text_kv_attention(
+            || {
+                let text = self.kv_mapper.forward(activation::silu(cond.clone()));
+                let kv = Tensor::cat(vec![tokens.clone(), text], 1);
+                self.attention.forward(tokens.clone(), Some(&kv))
+            },
+            || self.attention.forward(tokens.clone(), None),
+        );
+        x + out.swap_dims(1, 2).reshape([b, c, h, w])
+    }
+}

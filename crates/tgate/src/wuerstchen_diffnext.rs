@@ -1,0 +1,382 @@
+//! Würstchen Stage B, diffusers' `WuerstchenDiffNeXt` (`decoder/` of a model folder): denoises
+//! the 4-channel latent of Stage A, conditioned on Stage C's image embedding ("effnet", injected
+//! at every level through an antialiased bicubic resize) and on text.
+
+use burn::tensor::{activation, Tensor};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::nn::{
+    norm_over, pixel_shuffle, pixel_unshuffle, resize_bicubic_antialias, Conv2d, ConvTranspose2d,
+    Linear,
+};
+use crate::tgate::AttentionCache;
+use crate::weights::Weights;
+use crate::wuerstchen_common::{
+    channel_norm, check_c_r, r_embedding, AttnBlock, Channelwise, TimestepBlock,
+};
+
+/// `WuerstchenDiffNeXt`'s `config.json` (defaults as diffusers' constructor).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DiffNeXtConfig {
+    #[serde(default = "d4")]
+    pub c_in: usize,
+    #[serde(default = "d4")]
+    pub c_out: usize,
+    #[serde(default = "d64")]
+    pub c_r: usize,
+    #[serde(default = "d2")]
+    pub patch_size: usize,
+    #[serde(default = "d1024")]
+    pub c_cond: usize,
+    #[serde(default = "default_hidden")]
+    pub c_hidden: Vec<usize>,
+    #[serde(default = "default_nhead")]
+    pub nhead: Vec<i64>,
+    #[serde(default = "default_blocks")]
+    pub blocks: Vec<usize>,
+    #[serde(default = "default_levels")]
+    pub level_config: Vec<String>,
+    #[serde(default = "default_inject")]
+    pub inject_effnet: Vec<bool>,
+    #[serde(default = "d16")]
+    pub effnet_embd: usize,
+    #[serde(default = "d1024")]
+    pub clip_embd: usize,
+    #[serde(default = "d3")]
+    pub kernel_size: usize,
+}
+
+fn d2() -> usize {
+    2
+}
+fn d3() -> usize {
+    3
+}
+fn d4() -> usize {
+    4
+}
+fn d16() -> usize {
+    16
+}
+fn d64() -> usize {
+    64
+}
+fn d1024() -> usize {
+    1024
+}
+fn default_hidden() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn default_nhead() -> Vec<i64> {
+    vec![-1, 10, 20, 20]
+}
+fn default_blocks() -> Vec<usize> {
+    vec![4, 4, 14, 4]
+}
+fn default_levels() -> Vec<String> {
+    ["CT", "CTA", "CTA", "CTA"].map(String::from).to_vec()
+}
+fn default_inject() -> Vec<bool> {
+    vec![false, true, true, true]
+}
+
+impl DiffNeXtConfig {
+    pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
+        let cfg: DiffNeXtConfig =
+            serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
+        let levels = cfg.c_hidden.len();
+        if levels == 0 {
+            return Err(Error::config(file, "c_hidden is empty"));
+        }
+        for (name, len) in [
+            ("nhead", cfg.nhead.len()),
+            ("blocks", cfg.blocks.len()),
+            ("level_config", cfg.level_config.len()),
+            ("inject_effnet", cfg.inject_effnet.len()),
+        ] {
+            if len != levels {
+                return Err(Error::config(
+                    file,
+                    format!("{name} has {len} entries, c_hidden has {levels}"),
+                ));
+            }
+        }
+        check_c_r(file, cfg.c_r)?;
+        if cfg.patch_size == 0 || cfg.kernel_size % 2 == 0 {
+            return Err(Error::config(
+                file,
+                "patch_size must be positive and kernel_size odd",
+            ));
+        }
+        for (i, level) in cfg.level_config.iter().enumerate() {
+            if let Some(bad) = level.chars().find(|ch| !matches!(ch, 'C' | 'T' | 'A')) {
+                return Err(Error::config(
+                    file,
+                    format!("level_config[{i}]: block type `{bad}` is not supported (C, T, A)"),
+                ));
+            }
+            if level.contains('A') {
+                let heads = cfg.nhead[i];
+                if heads <= 0 || cfg.c_hidden[i] % heads as usize != 0 {
+                    return Err(Error::config(
+                        file,
+                        format!(
+                            "level {i}: c_hidden {} is not divisible by nhead {heads}",
+                            cfg.c_hidden[i]
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The factor by which the latent shrinks to the deepest level (inputs must be multiples).
+    pub fn downscale(&self) -> usize {
+        self.patch_size << (self.c_hidden.len() - 1)
+    }
+}
+
+/// Stage B's `ResBlockStageB`: the skip joins after the depthwise conv and norm.
+#[derive(Clone, Debug)]
+struct ResBlockStageB {
+    depthwise: Conv2d,
+    channelwise: Channelwise,
+}
+
+impl ResBlockStageB {
+    fn load(w: &Weights, c: usize, c_skip: usize, kernel: usize) -> Result<Self> {
+        Ok(ResBlockStageB {
+            depthwise: Conv2d::load_grouped(&w.pp("depthwise"), c, c, kernel, 1, kernel / 2, c)?,
+            channelwise: Channelwise::load(&w.pp("channelwise"), c + c_skip, 4 * c, c)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<4>, skip: Option<Tensor<4>>) -> Tensor<4> {
+        let residual = x.clone();
+        let x = channel_norm(self.depthwise.forward(x));
+        let x = match skip {
+            Some(s) => Tensor::cat(vec![x, s], 1),
+            None => x,
+        };
+        self.channelwise.forward(x) + residual
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Block {
+    Res(ResBlockStageB),
+    Time(TimestepBlock),
+    Attn(AttnBlock),
+    /// Channel norm then a 2×2 stride-2 convolution (start of a deeper level).
+    Down(Conv2d),
+    /// Channel norm then a 2×2 stride-2 transposed convolution (end of an up level).
+    Up(ConvTranspose2d),
+}
+
+/// Stage B.
+#[derive(Clone, Debug)]
+pub struct WuerstchenDiffNeXt {
+    config: DiffNeXtConfig,
+    clip_mapper: Linear,
+    /// Down levels then up levels; `None` where that level takes no effnet.
+    effnet_mappers: Vec<Option<Conv2d>>,
+    embedding: Conv2d,
+    down: Vec<Vec<Block>>,
+    up: Vec<Vec<Block>>,
+    clf: Conv2d,
+}
+
+impl WuerstchenDiffNeXt {
+    pub fn load(config: &DiffNeXtConfig, w: &Weights) -> Result<Self> {
+        let cfg = config;
+        let levels = cfg.c_hidden.len();
+        let (c_cond, p) = (cfg.c_cond, cfg.patch_size);
+        let block = |w: &Weights, kind: char, i: usize, c_skip: usize| -> Result<Block> {
+            let c = cfg.c_hidden[i];
+            Ok(match kind {
+                'C' => Block::Res(ResBlockStageB::load(w, c, c_skip, cfg.kernel_size)?),
+                'T' => Block::Time(TimestepBlock::load(w, c, cfg.c_r)?),
+                _ => Block::Attn(AttnBlock::load(w, c, c_cond, cfg.nhead[i] as usize)?),
+            })
+        };
+        let mut down = Vec::with_capacity(levels);
+        for i in 0..levels {
+            let lw = w.pp("down_blocks").pp(i);
+            let mut blocks = Vec::new();
+            if i > 0 {
+                let conv = Conv2d::load(
+                    &lw.pp(0).pp(1),
+                    cfg.c_hidden[i - 1],
+                    cfg.c_hidden[i],
+                    2,
+                    2,
+                    0,
+                )?;
+                blocks.push(Block::Down(conv));
+            }
+            for _ in 0..cfg.blocks[i] {
+                for kind in cfg.level_config[i].chars() {
+                    let c_skip = if cfg.inject_effnet[i] { c_cond } else { 0 };
+                    blocks.push(block(&lw.pp(blocks.len()), kind, i, c_skip)?);
+                }
+            }
+            down.push(blocks);
+        }
+        let mut up = Vec::with_capacity(levels);
+        for (k, i) in (0..levels).rev().enumerate() {
+            let lw = w.pp("up_blocks").pp(k);
+            let mut blocks = Vec::new();
+            for j in 0..cfg.blocks[i] {
+                for (kk, kind) in cfg.level_config[i].chars().enumerate() {
+                    let mut c_skip = if i < levels - 1 && j == 0 && kk == 0 {
+                        cfg.c_hidden[i]
+                    } else {
+                        0
+                    };
+                    if cfg.inject_effnet[i] {
+                        c_skip += c_cond;
+                    }
+                    blocks.push(block(&lw.pp(blocks.len()), kind, i, c_skip)?);
+                }
+            }
+            if i > 0 {
+                let conv = ConvTranspose2d::load(
+                    &lw.pp(blocks.len()).pp(1),
+                    cfg.c_hidden[i],
+                    cfg.c_hidden[i - 1],
+                    2,
+                    2,
+                    0,
+                )?;
+                blocks.push(Block::Up(conv));
+            }
+            up.push(blocks);
+        }
+        let injects = cfg
+            .inject_effnet
+            .iter()
+            .chain(cfg.inject_effnet.iter().rev());
+        let effnet_mappers = injects
+            .enumerate()
+            .map(|(n, &inject)| {
+                inject
+                    .then(|| {
+                        Conv2d::load(
+                            &w.pp("effnet_mappers").pp(n),
+                            cfg.effnet_embd,
+                            c_cond,
+                            1,
+                            1,
+                            0,
+                        )
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WuerstchenDiffNeXt {
+            clip_mapper: Linear::load(&w.pp("clip_mapper"), cfg.clip_embd, c_cond, true)?,
+            effnet_mappers,
+            embedding: Conv2d::load(
+                &w.pp("embedding").pp(1),
+                cfg.c_in * p * p,
+                cfg.c_hidden[0],
+                1,
+                1,
+                0,
+            )?,
+            down,
+            up,
+            clf: Conv2d::load(
+                &w.pp("clf").pp(1),
+                cfg.c_hidden[0],
+                2 * cfg.c_out * p * p,
+                1,
+                1,
+                0,
+            )?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &DiffNeXtConfig {
+        &self.config
+    }
+
+    /// `x: [b, c_in, H, W]` (multiples of [`DiffNeXtConfig::downscale`]), one noise ratio per row,
+    /// `effnet: [b, effnet_embd, h, w]` (any size), `clip: [b, n, clip_embd]` → `[b, c_out, H, W]`.
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        r: &[f32],
+        effnet: Tensor<4>,
+        clip: Tensor<3>,
+    ) -> Tensor<4> {
+        let cfg = &self.config;
+        let device = x.device();
+        let r_embed = r_embedding(r, cfg.c_r, &device);
+        let clip = norm_over(self.clip_mapper.forward(clip), 2, 1e-6);
+        let mut cache = AttentionCache::new();
+        let effnet_at = |n: usize, x: &Tensor<4>| {
+            self.effnet_mappers[n].as_ref().map(|mapper| {
+                let [_, _, h, w] = x.dims();
+                mapper.forward(resize_bicubic_antialias(effnet.clone(), h, w))
+            })
+        };
+
+        let x_in = x.clone();
+        let mut x = channel_norm(self.embedding.forward(pixel_unshuffle(x, cfg.patch_size)));
+        let mut levels: Vec<Tensor<4>> = Vec::with_capacity(self.down.len());
+        for (i, blocks) in self.down.iter().enumerate() {
+            let mut effnet_c: Option<Tensor<4>> = None;
+            for block in blocks {
+                x = match block {
+                    Block::Res(res) => {
+                        if effnet_c.is_none() {
+                            effnet_c = effnet_at(i, &x);
+                        }
+                        res.forward(x, effnet_c.clone())
+                    }
+                    Block::Time(t) => t.forward(x, &r_embed),
+                    Block::Attn(a) => a.forward(x, &clip, &mut cache),
+                    Block::Down(conv) => conv.forward(channel_norm(x)),
+                    Block::Up(conv) => conv.forward(channel_norm(x)),
+                };
+            }
+            levels.push(x.clone());
+        }
+        levels.reverse();
+
+        let mut x = levels[0].clone();
+        let n_down = self.down.len();
+        for (i, blocks) in self.up.iter().enumerate() {
+            let mut effnet_c: Option<Tensor<4>> = None;
+            for (j, block) in blocks.iter().enumerate() {
+                x = match block {
+                    Block::Res(res) => {
+                        if effnet_c.is_none() {
+                            effnet_c = effnet_at(n_down + i, &x);
+                        }
+                        let level_skip = (j == 0 && i > 0).then(|| levels[i].clone());
+                        let skip = match (level_skip, effnet_c.clone()) {
+                            (Some(s), Some(e)) => Some(Tensor::cat(vec![s, e], 1)),
+                            (s, e) => s.or(e),
+                        };
+                        res.forward(x, skip)
+                    }
+                    Block::Time(t) => t.forward(x, &r_embed),
+                    Block::Attn(a) => a.forward(x, &clip, &mut cache),
+                    Block::Down(conv) => conv.forward(channel_norm(x)),
+                    Block::Up(conv) => conv.forward(channel_norm(x)),
+                };
+            }
+        }
+        let ab = pixel_shuffle(self.clf.forward(channel_norm(x)), cfg.patch_size);
+        let c_out = cfg.c_out;
+        let a = ab.clone().narrow(1, 0, c_out);
+        let b = activation::sigmoid(ab.narrow(1, c_out, c_out));
+        let eps = 1e-3;
+        (x_in - a) / b.mul_scalar(1.0 - 2.0 * eps).add_scalar(eps)
+    }
+}

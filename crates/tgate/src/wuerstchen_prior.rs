@@ -1,0 +1,135 @@
+//! Würstchen Stage C, diffusers' `WuerstchenPrior` (`prior/` or `prior_prior/` of a model folder):
+//! text embeddings → the 16-channel image embedding that Stage B decodes.
+
+use burn::tensor::{activation, Tensor};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::nn::{Conv2d, Linear};
+use crate::tgate::AttentionCache;
+use crate::weights::Weights;
+use crate::wuerstchen_common::{
+    channel_norm, check_c_r, r_embedding, AttnBlock, ResBlock, TimestepBlock,
+};
+
+/// `WuerstchenPrior`'s `config.json` (defaults as diffusers' constructor).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PriorConfig {
+    #[serde(default = "d16")]
+    pub c_in: usize,
+    #[serde(default = "d1280")]
+    pub c: usize,
+    #[serde(default = "d1024")]
+    pub c_cond: usize,
+    #[serde(default = "d64")]
+    pub c_r: usize,
+    #[serde(default = "d16")]
+    pub depth: usize,
+    #[serde(default = "d16")]
+    pub nhead: usize,
+}
+
+fn d16() -> usize {
+    16
+}
+fn d64() -> usize {
+    64
+}
+fn d1024() -> usize {
+    1024
+}
+fn d1280() -> usize {
+    1280
+}
+
+impl PriorConfig {
+    pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
+        let cfg: PriorConfig =
+            serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
+        check_c_r(file, cfg.c_r)?;
+        if cfg.nhead == 0 || cfg.c % cfg.nhead != 0 {
+            return Err(Error::config(
+                file,
+                format!("c {} is not divisible by nhead {}", cfg.c, cfg.nhead),
+            ));
+        }
+        if cfg.c_in == 0 || cfg.depth == 0 {
+            return Err(Error::config(file, "c_in and depth must be positive"));
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    res: ResBlock,
+    time: TimestepBlock,
+    attn: AttnBlock,
+}
+
+/// Stage C.
+#[derive(Clone, Debug)]
+pub struct WuerstchenPrior {
+    config: PriorConfig,
+    projection: Conv2d,
+    cond_in: Linear,
+    cond_out: Linear,
+    layers: Vec<Layer>,
+    out: Conv2d,
+}
+
+impl WuerstchenPrior {
+    pub fn load(config: &PriorConfig, w: &Weights) -> Result<Self> {
+        let c = config.c;
+        let layers = (0..config.depth)
+            .map(|i| {
+                let block = |k: usize| w.pp("blocks").pp(3 * i + k);
+                Ok(Layer {
+                    res: ResBlock::load(&block(0), c, 0, 3)?,
+                    time: TimestepBlock::load(&block(1), c, config.c_r)?,
+                    attn: AttnBlock::load(&block(2), c, c, config.nhead)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WuerstchenPrior {
+            projection: Conv2d::load(&w.pp("projection"), config.c_in, c, 1, 1, 0)?,
+            cond_in: Linear::load(&w.pp("cond_mapper").pp("0"), config.c_cond, c, true)?,
+            cond_out: Linear::load(&w.pp("cond_mapper").pp("2"), c, c, true)?,
+            layers,
+            out: Conv2d::load(&w.pp("out").pp("1"), c, 2 * config.c_in, 1, 1, 0)?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &PriorConfig {
+        &self.config
+    }
+
+    /// `x: [b, c_in, h, w]`, one noise ratio per batch row, text `[b, n, c_cond]` → the model's
+    /// estimate `[b, c_in, h, w]`. `cache` carries the gate (see [`AttnBlock`]).
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        r: &[f32],
+        text: Tensor<3>,
+        cache: &mut AttentionCache,
+    ) -> Tensor<4> {
+        let device = x.device();
+        let x_in = x.clone();
+        let mut x = self.projection.forward(x);
+        let cond = self
+            .cond_out
+            .forward(activation::leaky_relu(self.cond_in.forward(text), 0.2));
+        let r_embed = r_embedding(r, self.config.c_r, &device);
+        for layer in &self.layers {
+            x = layer.res.forward(x, None);
+            x = layer.time.forward(x, &r_embed);
+            x = layer.attn.forward(x, &cond, cache);
+        }
+        let ab = self.out.forward(channel_norm(x));
+        let c_in = self.config.c_in;
+        let a = ab.clone().narrow(1, 0, c_in);
+        let b = ab.narrow(1, c_in, c_in);
+        (x_in - a) / b.neg().add_scalar(1.0).abs().add_scalar(1e-5)
+    }
+}
