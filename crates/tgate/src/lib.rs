@@ -10,6 +10,7 @@ pub mod nn;
 pub mod noise;
 pub mod paella_vq_model;
 pub mod pipeline;
+pub mod pipeline_wuerstchen;
 pub mod resnet;
 pub mod safetensors;
 pub mod schedulers;

@@ -1,0 +1,723 @@
+//! The Würstchen v2 pipeline: prompt → Stage C (prior, optionally gated) → Stage B (decoder) →
+//! Stage A (Paella) → image.
+//!
+//! Mirrors diffusers' `WuerstchenCombinedPipeline` (`WuerstchenPriorPipeline` then
+//! `WuerstchenDecoderPipeline`): prior latent size `ceil(size / 42.67)`, guidance with the
+//! `[cond, uncond]` batch order and `torch.lerp`, prior output `latents · 42 − 1`, decoder latent
+//! size `int(h · 10.67)`, a zero image embedding for the decoder's unconditional batch, and
+//! `0.3764 · latents` into Stage A. Text encoders always get the tokenizer's padding mask.
+//!
+//! The gate (T-GATE for Stage C) is described in [`crate::tgate::AttentionCache::text_kv_attention`].
+
+use std::ops::ControlFlow;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde_json::Value;
+use web_time::Instant;
+
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::error::{Error, Result};
+use crate::loader::{load_weights, read_required, ModelSource, Variant};
+use crate::noise::randn;
+use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
+use crate::pipeline::StepInfo;
+use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
+use crate::tgate::{Gate, GateConfig};
+use crate::tokenizer::ClipTokenizer;
+use crate::wuerstchen_diffnext::{DiffNeXtConfig, WuerstchenDiffNeXt};
+use crate::wuerstchen_prior::{PriorConfig, WuerstchenPrior};
+
+/// Where the noise comes from.
+#[derive(Clone, Debug)]
+pub enum WuerstchenNoise {
+    /// Seeded noise ([`crate::noise`]): prior latents stream 0, prior step `j` stream `1 + j`;
+    /// decoder latents stream `2^32`, decoder step `j` stream `2^32 + 1 + j`.
+    Seed(u64),
+    /// Given tensors (flattened): `prior_noise` `[1, 16, h, w]`, `prior_step_noise`
+    /// `[prior_steps, 1, 16, h, w]`, `decoder_noise` `[1, 4, H', W']`, `decoder_step_noise`
+    /// `[decoder_steps, 1, 4, H', W']`. The schedulers use one step tensor per step, the last
+    /// multiplied by zero as in diffusers.
+    Tensors {
+        prior_noise: Vec<f32>,
+        prior_step_noise: Vec<f32>,
+        decoder_noise: Vec<f32>,
+        decoder_step_noise: Vec<f32>,
+    },
+}
+
+const DECODER_STREAM: u64 = 1 << 32;
+
+/// Everything a Würstchen generation needs besides the model.
+#[derive(Clone, Debug)]
+pub struct WuerstchenParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    /// Prior steps (`prior_num_inference_steps`), used when `prior_timesteps` is `None`.
+    pub prior_steps: usize,
+    /// Explicit prior timesteps from 1 towards 0 (e.g. [`default_stage_c_timesteps`](crate::schedulers::ddpm_wuerstchen::default_stage_c_timesteps)).
+    pub prior_timesteps: Option<Vec<f64>>,
+    /// Prior guidance; on above 1.
+    pub prior_guidance: f64,
+    pub decoder_steps: usize,
+    /// Decoder guidance; on above 1 (off by default, as diffusers).
+    pub decoder_guidance: f64,
+    /// Steps of the prior's semantics-planning phase; `None` = no gate (plain diffusers).
+    pub gate_step: Option<usize>,
+    pub noise: WuerstchenNoise,
+}
+
+impl WuerstchenParams {
+    /// diffusers' `WuerstchenCombinedPipeline` defaults: 512×512, prior 60 steps at guidance 4,
+    /// decoder 12 steps without guidance; no gate.
+    pub fn new(prompt: impl Into<String>, noise: WuerstchenNoise) -> Self {
+        WuerstchenParams {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            prior_steps: 60,
+            prior_timesteps: None,
+            prior_guidance: 4.0,
+            decoder_steps: 12,
+            decoder_guidance: 0.0,
+            gate_step: None,
+            noise,
+        }
+    }
+
+    /// Number of prior steps these parameters run.
+    pub fn prior_step_count(&self) -> usize {
+        match &self.prior_timesteps {
+            Some(t) => t.len().saturating_sub(1),
+            None => self.prior_steps,
+        }
+    }
+}
+
+/// The output of one stage.
+pub struct StageOutput {
+    /// Prior: the image embedding after `· latent_mean − latent_std`; decoder: the latents
+    /// before Stage A's scale factor.
+    pub latents: Tensor<4>,
+    pub steps: Vec<StepInfo>,
+}
+
+/// Pipeline-level numbers that diffusers keeps in `model_index.json`.
+#[derive(Clone, Copy, Debug)]
+pub struct WuerstchenSettings {
+    pub latent_mean: f64,
+    pub latent_std: f64,
+    pub resolution_multiple: f64,
+    pub latent_dim_scale: f64,
+}
+
+impl Default for WuerstchenSettings {
+    fn default() -> Self {
+        WuerstchenSettings {
+            latent_mean: 42.0,
+            latent_std: 1.0,
+            resolution_multiple: 42.67,
+            latent_dim_scale: 10.67,
+        }
+    }
+}
+
+/// A loaded Würstchen v2 pipeline.
+pub struct Wuerstchen {
+    pub prior_tokenizer: ClipTokenizer,
+    pub prior_text_encoder: ClipTextModel,
+    pub prior: WuerstchenPrior,
+    pub prior_scheduler: DdpmWuerstchenConfig,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub decoder: WuerstchenDiffNeXt,
+    pub decoder_scheduler: DdpmWuerstchenConfig,
+    pub vqgan: PaellaDecoder,
+    pub settings: WuerstchenSettings,
+    device: Device,
+}
+
+fn tokenizer(src: &dyn ModelSource, dir: &str) -> Result<ClipTokenizer> {
+    ClipTokenizer::from_files(
+        &read_required(src, &format!("{dir}/vocab.json"))?,
+        &read_required(src, &format!("{dir}/merges.txt"))?,
+        src.read(&format!("{dir}/tokenizer_config.json"))?
+            .as_deref(),
+        src.read(&format!("{dir}/special_tokens_map.json"))?
+            .as_deref(),
+    )
+}
+
+fn model_index(src: &dyn ModelSource) -> Result<Option<Value>> {
+    match src.read("model_index.json")? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::config("model_index.json", e.to_string())),
+    }
+}
+
+fn number(index: &Option<Value>, key: &str, default: f64) -> Result<f64> {
+    match index.as_ref().and_then(|v| v.get(key)) {
+        None => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| Error::config("model_index.json", format!("`{key}` must be a number"))),
+    }
+}
+
+/// Which Würstchen folder a source holds, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WuerstchenLayout {
+    /// `WuerstchenCombinedPipeline.save_pretrained`: decoder parts plus `prior_*` subfolders.
+    Combined,
+    /// A `WuerstchenDecoderPipeline` folder (the prior comes from a second folder).
+    Decoder,
+    /// A `WuerstchenPriorPipeline` folder.
+    Prior,
+}
+
+impl WuerstchenLayout {
+    /// Recognises a folder by its subfolders (not by class paths in `model_index.json`, which
+    /// diffusers itself no longer resolves for these deprecated pipelines).
+    pub fn detect(src: &dyn ModelSource) -> Result<Option<Self>> {
+        let has = |p: &str| src.read(p).map(|b| b.is_some());
+        Ok(
+            if has("prior_prior/config.json")? && has("decoder/config.json")? {
+                Some(WuerstchenLayout::Combined)
+            } else if has("decoder/config.json")? && has("vqgan/config.json")? {
+                Some(WuerstchenLayout::Decoder)
+            } else if has("prior/config.json")? {
+                Some(WuerstchenLayout::Prior)
+            } else {
+                None
+            },
+        )
+    }
+}
+
+impl Wuerstchen {
+    /// Loads a combined folder (`prior = None`), or a decoder pipeline folder plus a prior
+    /// pipeline folder (the two-repository layout: `warp-ai/wuerstchen` + `warp-ai/wuerstchen-prior`).
+    pub fn load(
+        src: &dyn ModelSource,
+        prior: Option<&dyn ModelSource>,
+        variant: Variant,
+        device: &Device,
+    ) -> Result<Self> {
+        let layout = WuerstchenLayout::detect(src)?;
+        let (prior_src, prefix, prior_dir): (&dyn ModelSource, &str, &str) = match (layout, prior) {
+            (Some(WuerstchenLayout::Combined), None) => (src, "prior_", "prior_prior"),
+            (Some(WuerstchenLayout::Decoder), Some(p)) => {
+                if WuerstchenLayout::detect(p)? != Some(WuerstchenLayout::Prior) {
+                    return Err(Error::MissingFile(format!(
+                        "prior/config.json in {} (not a Würstchen prior pipeline folder)",
+                        p.describe()
+                    )));
+                }
+                (p, "", "prior")
+            }
+            (Some(WuerstchenLayout::Combined), Some(_)) => {
+                return Err(Error::param(
+                    "prior",
+                    "the model folder already contains the prior (prior_* subfolders)",
+                ))
+            }
+            (Some(WuerstchenLayout::Decoder), None) => {
+                return Err(Error::param(
+                    "prior",
+                    format!(
+                        "{} is a Würstchen decoder pipeline; also give the prior pipeline folder",
+                        src.describe()
+                    ),
+                ))
+            }
+            (Some(WuerstchenLayout::Prior), _) => {
+                return Err(Error::param(
+                    "model",
+                    format!(
+                        "{} is a Würstchen prior pipeline; give the decoder pipeline folder as the model and this one as the prior",
+                        src.describe()
+                    ),
+                ))
+            }
+            (None, _) => {
+                return Err(Error::MissingFile(format!(
+                    "decoder/config.json and vqgan/config.json in {} (not a Würstchen folder)",
+                    src.describe()
+                )))
+            }
+        };
+        let p = |name: &str| format!("{prefix}{name}");
+
+        // Configs first: a malformed folder fails before any weights are read.
+        let prior_text_path = format!("{}/config.json", p("text_encoder"));
+        let prior_text_cfg = ClipTextConfig::from_json(
+            &prior_text_path,
+            &read_required(prior_src, &prior_text_path)?,
+        )?;
+        let prior_cfg_path = format!("{prior_dir}/config.json");
+        let prior_cfg =
+            PriorConfig::from_json(&prior_cfg_path, &read_required(prior_src, &prior_cfg_path)?)?;
+        let prior_sched_path = format!("{}/scheduler_config.json", p("scheduler"));
+        let prior_scheduler = DdpmWuerstchenConfig::from_json(
+            &prior_sched_path,
+            &read_required(prior_src, &prior_sched_path)?,
+        )?;
+        let text_cfg = ClipTextConfig::from_json(
+            "text_encoder/config.json",
+            &read_required(src, "text_encoder/config.json")?,
+        )?;
+        let decoder_cfg = DiffNeXtConfig::from_json(
+            "decoder/config.json",
+            &read_required(src, "decoder/config.json")?,
+        )?;
+        let decoder_scheduler = DdpmWuerstchenConfig::from_json(
+            "scheduler/scheduler_config.json",
+            &read_required(src, "scheduler/scheduler_config.json")?,
+        )?;
+        let vqgan_cfg = PaellaConfig::from_json(
+            "vqgan/config.json",
+            &read_required(src, "vqgan/config.json")?,
+        )?;
+        let checks = [
+            (
+                prior_text_cfg.hidden_size,
+                prior_cfg.c_cond,
+                &prior_cfg_path,
+                "c_cond",
+                "the prior text encoder's hidden_size",
+            ),
+            (
+                text_cfg.hidden_size,
+                decoder_cfg.clip_embd,
+                &"decoder/config.json".to_string(),
+                "clip_embd",
+                "the text encoder's hidden_size",
+            ),
+            (
+                prior_cfg.c_in,
+                decoder_cfg.effnet_embd,
+                &"decoder/config.json".to_string(),
+                "effnet_embd",
+                "the prior's c_in",
+            ),
+            (
+                vqgan_cfg.latent_channels,
+                decoder_cfg.c_out,
+                &"decoder/config.json".to_string(),
+                "c_out",
+                "the VQ model's latent_channels",
+            ),
+            (
+                decoder_cfg.c_in,
+                decoder_cfg.c_out,
+                &"decoder/config.json".to_string(),
+                "c_in",
+                "c_out",
+            ),
+        ];
+        for (a, b, file, key, what) in checks {
+            if a != b {
+                return Err(Error::config(
+                    file.as_str(),
+                    format!("{key} {b} differs from {what} {a}"),
+                ));
+            }
+        }
+        let prior_index = model_index(prior_src)?;
+        let index = model_index(src)?;
+        let settings = WuerstchenSettings {
+            latent_mean: number(&prior_index, "latent_mean", 42.0)?,
+            latent_std: number(&prior_index, "latent_std", 1.0)?,
+            resolution_multiple: number(&prior_index, "resolution_multiple", 42.67)?,
+            latent_dim_scale: number(&index, "latent_dim_scale", 10.67)?,
+        };
+        if settings.resolution_multiple <= 0.0 || settings.latent_dim_scale <= 0.0 {
+            return Err(Error::config(
+                "model_index.json",
+                "resolution_multiple and latent_dim_scale must be positive",
+            ));
+        }
+
+        let prior_tokenizer = tokenizer(prior_src, &p("tokenizer"))?;
+        let decoder_tokenizer = tokenizer(src, "tokenizer")?;
+        // Weights, one component at a time.
+        let prior_text_encoder = ClipTextModel::load(
+            &prior_text_cfg,
+            &load_weights(prior_src, &p("text_encoder"), "model", variant, device)?,
+        )?;
+        let prior = WuerstchenPrior::load(
+            &prior_cfg,
+            &load_weights(
+                prior_src,
+                prior_dir,
+                "diffusion_pytorch_model",
+                variant,
+                device,
+            )?,
+        )?;
+        let text_encoder = ClipTextModel::load(
+            &text_cfg,
+            &load_weights(src, "text_encoder", "model", variant, device)?,
+        )?;
+        let decoder = WuerstchenDiffNeXt::load(
+            &decoder_cfg,
+            &load_weights(src, "decoder", "diffusion_pytorch_model", variant, device)?,
+        )?;
+        let vqgan = PaellaDecoder::load(
+            &vqgan_cfg,
+            &load_weights(src, "vqgan", "diffusion_pytorch_model", variant, device)?,
+        )?;
+        Ok(Wuerstchen {
+            prior_tokenizer,
+            prior_text_encoder,
+            prior,
+            prior_scheduler,
+            tokenizer: decoder_tokenizer,
+            text_encoder,
+            decoder,
+            decoder_scheduler,
+            vqgan,
+            settings,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Stage C latent `[1, c_in, ceil(h / 42.67), ceil(w / 42.67)]` for an image size.
+    pub fn prior_shape(&self, width: usize, height: usize) -> [usize; 4] {
+        let m = self.settings.resolution_multiple;
+        [
+            1,
+            self.prior.config().c_in,
+            (height as f64 / m).ceil() as usize,
+            (width as f64 / m).ceil() as usize,
+        ]
+    }
+
+    /// Stage B latent `[1, 4, int(h · 10.67), int(w · 10.67)]` for a Stage C latent size.
+    pub fn decoder_shape(&self, prior_h: usize, prior_w: usize) -> [usize; 4] {
+        let s = self.settings.latent_dim_scale;
+        [
+            1,
+            self.decoder.config().c_in,
+            (prior_h as f64 * s) as usize,
+            (prior_w as f64 * s) as usize,
+        ]
+    }
+
+    /// The image size Stage A produces for a generation of `width × height` (diffusers returns
+    /// this size, which can differ slightly from the request).
+    pub fn output_size(&self, width: usize, height: usize) -> (usize, usize) {
+        let [_, _, ph, pw] = self.prior_shape(width, height);
+        let [_, _, dh, dw] = self.decoder_shape(ph, pw);
+        let up = self.vqgan.config().up_down_scale_factor << (self.vqgan.config().levels - 1);
+        (dw * up, dh * up)
+    }
+
+    /// Checks parameters before any work is done.
+    pub fn validate(&self, p: &WuerstchenParams) -> Result<()> {
+        for (name, v) in [("width", p.width), ("height", p.height)] {
+            if v == 0 || v > 16384 {
+                return Err(Error::param(name, format!("must be in 1..=16384, got {v}")));
+            }
+        }
+        if p.prior_timesteps.is_none() && p.prior_steps == 0 {
+            return Err(Error::param("steps", "the prior needs at least 1 step"));
+        }
+        if p.decoder_steps == 0 {
+            return Err(Error::param("decoder_steps", "must be at least 1"));
+        }
+        for (name, g) in [
+            ("guidance", p.prior_guidance),
+            ("decoder_guidance", p.decoder_guidance),
+        ] {
+            if !g.is_finite() {
+                return Err(Error::param(name, "must be a finite number"));
+            }
+        }
+        let steps = p.prior_step_count();
+        if let Some(gs) = p.gate_step {
+            GateConfig::original(gs).validate(steps)?;
+        }
+        let [_, _, ph, pw] = self.prior_shape(p.width, p.height);
+        let [_, _, dh, dw] = self.decoder_shape(ph, pw);
+        let k = self.decoder.config().downscale();
+        if dh % k != 0 || dw % k != 0 || dh == 0 || dw == 0 {
+            return Err(Error::param(
+                "width/height",
+                format!(
+                    "{}x{} gives a Stage C latent of {pw}x{ph} and a Stage B latent of {dw}x{dh}; Stage B needs \
+                     multiples of {k} (512, 768 and 1024 work)",
+                    p.width, p.height
+                ),
+            ));
+        }
+        if let WuerstchenNoise::Tensors {
+            prior_noise,
+            prior_step_noise,
+            decoder_noise,
+            decoder_step_noise,
+        } = &p.noise
+        {
+            let prior_shape = self.prior_shape(p.width, p.height);
+            let decoder_shape = self.decoder_shape(ph, pw);
+            let n_prior: usize = prior_shape.iter().product();
+            let n_dec: usize = decoder_shape.iter().product();
+            let checks = [
+                (
+                    "prior_noise",
+                    prior_noise.len(),
+                    n_prior,
+                    vec![prior_shape.to_vec()],
+                ),
+                (
+                    "prior_step_noise",
+                    prior_step_noise.len(),
+                    steps * n_prior,
+                    vec![vec![steps], prior_shape.to_vec()],
+                ),
+                (
+                    "decoder_noise",
+                    decoder_noise.len(),
+                    n_dec,
+                    vec![decoder_shape.to_vec()],
+                ),
+                (
+                    "decoder_step_noise",
+                    decoder_step_noise.len(),
+                    p.decoder_steps * n_dec,
+                    vec![vec![p.decoder_steps], decoder_shape.to_vec()],
+                ),
+            ];
+            for (name, got, want, shape) in checks {
+                if got != want {
+                    let shape: Vec<usize> = shape.concat();
+                    return Err(Error::input(
+                        name,
+                        format!("has {got} values, expected shape {shape:?} ({want} values)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn encode(&self, tok: &ClipTokenizer, te: &ClipTextModel, text: &str) -> Result<Tensor<3>> {
+        let (ids, mask) = tok.encode_with_mask(text)?;
+        te.forward(&[ids], Some(&[mask]), 0, &self.device)
+    }
+
+    /// Prior text embeddings of the prompt (and, with guidance, the negative prompt).
+    fn prior_text(&self, p: &WuerstchenParams) -> Result<(Tensor<3>, Option<Tensor<3>>)> {
+        let cond = self.encode(&self.prior_tokenizer, &self.prior_text_encoder, &p.prompt)?;
+        let uncond = if p.prior_guidance > 1.0 {
+            Some(self.encode(
+                &self.prior_tokenizer,
+                &self.prior_text_encoder,
+                &p.negative_prompt,
+            )?)
+        } else {
+            None
+        };
+        Ok((cond, uncond))
+    }
+
+    /// Stage C: text → image embedding (after `· latent_mean − latent_std`), gated when
+    /// `p.gate_step` is set. `on_step` may stop the run ([`Error::Cancelled`]).
+    pub fn generate_prior(
+        &self,
+        p: &WuerstchenParams,
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+    ) -> Result<StageOutput> {
+        self.validate(p)?;
+        let (cond, uncond) = self.prior_text(p)?;
+        let shape = self.prior_shape(p.width, p.height);
+        let sched = match &p.prior_timesteps {
+            Some(t) => DdpmWuerstchenScheduler::with_timesteps(self.prior_scheduler, t)?,
+            None => DdpmWuerstchenScheduler::new(self.prior_scheduler, p.prior_steps)?,
+        };
+        let noise = self.noise_source(p, shape, 0)?;
+        let steps = sched.steps();
+        let mut gate = Gate::new(p.gate_step.map(GateConfig::original), steps, steps, 1)?;
+        let both = uncond.map(|u| Tensor::cat(vec![cond.clone(), u], 0));
+        let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
+        let mut infos = Vec::with_capacity(steps);
+        for i in 0..steps {
+            let started = Instant::now();
+            let plan = gate.begin_iteration(i, both.is_some());
+            let r = sched.timesteps()[i];
+            let pred = match (&both, plan.guidance) {
+                (Some(both), true) => {
+                    let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
+                    let pred = self
+                        .prior
+                        .forward(input, &[r, r], both.clone(), gate.cache());
+                    lerp_guidance(pred, p.prior_guidance)
+                }
+                _ => self
+                    .prior
+                    .forward(latents.clone(), &[r], cond.clone(), gate.cache()),
+            };
+            latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
+            self.finish_step(&mut infos, i, steps, r, plan.phase, started, on_step)?;
+        }
+        let latents = latents
+            .mul_scalar(self.settings.latent_mean)
+            .sub_scalar(self.settings.latent_std);
+        Ok(StageOutput {
+            latents,
+            steps: infos,
+        })
+    }
+
+    /// Stage B: image embedding `[1, c, h, w]` → Stage A latents (before the scale factor).
+    pub fn generate_decoder(
+        &self,
+        image_embeddings: Tensor<4>,
+        p: &WuerstchenParams,
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+    ) -> Result<StageOutput> {
+        self.validate(p)?;
+        let [_, c, eh, ew] = image_embeddings.dims();
+        let expected = self.prior_shape(p.width, p.height);
+        if [1, c, eh, ew] != expected {
+            return Err(Error::input(
+                "image_embeddings",
+                format!("shape {:?}, expected {expected:?}", image_embeddings.dims()),
+            ));
+        }
+        let shape = self.decoder_shape(eh, ew);
+        let guidance = p.decoder_guidance > 1.0;
+        let text = self.encode(&self.tokenizer, &self.text_encoder, &p.prompt)?;
+        let (clip, effnet) = if guidance {
+            let uncond = self.encode(&self.tokenizer, &self.text_encoder, &p.negative_prompt)?;
+            let zeros = image_embeddings.zeros_like();
+            (
+                Tensor::cat(vec![text, uncond], 0),
+                Tensor::cat(vec![image_embeddings, zeros], 0),
+            )
+        } else {
+            (text, image_embeddings)
+        };
+        let sched = DdpmWuerstchenScheduler::new(self.decoder_scheduler, p.decoder_steps)?;
+        let noise = self.noise_source(p, shape, DECODER_STREAM)?;
+        let steps = sched.steps();
+        let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
+        let mut infos = Vec::with_capacity(steps);
+        for i in 0..steps {
+            let started = Instant::now();
+            let r = sched.timesteps()[i];
+            let pred = if guidance {
+                let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
+                let pred = self
+                    .decoder
+                    .forward(input, &[r, r], effnet.clone(), clip.clone());
+                lerp_guidance(pred, p.decoder_guidance)
+            } else {
+                self.decoder
+                    .forward(latents.clone(), &[r], effnet.clone(), clip.clone())
+            };
+            latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
+            let phase = crate::tgate::Phase::SemanticsPlanning;
+            self.finish_step(&mut infos, i, steps, r, phase, started, on_step)?;
+        }
+        Ok(StageOutput {
+            latents,
+            steps: infos,
+        })
+    }
+
+    /// Stage A: decoder latents → image `[1, 3, H, W]` in `[0, 1]`.
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        self.vqgan
+            .decode(latents.mul_scalar(self.vqgan.config().scale_factor))
+            .clamp(0.0, 1.0)
+    }
+
+    /// A function handing out the initial noise (`None`) and step noise (`Some(i)`) of a stage.
+    fn noise_source<'a>(
+        &'a self,
+        p: &'a WuerstchenParams,
+        shape: [usize; 4],
+        stream: u64,
+    ) -> Result<impl Fn(Option<usize>) -> Tensor<4> + 'a> {
+        let n: usize = shape.iter().product();
+        let device = self.device.clone();
+        Ok(move |step: Option<usize>| {
+            let data = match &p.noise {
+                WuerstchenNoise::Seed(seed) => {
+                    let s = match step {
+                        None => stream,
+                        Some(i) => stream + 1 + i as u64,
+                    };
+                    randn(*seed, s, n)
+                }
+                WuerstchenNoise::Tensors {
+                    prior_noise,
+                    prior_step_noise,
+                    decoder_noise,
+                    decoder_step_noise,
+                } => {
+                    let (first, steps) = if stream == 0 {
+                        (prior_noise, prior_step_noise)
+                    } else {
+                        (decoder_noise, decoder_step_noise)
+                    };
+                    match step {
+                        None => first.clone(),
+                        Some(i) => steps[i * n..(i + 1) * n].to_vec(),
+                    }
+                }
+            };
+            Tensor::<4>::from_data(TensorData::new(data, shape), &device)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &self,
+        infos: &mut Vec<StepInfo>,
+        i: usize,
+        total: usize,
+        r: f32,
+        phase: crate::tgate::Phase,
+        started: Instant,
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+    ) -> Result<()> {
+        self.device
+            .sync()
+            .map_err(|e| Error::Device(format!("{e:?}")))?;
+        let info = StepInfo {
+            index: i,
+            total,
+            timestep: r as f64,
+            phase,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        infos.push(info);
+        if on_step(&info).is_break() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// `torch.lerp(uncond, cond, w)` on a `[cond, uncond]` batch (PyTorch's two-sided formula).
+fn lerp_guidance(pred: Tensor<4>, w: f64) -> Tensor<4> {
+    let cond = pred.clone().narrow(0, 0, 1);
+    let uncond = pred.narrow(0, 1, 1);
+    let diff = cond.clone() - uncond.clone();
+    if w < 0.5 {
+        uncond + diff.mul_scalar(w)
+    } else {
+        cond - diff.mul_scalar(1.0 - w)
+    }
+}
