@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tgate::loader::{DirSource, ModelSource, Variant};
 use tgate::pipeline::{to_rgb8, GenerateParams, Noise, StableDiffusion, StepInfo};
+use tgate::pipeline_wuerstchen::WuerstchenLayout;
 use tgate::safetensors::{write_f32, SafeTensors};
 use tgate::schedulers::SchedulerKind;
 use tgate::tgate::{GateConfig, Phase};
@@ -40,25 +41,41 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Backend {
+pub(crate) enum Backend {
     Cpu,
     Wgpu,
 }
 
 #[derive(Args)]
-struct GenerateArgs {
-    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+pub(crate) struct GenerateArgs {
+    /// A diffusers pipeline folder: Stable Diffusion (unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/) or Würstchen (a combined folder with prior_* subfolders, or a decoder folder
+    /// with --prior).
     #[arg(long)]
     model: PathBuf,
+    /// Würstchen only: the prior pipeline folder when --model is a decoder pipeline folder.
+    #[arg(long)]
+    prior: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    #[arg(long, default_value_t = 25)]
-    steps: usize,
-    /// Classifier-free guidance scale (guidance is off at 1 or below).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
+    /// Denoising steps (Würstchen: prior steps). Default: 25 (SD), 60 (Würstchen).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Würstchen: run the prior on diffusers' DEFAULT_STAGE_C_TIMESTEPS (29 steps) instead of --steps.
+    #[arg(long, conflicts_with = "steps")]
+    default_timesteps: bool,
+    /// Classifier-free guidance scale, off at 1 or below (Würstchen: the prior's).
+    /// Default: 7.5 (SD), 4.0 (Würstchen).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Würstchen: decoder (Stage B) steps.
+    #[arg(long, default_value_t = 12)]
+    decoder_steps: usize,
+    /// Würstchen: decoder guidance scale (off at 1 or below).
+    #[arg(long, default_value_t = 0.0)]
+    decoder_guidance: f64,
     /// ddim, pndm, euler, euler-a or dpm++2m (default: the model folder's scheduler).
     #[arg(long)]
     scheduler: Option<String>,
@@ -73,28 +90,32 @@ struct GenerateArgs {
     /// Run without T-GATE (plain diffusers behaviour).
     #[arg(long)]
     no_gate: bool,
-    /// Self-attention refresh interval before the gate (1 = always computed).
-    #[arg(long, default_value_t = 1)]
-    sp_interval: usize,
-    /// Self-attention refresh interval after the gate.
-    #[arg(long, default_value_t = 1)]
-    fi_interval: usize,
-    /// Steps at the start that never reuse self-attention.
-    #[arg(long, default_value_t = 0)]
-    warm_up: usize,
+    /// Self-attention refresh interval before the gate (1 = always computed; SD only).
+    #[arg(long)]
+    sp_interval: Option<usize>,
+    /// Self-attention refresh interval after the gate (default 1; SD only).
+    #[arg(long)]
+    fi_interval: Option<usize>,
+    /// Steps at the start that never reuse self-attention (default 0; SD only).
+    #[arg(long)]
+    warm_up: Option<usize>,
     #[arg(long, conflicts_with = "noise")]
     seed: Option<u64>,
-    /// safetensors with `noise` [1,4,H/8,W/8] (and `step_noise` [steps,1,4,H/8,W/8] for euler-a).
+    /// safetensors with `noise` [1,4,H/8,W/8] (and `step_noise` [steps,1,4,H/8,W/8] for euler-a);
+    /// Würstchen: `prior_noise`, `prior_step_noise`, `decoder_noise`, `decoder_step_noise`.
     #[arg(long)]
     noise: Option<PathBuf>,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
-    /// Write the final latents (before the VAE) to this safetensors file as `latents`.
+    /// Write the final latents (before the VAE) to this safetensors file as `latents`;
+    /// Würstchen: `prior_latents` (after ·42−1) and `decoder_latents` (before Stage A).
     #[arg(long)]
     save_latents: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
 }
+
+mod wuerstchen;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -137,7 +158,7 @@ fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn device(backend: Backend) -> Result<Device, Error> {
+pub(crate) fn device(backend: Backend) -> Result<Device, Error> {
     match backend {
         Backend::Cpu => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
@@ -186,6 +207,22 @@ fn read_noise(path: &Path, steps: usize) -> Result<(Noise, Vec<usize>), Error> {
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
     let src = model_dir(&a.model)?;
+    if WuerstchenLayout::detect(&src)?.is_some() {
+        return wuerstchen::generate(a, src);
+    }
+    if a.prior.is_some() {
+        return Err(Error::param(
+            "prior",
+            "only Würstchen models take a separate prior folder",
+        ));
+    }
+    if a.default_timesteps {
+        return Err(Error::param(
+            "default-timesteps",
+            "only Würstchen priors have default timesteps",
+        ));
+    }
+    let steps = a.steps.unwrap_or(25);
     if src.read("unet/config.json")?.is_none() {
         return Err(Error::MissingFile(format!(
             "{}/unet/config.json (not a Stable Diffusion pipeline folder)",
@@ -207,16 +244,16 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         Some(GateConfig {
             gate_step: a
                 .gate_step
-                .unwrap_or_else(|| GateConfig::default_gate_step(a.steps)),
-            sp_interval: a.sp_interval,
-            fi_interval: a.fi_interval,
-            warm_up: a.warm_up,
+                .unwrap_or_else(|| GateConfig::default_gate_step(steps)),
+            sp_interval: a.sp_interval.unwrap_or(1),
+            fi_interval: a.fi_interval.unwrap_or(1),
+            warm_up: a.warm_up.unwrap_or(0),
         })
     };
     let mut noise_shape: Option<Vec<usize>> = None;
     let (noise, seed_note) = match (&a.noise, a.seed) {
         (Some(path), _) => {
-            let (noise, shape) = read_noise(path, a.steps)?;
+            let (noise, shape) = read_noise(path, steps)?;
             noise_shape = Some(shape);
             (noise, format!("noise from {}", path.display()))
         }
@@ -231,8 +268,8 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     let params = GenerateParams {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
-        steps: a.steps,
-        guidance: a.guidance,
+        steps,
+        guidance: a.guidance.unwrap_or(7.5),
         scheduler,
         width: a.width.or(from_noise(3)).unwrap_or(size),
         height: a.height.or(from_noise(2)).unwrap_or(size),
@@ -340,7 +377,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn web_seed() -> u64 {
+pub(crate) fn web_seed() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -348,7 +385,7 @@ fn web_seed() -> u64 {
         % 1_000_000_007
 }
 
-fn write_png(path: &Path, w: usize, h: usize, rgb: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_png(path: &Path, w: usize, h: usize, rgb: &[u8]) -> Result<(), Error> {
     let fail = |e: String| Error::input("out", format!("{}: {e}", path.display()));
     let file = std::fs::File::create(path).map_err(|e| fail(e.to_string()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);

@@ -223,3 +223,112 @@ fn impossible_parameters_fail_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
 }
+
+/// Würstchen through the CLI: the reference noise as a `--noise` file, the latents compared with
+/// diffusers (ungated) and with the gated-prior definition.
+#[test]
+fn wuerstchen_generate_matches_references() {
+    let dir = fixtures().join("wuerstchen");
+    let r = SafeTensors::parse(
+        "reference",
+        std::fs::read(dir.join("reference.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let noise = scratch("wuerstchen-noise.safetensors");
+    let tensors: Vec<(&str, tgate::safetensors::HostTensor)> = [
+        "prior_noise",
+        "prior_step_noise",
+        "decoder_noise",
+        "decoder_step_noise",
+    ]
+    .iter()
+    .map(|k| (*k, r.read_f32_any(&format!("pipe.{k}")).unwrap()))
+    .collect();
+    let views: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(k, t)| (*k, &t.shape[..], &t.data[..]))
+        .collect();
+    std::fs::write(&noise, write_f32(&views)).unwrap();
+
+    for (gate_args, prior_key, decoder_key) in [
+        (&["--no-gate"][..], "pipe.prior_latents", "pipe.decoder_latents"),
+        (&["--gate-step", "2"][..], "gate2.prior_latents", "gate2.decoder_latents"),
+    ] {
+        let saved = scratch(&format!("{prior_key}.safetensors"));
+        let png = scratch(&format!("{prior_key}.png"));
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            json["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            json["negative_prompt"].as_str().unwrap(),
+            "--width",
+            "128",
+            "--height",
+            "256",
+            "--steps",
+            "6",
+            "--guidance",
+            "4",
+            "--decoder-steps",
+            "4",
+            "--noise",
+            noise.to_str().unwrap(),
+            "--save-latents",
+            saved.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(gate_args);
+        let out = tgate(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{prior_key}: {stderr}");
+        assert!(stderr.contains("prior semantics-planning"), "{stderr}");
+        let st = SafeTensors::parse("saved", std::fs::read(&saved).unwrap()).unwrap();
+        for (name, key, tol) in [
+            ("prior_latents", prior_key, 1e-5),
+            ("decoder_latents", decoder_key, 1e-4),
+        ] {
+            let got = st.read_f32_any(name).unwrap();
+            let want = r.read_f32_any(key).unwrap();
+            assert_eq!(got.shape, want.shape, "{name}");
+            let (err, scale) = max_err(&got.data, &want.data);
+            assert!(err <= tol * scale, "{key}: {err} (scale {scale})");
+        }
+        let png = std::fs::read(&png).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        // IHDR: width then height, big-endian, at bytes 16..24.
+        assert_eq!(&png[16..24], &[0, 0, 0, 128, 0, 0, 1, 0]);
+    }
+
+    // Flags that make no sense for Würstchen, and sizes Stage B cannot take, are refused.
+    for (extra, needle) in [
+        (&["--scheduler", "ddim"][..], "scheduler"),
+        (&["--sp-interval", "2"][..], "sp-interval"),
+        (&["--width", "200", "--height", "256"][..], "width/height"),
+        (&["--gate-step", "9"][..], "gate_step"),
+        (&["--noise", "/nonexistent/noise.safetensors"][..], "noise.safetensors"),
+    ] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--decoder-steps",
+            "1",
+            "--steps",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let out = tgate(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} accepted");
+        assert!(stderr.contains("error:") && stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
