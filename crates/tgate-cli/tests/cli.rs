@@ -253,8 +253,16 @@ fn wuerstchen_generate_matches_references() {
     std::fs::write(&noise, write_f32(&views)).unwrap();
 
     for (gate_args, prior_key, decoder_key) in [
-        (&["--no-gate"][..], "pipe.prior_latents", "pipe.decoder_latents"),
-        (&["--gate-step", "2"][..], "gate2.prior_latents", "gate2.decoder_latents"),
+        (
+            &["--no-gate"][..],
+            "pipe.prior_latents",
+            "pipe.decoder_latents",
+        ),
+        (
+            &["--gate-step", "2"][..],
+            "gate2.prior_latents",
+            "gate2.decoder_latents",
+        ),
     ] {
         let saved = scratch(&format!("{prior_key}.safetensors"));
         let png = scratch(&format!("{prior_key}.png"));
@@ -311,7 +319,10 @@ fn wuerstchen_generate_matches_references() {
         (&["--sp-interval", "2"][..], "sp-interval"),
         (&["--width", "200", "--height", "256"][..], "width/height"),
         (&["--gate-step", "9"][..], "gate_step"),
-        (&["--noise", "/nonexistent/noise.safetensors"][..], "noise.safetensors"),
+        (
+            &["--noise", "/nonexistent/noise.safetensors"][..],
+            "noise.safetensors",
+        ),
     ] {
         let mut args = vec![
             "generate",
@@ -328,7 +339,10 @@ fn wuerstchen_generate_matches_references() {
         let out = tgate(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{extra:?} accepted");
-        assert!(stderr.contains("error:") && stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("error:") && stderr.contains(needle),
+            "{extra:?}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }

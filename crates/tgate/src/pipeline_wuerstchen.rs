@@ -22,7 +22,7 @@ use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
 use crate::pipeline::StepInfo;
 use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
-use crate::tgate::{Gate, GateConfig};
+use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
 use crate::wuerstchen_diffnext::{DiffNeXtConfig, WuerstchenDiffNeXt};
 use crate::wuerstchen_prior::{PriorConfig, WuerstchenPrior};
@@ -539,42 +539,21 @@ impl Wuerstchen {
     ) -> Result<StageOutput> {
         self.validate(p)?;
         let (cond, uncond) = self.prior_text(p)?;
-        let shape = self.prior_shape(p.width, p.height);
-        let sched = match &p.prior_timesteps {
-            Some(t) => DdpmWuerstchenScheduler::with_timesteps(self.prior_scheduler, t)?,
-            None => DdpmWuerstchenScheduler::new(self.prior_scheduler, p.prior_steps)?,
-        };
-        let noise = self.noise_source(p, shape, 0)?;
-        let steps = sched.steps();
-        let mut gate = Gate::new(p.gate_step.map(GateConfig::original), steps, steps, 1)?;
-        let both = uncond.map(|u| Tensor::cat(vec![cond.clone(), u], 0));
-        let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
-        let mut infos = Vec::with_capacity(steps);
-        for i in 0..steps {
-            let started = Instant::now();
-            let plan = gate.begin_iteration(i, both.is_some());
-            let r = sched.timesteps()[i];
-            let pred = match (&both, plan.guidance) {
-                (Some(both), true) => {
-                    let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
-                    let pred = self
-                        .prior
-                        .forward(input, &[r, r], both.clone(), gate.cache());
-                    lerp_guidance(pred, p.prior_guidance)
-                }
-                _ => self
-                    .prior
-                    .forward(latents.clone(), &[r], cond.clone(), gate.cache()),
-            };
-            latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
-            self.finish_step(&mut infos, i, steps, r, plan.phase, started, on_step)?;
-        }
-        let latents = latents
-            .mul_scalar(self.settings.latent_mean)
-            .sub_scalar(self.settings.latent_std);
+        let out = denoise_prior(
+            &self.prior,
+            self.prior_scheduler,
+            p,
+            self.prior_shape(p.width, p.height),
+            cond,
+            uncond,
+            on_step,
+        )?;
         Ok(StageOutput {
-            latents,
-            steps: infos,
+            latents: out
+                .latents
+                .mul_scalar(self.settings.latent_mean)
+                .sub_scalar(self.settings.latent_std),
+            steps: out.steps,
         })
     }
 
@@ -608,7 +587,7 @@ impl Wuerstchen {
             (text, image_embeddings)
         };
         let sched = DdpmWuerstchenScheduler::new(self.decoder_scheduler, p.decoder_steps)?;
-        let noise = self.noise_source(p, shape, DECODER_STREAM)?;
+        let noise = noise_source(&self.device, p, shape, DECODER_STREAM);
         let steps = sched.steps();
         let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
         let mut infos = Vec::with_capacity(steps);
@@ -626,8 +605,17 @@ impl Wuerstchen {
                     .forward(latents.clone(), &[r], effnet.clone(), clip.clone())
             };
             latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
-            let phase = crate::tgate::Phase::SemanticsPlanning;
-            self.finish_step(&mut infos, i, steps, r, phase, started, on_step)?;
+            let phase = Phase::SemanticsPlanning;
+            finish_step(
+                &self.device,
+                &mut infos,
+                i,
+                steps,
+                r,
+                phase,
+                started,
+                on_step,
+            )?;
         }
         Ok(StageOutput {
             latents,
@@ -641,73 +629,120 @@ impl Wuerstchen {
             .decode(latents.mul_scalar(self.vqgan.config().scale_factor))
             .clamp(0.0, 1.0)
     }
+}
 
-    /// A function handing out the initial noise (`None`) and step noise (`Some(i)`) of a stage.
-    fn noise_source<'a>(
-        &'a self,
-        p: &'a WuerstchenParams,
-        shape: [usize; 4],
-        stream: u64,
-    ) -> Result<impl Fn(Option<usize>) -> Tensor<4> + 'a> {
-        let n: usize = shape.iter().product();
-        let device = self.device.clone();
-        Ok(move |step: Option<usize>| {
-            let data = match &p.noise {
-                WuerstchenNoise::Seed(seed) => {
-                    let s = match step {
-                        None => stream,
-                        Some(i) => stream + 1 + i as u64,
-                    };
-                    randn(*seed, s, n)
-                }
-                WuerstchenNoise::Tensors {
-                    prior_noise,
-                    prior_step_noise,
-                    decoder_noise,
-                    decoder_step_noise,
-                } => {
-                    let (first, steps) = if stream == 0 {
-                        (prior_noise, prior_step_noise)
-                    } else {
-                        (decoder_noise, decoder_step_noise)
-                    };
-                    match step {
-                        None => first.clone(),
-                        Some(i) => steps[i * n..(i + 1) * n].to_vec(),
-                    }
-                }
-            };
-            Tensor::<4>::from_data(TensorData::new(data, shape), &device)
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish_step(
-        &self,
-        infos: &mut Vec<StepInfo>,
-        i: usize,
-        total: usize,
-        r: f32,
-        phase: crate::tgate::Phase,
-        started: Instant,
-        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
-    ) -> Result<()> {
-        self.device
-            .sync()
-            .map_err(|e| Error::Device(format!("{e:?}")))?;
-        let info = StepInfo {
-            index: i,
-            total,
-            timestep: r as f64,
-            phase,
-            seconds: started.elapsed().as_secs_f64(),
+/// The Stage C loop on text embeddings `cond` `[1, n, c_cond]` (and `uncond` when guidance is
+/// on), for a latent of `shape`; returns the final latents *before* `· latent_mean − latent_std`.
+/// The prompt and decoder fields of `p` are not used here.
+pub fn denoise_prior(
+    prior: &WuerstchenPrior,
+    scheduler: DdpmWuerstchenConfig,
+    p: &WuerstchenParams,
+    shape: [usize; 4],
+    cond: Tensor<3>,
+    uncond: Option<Tensor<3>>,
+    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+) -> Result<StageOutput> {
+    let device = cond.device();
+    let sched = match &p.prior_timesteps {
+        Some(t) => DdpmWuerstchenScheduler::with_timesteps(scheduler, t)?,
+        None => DdpmWuerstchenScheduler::new(scheduler, p.prior_steps)?,
+    };
+    let steps = sched.steps();
+    let mut gate = Gate::new(p.gate_step.map(GateConfig::original), steps, steps, 1)?;
+    let noise = noise_source(&device, p, shape, 0);
+    let both = uncond
+        .filter(|_| p.prior_guidance > 1.0)
+        .map(|u| Tensor::cat(vec![cond.clone(), u], 0));
+    let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
+    let mut infos = Vec::with_capacity(steps);
+    for i in 0..steps {
+        let started = Instant::now();
+        let plan = gate.begin_iteration(i, both.is_some());
+        let r = sched.timesteps()[i];
+        let pred = match (&both, plan.guidance) {
+            (Some(both), true) => {
+                let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
+                let pred = prior.forward(input, &[r, r], both.clone(), gate.cache());
+                lerp_guidance(pred, p.prior_guidance)
+            }
+            _ => prior.forward(latents.clone(), &[r], cond.clone(), gate.cache()),
         };
-        infos.push(info);
-        if on_step(&info).is_break() {
-            return Err(Error::Cancelled);
-        }
-        Ok(())
+        latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
+        finish_step(
+            &device, &mut infos, i, steps, r, plan.phase, started, on_step,
+        )?;
     }
+    Ok(StageOutput {
+        latents,
+        steps: infos,
+    })
+}
+
+/// A function handing out the initial noise (`None`) and step noise (`Some(i)`) of a stage
+/// (lengths were checked by [`Wuerstchen::validate`]).
+fn noise_source<'a>(
+    device: &Device,
+    p: &'a WuerstchenParams,
+    shape: [usize; 4],
+    stream: u64,
+) -> impl Fn(Option<usize>) -> Tensor<4> + 'a {
+    let n: usize = shape.iter().product();
+    let device = device.clone();
+    move |step: Option<usize>| {
+        let data = match &p.noise {
+            WuerstchenNoise::Seed(seed) => {
+                let s = match step {
+                    None => stream,
+                    Some(i) => stream + 1 + i as u64,
+                };
+                randn(*seed, s, n)
+            }
+            WuerstchenNoise::Tensors {
+                prior_noise,
+                prior_step_noise,
+                decoder_noise,
+                decoder_step_noise,
+            } => {
+                let (first, steps) = if stream == 0 {
+                    (prior_noise, prior_step_noise)
+                } else {
+                    (decoder_noise, decoder_step_noise)
+                };
+                match step {
+                    None => first.clone(),
+                    Some(i) => steps[i * n..(i + 1) * n].to_vec(),
+                }
+            }
+        };
+        Tensor::<4>::from_data(TensorData::new(data, shape), &device)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_step(
+    device: &Device,
+    infos: &mut Vec<StepInfo>,
+    i: usize,
+    total: usize,
+    r: f32,
+    phase: Phase,
+    started: Instant,
+    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+) -> Result<()> {
+    device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+    let info = StepInfo {
+        index: i,
+        total,
+        timestep: r as f64,
+        phase,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    infos.push(info);
+    if on_step(&info).is_break() {
+        return Err(Error::Cancelled);
+    }
+    Ok(())
 }
 
 /// `torch.lerp(uncond, cond, w)` on a `[cond, uncond]` batch (PyTorch's two-sided formula).
