@@ -72,6 +72,25 @@ impl Attention {
         self.to_out
             .forward(multi_head_attention(q, k, v, self.heads, None, false))
     }
+
+    /// The query projection alone (for callers that share projections between attention calls).
+    pub fn query(&self, x: Tensor<3>) -> Tensor<3> {
+        self.to_q.forward(x)
+    }
+
+    /// The key and value projections of `context`.
+    pub fn key_value(&self, context: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        (
+            self.to_k.forward(context.clone()),
+            self.to_v.forward(context),
+        )
+    }
+
+    /// Attention over already projected `q`, `k`, `v`, then the output projection.
+    pub fn attend(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+        self.to_out
+            .forward(multi_head_attention(q, k, v, self.heads, None, false))
+    }
 }
 
 /// `FeedForward` with the GEGLU activation (`net.0.proj`, `net.2`).

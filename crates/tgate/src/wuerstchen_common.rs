@@ -188,13 +188,20 @@ impl AttnBlock {
         let tokens = channel_norm(x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
+        // The query and the image keys/values are shared by both attention variants, so the
+        // gate step pays only one extra attention core and output projection.
+        let attn = &self.attention;
+        let q = attn.query(tokens.clone());
+        let (k_img, v_img) = attn.key_value(tokens);
         let out = cache.text_kv_attention(
             || {
                 let text = self.kv_mapper.forward(activation::silu(cond.clone()));
-                let kv = Tensor::cat(vec![tokens.clone(), text], 1);
-                self.attention.forward(tokens.clone(), Some(&kv))
+                let (k_text, v_text) = attn.key_value(text);
+                let k = Tensor::cat(vec![k_img.clone(), k_text], 1);
+                let v = Tensor::cat(vec![v_img.clone(), v_text], 1);
+                attn.attend(q.clone(), k, v)
             },
-            || self.attention.forward(tokens.clone(), None),
+            || attn.attend(q.clone(), k_img.clone(), v_img.clone()),
         );
         x + out.swap_dims(1, 2).reshape([b, c, h, w])
     }
