@@ -586,6 +586,7 @@ impl Wuerstchen {
         } else {
             (text, image_embeddings)
         };
+        let mut conditioning = self.decoder.condition(effnet, clip);
         let sched = DdpmWuerstchenScheduler::new(self.decoder_scheduler, p.decoder_steps)?;
         let noise = noise_source(&self.device, p, shape, DECODER_STREAM);
         let steps = sched.steps();
@@ -596,13 +597,11 @@ impl Wuerstchen {
             let r = sched.timesteps()[i];
             let pred = if guidance {
                 let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
-                let pred = self
-                    .decoder
-                    .forward(input, &[r, r], effnet.clone(), clip.clone());
+                let pred = self.decoder.forward(input, &[r, r], &mut conditioning);
                 lerp_guidance(pred, p.decoder_guidance)
             } else {
                 self.decoder
-                    .forward(latents.clone(), &[r], effnet.clone(), clip.clone())
+                    .forward(latents.clone(), &[r], &mut conditioning)
             };
             latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
             let phase = Phase::SemanticsPlanning;
@@ -651,9 +650,14 @@ pub fn denoise_prior(
     let steps = sched.steps();
     let mut gate = Gate::new(p.gate_step.map(GateConfig::original), steps, steps, 1)?;
     let noise = noise_source(&device, p, shape, 0);
+    // The text is mapped once per generation (it is the same at every step).
     let both = uncond
         .filter(|_| p.prior_guidance > 1.0)
-        .map(|u| Tensor::cat(vec![cond.clone(), u], 0));
+        .map(|u| prior.map_text(Tensor::cat(vec![cond.clone(), u], 0)));
+    let cond = match &both {
+        Some(both) => both.clone().narrow(0, 0, 1),
+        None => prior.map_text(cond),
+    };
     let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
     let mut infos = Vec::with_capacity(steps);
     for i in 0..steps {
@@ -663,10 +667,10 @@ pub fn denoise_prior(
         let pred = match (&both, plan.guidance) {
             (Some(both), true) => {
                 let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
-                let pred = prior.forward(input, &[r, r], both.clone(), gate.cache());
+                let pred = prior.forward(input, &[r, r], both, gate.cache());
                 lerp_guidance(pred, p.prior_guidance)
             }
-            _ => prior.forward(latents.clone(), &[r], cond.clone(), gate.cache()),
+            _ => prior.forward(latents.clone(), &[r], &cond, gate.cache()),
         };
         latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
         finish_step(

@@ -175,6 +175,14 @@ enum Block {
     Up(ConvTranspose2d),
 }
 
+/// Stage B's per-generation conditioning (see [`WuerstchenDiffNeXt::condition`]).
+#[derive(Clone, Debug)]
+pub struct DiffNeXtConditioning {
+    clip: Tensor<3>,
+    effnet: Tensor<4>,
+    mapped: Vec<Option<Tensor<4>>>,
+}
+
 /// Stage B.
 #[derive(Clone, Debug)]
 pub struct WuerstchenDiffNeXt {
@@ -304,25 +312,34 @@ impl WuerstchenDiffNeXt {
         &self.config
     }
 
-    /// `x: [b, c_in, H, W]` (multiples of [`DiffNeXtConfig::downscale`]), one noise ratio per row,
-    /// `effnet: [b, effnet_embd, h, w]` (any size), `clip: [b, n, clip_embd]` → `[b, c_out, H, W]`.
-    pub fn forward(
-        &self,
-        x: Tensor<4>,
-        r: &[f32],
-        effnet: Tensor<4>,
-        clip: Tensor<3>,
-    ) -> Tensor<4> {
+    /// The conditioning of one generation: `effnet: [b, effnet_embd, h, w]` (any size) and
+    /// `clip: [b, n, clip_embd]`. The text mapping is done here once; each level's resized and
+    /// mapped effnet is computed at its first use and kept for the following steps.
+    pub fn condition(&self, effnet: Tensor<4>, clip: Tensor<3>) -> DiffNeXtConditioning {
+        DiffNeXtConditioning {
+            clip: norm_over(self.clip_mapper.forward(clip), 2, 1e-6),
+            effnet,
+            mapped: vec![None; self.effnet_mappers.len()],
+        }
+    }
+
+    /// `x: [b, c_in, H, W]` (multiples of [`DiffNeXtConfig::downscale`]), one noise ratio per
+    /// row → `[b, c_out, H, W]`. The conditioning's batch must match `x`'s.
+    pub fn forward(&self, x: Tensor<4>, r: &[f32], cond: &mut DiffNeXtConditioning) -> Tensor<4> {
         let cfg = &self.config;
         let device = x.device();
         let r_embed = r_embedding(r, cfg.c_r, &device);
-        let clip = norm_over(self.clip_mapper.forward(clip), 2, 1e-6);
+        let clip = cond.clip.clone();
         let mut cache = AttentionCache::new();
-        let effnet_at = |n: usize, x: &Tensor<4>| {
-            self.effnet_mappers[n].as_ref().map(|mapper| {
-                let [_, _, h, w] = x.dims();
-                mapper.forward(resize_bicubic_antialias(effnet.clone(), h, w))
-            })
+        let mut effnet_at = |n: usize, x: &Tensor<4>| -> Option<Tensor<4>> {
+            let mapper = self.effnet_mappers[n].as_ref()?;
+            let [_, _, h, w] = x.dims();
+            let kept = cond.mapped[n].as_ref().filter(|t| t.dims()[2..] == [h, w]);
+            if kept.is_none() {
+                let resized = resize_bicubic_antialias(cond.effnet.clone(), h, w);
+                cond.mapped[n] = Some(mapper.forward(resized));
+            }
+            cond.mapped[n].clone()
         };
 
         let x_in = x.clone();

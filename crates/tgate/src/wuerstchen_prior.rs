@@ -105,26 +105,31 @@ impl WuerstchenPrior {
         &self.config
     }
 
-    /// `x: [b, c_in, h, w]`, one noise ratio per batch row, text `[b, n, c_cond]` → the model's
-    /// estimate `[b, c_in, h, w]`. `cache` carries the gate (see [`AttnBlock`]).
+    /// `cond_mapper`: text embeddings `[b, n, c_cond]` → `[b, n, c]`, the same at every step, so
+    /// the pipeline maps them once per generation.
+    pub fn map_text(&self, text: Tensor<3>) -> Tensor<3> {
+        self.cond_out
+            .forward(activation::leaky_relu(self.cond_in.forward(text), 0.2))
+    }
+
+    /// `x: [b, c_in, h, w]`, one noise ratio per batch row, mapped text `[b, n, c]` (see
+    /// [`Self::map_text`]) → the model's estimate `[b, c_in, h, w]`. `cache` carries the gate
+    /// (see [`AttnBlock`]).
     pub fn forward(
         &self,
         x: Tensor<4>,
         r: &[f32],
-        text: Tensor<3>,
+        mapped_text: &Tensor<3>,
         cache: &mut AttentionCache,
     ) -> Tensor<4> {
         let device = x.device();
         let x_in = x.clone();
         let mut x = self.projection.forward(x);
-        let cond = self
-            .cond_out
-            .forward(activation::leaky_relu(self.cond_in.forward(text), 0.2));
         let r_embed = r_embedding(r, self.config.c_r, &device);
         for layer in &self.layers {
             x = layer.res.forward(x, None);
             x = layer.time.forward(x, &r_embed);
-            x = layer.attn.forward(x, &cond, cache);
+            x = layer.attn.forward(x, mapped_text, cache);
         }
         let ab = self.out.forward(channel_norm(x));
         let c_in = self.config.c_in;

@@ -62,10 +62,11 @@ fn prior_forward() {
     let w = weights("prior_prior");
     let prior = WuerstchenPrior::load(&cfg, &w).unwrap();
     assert_all_used(&w, &[]);
+    let text = prior.map_text(tensor(&r, "prior.c", &device));
     let out = prior.forward(
         tensor(&r, "prior.x", &device),
         &host_vec("prior.r"),
-        tensor(&r, "prior.c", &device),
+        &text,
         &mut AttentionCache::new(),
     );
     assert_close(out, &r, "prior.out", 1e-5);
@@ -80,13 +81,16 @@ fn decoder_forward() {
     let w = weights("decoder");
     let decoder = WuerstchenDiffNeXt::load(&cfg, &w).unwrap();
     assert_all_used(&w, &[]);
-    let out = decoder.forward(
-        tensor(&r, "decoder.x", &device),
-        &host_vec("decoder.r"),
+    let mut cond = decoder.condition(
         tensor(&r, "decoder.effnet", &device),
         tensor(&r, "decoder.clip", &device),
     );
+    let x = tensor(&r, "decoder.x", &device);
+    let out = decoder.forward(x.clone(), &host_vec("decoder.r"), &mut cond);
     assert_close(out, &r, "decoder.out", 1e-5);
+    // A second call reuses the kept effnet conditioning and gives the same result.
+    let again = decoder.forward(x, &host_vec("decoder.r"), &mut cond);
+    assert_close(again, &r, "decoder.out", 1e-5);
 }
 
 #[test]
