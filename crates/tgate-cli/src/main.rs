@@ -70,12 +70,12 @@ pub(crate) struct GenerateArgs {
     /// Default: 7.5 (SD), 4.0 (Würstchen).
     #[arg(long)]
     guidance: Option<f64>,
-    /// Würstchen: decoder (Stage B) steps.
-    #[arg(long, default_value_t = 12)]
-    decoder_steps: usize,
-    /// Würstchen: decoder guidance scale (off at 1 or below).
-    #[arg(long, default_value_t = 0.0)]
-    decoder_guidance: f64,
+    /// Würstchen: decoder (Stage B) steps (default 12).
+    #[arg(long)]
+    decoder_steps: Option<usize>,
+    /// Würstchen: decoder guidance scale, off at 1 or below (default 0).
+    #[arg(long)]
+    decoder_guidance: Option<f64>,
     /// ddim, pndm, euler, euler-a or dpm++2m (default: the model folder's scheduler).
     #[arg(long)]
     scheduler: Option<String>,
@@ -216,11 +216,14 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
             "only Würstchen models take a separate prior folder",
         ));
     }
-    if a.default_timesteps {
-        return Err(Error::param(
-            "default-timesteps",
-            "only Würstchen priors have default timesteps",
-        ));
+    for (flag, set) in [
+        ("default-timesteps", a.default_timesteps),
+        ("decoder-steps", a.decoder_steps.is_some()),
+        ("decoder-guidance", a.decoder_guidance.is_some()),
+    ] {
+        if set {
+            return Err(Error::param(flag, "only for Würstchen models"));
+        }
     }
     let steps = a.steps.unwrap_or(25);
     if src.read("unet/config.json")?.is_none() {

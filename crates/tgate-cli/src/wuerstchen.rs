@@ -15,16 +15,36 @@ use tgate::Error;
 
 use crate::{device, model_dir, web_seed, write_png, GenerateArgs};
 
-fn read_noise(path: &Path) -> Result<WuerstchenNoise, Error> {
+/// Reads a `--noise` file, checking each tensor's shape against what this run needs.
+fn read_noise(
+    path: &Path,
+    model: &Wuerstchen,
+    p: &WuerstchenParams,
+) -> Result<WuerstchenNoise, Error> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::MissingFile(format!("{}: {e}", path.display())))?;
     let st = SafeTensors::parse(path.display().to_string(), bytes)?;
-    let get = |name: &str| st.read_f32_any(name).map(|t| t.data);
+    let prior = model.prior_shape(p.width, p.height);
+    let decoder = model.decoder_shape(prior[2], prior[3]);
+    let with_steps = |n: usize, s: [usize; 4]| vec![n, s[0], s[1], s[2], s[3]];
+    let get = |name: &str, shape: Vec<usize>| {
+        let t = st.read_f32_any(name)?;
+        if t.shape != shape {
+            return Err(Error::input(
+                name,
+                format!(
+                    "shape {:?}, expected {shape:?} for {}x{}",
+                    t.shape, p.width, p.height
+                ),
+            ));
+        }
+        Ok(t.data)
+    };
     Ok(WuerstchenNoise::Tensors {
-        prior_noise: get("prior_noise")?,
-        prior_step_noise: get("prior_step_noise")?,
-        decoder_noise: get("decoder_noise")?,
-        decoder_step_noise: get("decoder_step_noise")?,
+        prior_noise: get("prior_noise", prior.to_vec())?,
+        prior_step_noise: get("prior_step_noise", with_steps(p.prior_step_count(), prior))?,
+        decoder_noise: get("decoder_noise", decoder.to_vec())?,
+        decoder_step_noise: get("decoder_step_noise", with_steps(p.decoder_steps, decoder))?,
     })
 }
 
@@ -82,10 +102,9 @@ pub fn generate(a: GenerateArgs, src: DirSource) -> Result<(), Error> {
         &device,
     )?;
 
-    let (noise, seed_note) = match (&a.noise, a.seed) {
-        (Some(path), _) => (read_noise(path)?, format!("noise from {}", path.display())),
-        (None, Some(seed)) => (WuerstchenNoise::Seed(seed), format!("seed {seed}")),
-        (None, None) => {
+    let (noise, seed_note) = match a.seed {
+        Some(seed) => (WuerstchenNoise::Seed(seed), format!("seed {seed}")),
+        None => {
             let seed = web_seed();
             (WuerstchenNoise::Seed(seed), format!("seed {seed} (random)"))
         }
@@ -100,8 +119,8 @@ pub fn generate(a: GenerateArgs, src: DirSource) -> Result<(), Error> {
         p.prior_steps = steps;
     }
     p.prior_guidance = a.guidance.unwrap_or(4.0);
-    p.decoder_steps = a.decoder_steps;
-    p.decoder_guidance = a.decoder_guidance;
+    p.decoder_steps = a.decoder_steps.unwrap_or(12);
+    p.decoder_guidance = a.decoder_guidance.unwrap_or(0.0);
     let prior_steps = p.prior_step_count();
     p.gate_step = if a.no_gate {
         None
@@ -112,6 +131,13 @@ pub fn generate(a: GenerateArgs, src: DirSource) -> Result<(), Error> {
         )
     };
     model.validate(&p)?;
+    let seed_note = match &a.noise {
+        Some(path) => {
+            p.noise = read_noise(path, &model, &p)?;
+            format!("noise from {}", path.display())
+        }
+        None => seed_note,
+    };
     let (out_w, out_h) = model.output_size(p.width, p.height);
     eprintln!(
         "{}x{} (output {}x{}), prior {} steps guidance {}, decoder {} steps guidance {}, {}, {}",

@@ -177,8 +177,10 @@ fn tokenize_prints_the_reference_ids() {
 fn impossible_parameters_fail_with_a_message() {
     let model = fixtures().join("sd1");
     let m = model.to_str().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--steps", "0"], "steps"),
+        (&["--steps", "100000"], "steps"),
+        (&["--decoder-steps", "3"], "decoder-steps"),
         (&["--steps", "8", "--gate-step", "9"], "gate_step"),
         (&["--width", "60"], "width"),
         (&["--scheduler", "lms"], "lms"),
@@ -322,6 +324,11 @@ fn wuerstchen_generate_matches_references() {
         (
             &["--noise", "/nonexistent/noise.safetensors"][..],
             "noise.safetensors",
+        ),
+        // The reference noise is for 128x256, and for 6 prior steps.
+        (
+            &["--noise", noise.to_str().unwrap(), "--width", "512"][..],
+            "prior_noise",
         ),
     ] {
         let mut args = vec![

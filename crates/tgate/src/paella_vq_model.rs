@@ -53,10 +53,10 @@ impl PaellaConfig {
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
         let cfg: PaellaConfig =
             serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
-        if cfg.levels == 0 || cfg.up_down_scale_factor == 0 {
+        if !(1..=8).contains(&cfg.levels) || !(1..=16).contains(&cfg.up_down_scale_factor) {
             return Err(Error::config(
                 file,
-                "levels and up_down_scale_factor must be positive",
+                "levels must be in 1..=8 and up_down_scale_factor in 1..=16",
             ));
         }
         if cfg.embed_dim >> (cfg.levels - 1) == 0 {

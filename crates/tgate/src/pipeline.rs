@@ -212,10 +212,16 @@ impl StableDiffusion {
     }
 }
 
+/// Most steps a run may ask for (far beyond any schedule in use; keeps sizes bounded).
+pub const MAX_STEPS: usize = 1000;
+
 /// Checks generation parameters before any work is done.
 pub fn validate(p: &GenerateParams) -> Result<()> {
-    if p.steps == 0 {
-        return Err(Error::param("steps", "must be at least 1"));
+    if p.steps == 0 || p.steps > MAX_STEPS {
+        return Err(Error::param(
+            "steps",
+            format!("must be in 1..={MAX_STEPS}, got {}", p.steps),
+        ));
     }
     for (name, v) in [("width", p.width), ("height", p.height)] {
         if v == 0 || v % 8 != 0 {

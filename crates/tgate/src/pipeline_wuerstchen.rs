@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::loader::{load_weights, read_required, ModelSource, Variant};
 use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
-use crate::pipeline::StepInfo;
+use crate::pipeline::{StepInfo, MAX_STEPS};
 use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
@@ -336,10 +336,15 @@ impl Wuerstchen {
             resolution_multiple: number(&prior_index, "resolution_multiple", 42.67)?,
             latent_dim_scale: number(&index, "latent_dim_scale", 10.67)?,
         };
-        if settings.resolution_multiple <= 0.0 || settings.latent_dim_scale <= 0.0 {
+        if !(1.0..=1024.0).contains(&settings.resolution_multiple)
+            || !(0.01..=64.0).contains(&settings.latent_dim_scale)
+        {
             return Err(Error::config(
                 "model_index.json",
-                "resolution_multiple and latent_dim_scale must be positive",
+                format!(
+                    "resolution_multiple {} must be in 1..=1024 and latent_dim_scale {} in 0.01..=64",
+                    settings.resolution_multiple, settings.latent_dim_scale
+                ),
             ));
         }
 
@@ -429,12 +434,13 @@ impl Wuerstchen {
                 return Err(Error::param(name, format!("must be in 1..=16384, got {v}")));
             }
         }
-        if p.prior_timesteps.is_none() && p.prior_steps == 0 {
-            return Err(Error::param("steps", "the prior needs at least 1 step"));
+        match &p.prior_timesteps {
+            Some(t) => {
+                DdpmWuerstchenScheduler::with_timesteps(self.prior_scheduler, t)?;
+            }
+            None => check_steps("steps", p.prior_steps)?,
         }
-        if p.decoder_steps == 0 {
-            return Err(Error::param("decoder_steps", "must be at least 1"));
-        }
+        check_steps("decoder_steps", p.decoder_steps)?;
         for (name, g) in [
             ("guidance", p.prior_guidance),
             ("decoder_guidance", p.decoder_guidance),
@@ -469,43 +475,20 @@ impl Wuerstchen {
         {
             let prior_shape = self.prior_shape(p.width, p.height);
             let decoder_shape = self.decoder_shape(ph, pw);
-            let n_prior: usize = prior_shape.iter().product();
-            let n_dec: usize = decoder_shape.iter().product();
-            let checks = [
-                (
-                    "prior_noise",
-                    prior_noise.len(),
-                    n_prior,
-                    vec![prior_shape.to_vec()],
-                ),
-                (
-                    "prior_step_noise",
-                    prior_step_noise.len(),
-                    steps * n_prior,
-                    vec![vec![steps], prior_shape.to_vec()],
-                ),
-                (
-                    "decoder_noise",
-                    decoder_noise.len(),
-                    n_dec,
-                    vec![decoder_shape.to_vec()],
-                ),
-                (
-                    "decoder_step_noise",
-                    decoder_step_noise.len(),
-                    p.decoder_steps * n_dec,
-                    vec![vec![p.decoder_steps], decoder_shape.to_vec()],
-                ),
-            ];
-            for (name, got, want, shape) in checks {
-                if got != want {
-                    let shape: Vec<usize> = shape.concat();
-                    return Err(Error::input(
-                        name,
-                        format!("has {got} values, expected shape {shape:?} ({want} values)"),
-                    ));
-                }
-            }
+            check_noise("prior_noise", prior_noise.len(), 1, prior_shape)?;
+            check_noise(
+                "prior_step_noise",
+                prior_step_noise.len(),
+                steps,
+                prior_shape,
+            )?;
+            check_noise("decoder_noise", decoder_noise.len(), 1, decoder_shape)?;
+            check_noise(
+                "decoder_step_noise",
+                decoder_step_noise.len(),
+                p.decoder_steps,
+                decoder_shape,
+            )?;
         }
         Ok(())
     }
@@ -649,6 +632,15 @@ pub fn denoise_prior(
     };
     let steps = sched.steps();
     let mut gate = Gate::new(p.gate_step.map(GateConfig::original), steps, steps, 1)?;
+    if let WuerstchenNoise::Tensors {
+        prior_noise,
+        prior_step_noise,
+        ..
+    } = &p.noise
+    {
+        check_noise("prior_noise", prior_noise.len(), 1, shape)?;
+        check_noise("prior_step_noise", prior_step_noise.len(), steps, shape)?;
+    }
     let noise = noise_source(&device, p, shape, 0);
     // The text is mapped once per generation (it is the same at every step).
     let both = uncond
@@ -681,6 +673,36 @@ pub fn denoise_prior(
         latents,
         steps: infos,
     })
+}
+
+fn check_steps(name: &str, steps: usize) -> Result<()> {
+    if steps == 0 || steps > MAX_STEPS {
+        return Err(Error::param(
+            name,
+            format!("must be in 1..={MAX_STEPS}, got {steps}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `len` values are `count` tensors of `shape`.
+fn check_noise(name: &str, len: usize, count: usize, shape: [usize; 4]) -> Result<()> {
+    let want = shape.iter().product::<usize>() * count;
+    if len != want {
+        let shape = if count == 1 {
+            format!("{shape:?}")
+        } else {
+            format!(
+                "[{count}, {}, {}, {}, {}]",
+                shape[0], shape[1], shape[2], shape[3]
+            )
+        };
+        return Err(Error::input(
+            name,
+            format!("has {len} values, expected shape {shape} ({want} values)"),
+        ));
+    }
+    Ok(())
 }
 
 /// A function handing out the initial noise (`None`) and step noise (`Some(i)`) of a stage

@@ -86,8 +86,11 @@ impl DiffNeXtConfig {
         let cfg: DiffNeXtConfig =
             serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
         let levels = cfg.c_hidden.len();
-        if levels == 0 {
-            return Err(Error::config(file, "c_hidden is empty"));
+        if !(1..=8).contains(&levels) {
+            return Err(Error::config(
+                file,
+                format!("c_hidden must have 1..=8 levels, has {levels}"),
+            ));
         }
         for (name, len) in [
             ("nhead", cfg.nhead.len()),
@@ -103,10 +106,10 @@ impl DiffNeXtConfig {
             }
         }
         check_c_r(file, cfg.c_r)?;
-        if cfg.patch_size == 0 || cfg.kernel_size % 2 == 0 {
+        if !(1..=16).contains(&cfg.patch_size) || cfg.kernel_size % 2 == 0 {
             return Err(Error::config(
                 file,
-                "patch_size must be positive and kernel_size odd",
+                "patch_size must be in 1..=16 and kernel_size odd",
             ));
         }
         for (i, level) in cfg.level_config.iter().enumerate() {

@@ -266,6 +266,20 @@ fn impossible_parameters_and_cancel() {
     p.prior_guidance = f64::NAN;
     check(p, "guidance");
     let mut p = params();
+    p.decoder_steps = usize::MAX;
+    let err = model.generate_decoder(
+        tensor(&reference(FIX), "pipe.prior_latents", &cpu()),
+        &p,
+        &mut go,
+    );
+    assert!(err.err().unwrap().to_string().contains("decoder_steps"));
+    let mut p = params();
+    p.prior_steps = usize::MAX;
+    check(p, "steps");
+    let mut p = params();
+    p.prior_timesteps = Some(vec![1.0]);
+    check(p, "timesteps");
+    let mut p = params();
     if let WuerstchenNoise::Tensors { decoder_noise, .. } = &mut p.noise {
         decoder_noise.pop();
     }
@@ -286,6 +300,36 @@ fn impossible_parameters_and_cancel() {
     assert!(matches!(err, Error::Cancelled));
     let again = model.generate_prior(&p, &mut go).unwrap();
     assert_close(again.latents, &reference(FIX), "pipe.prior_latents", 1e-5);
+}
+
+#[test]
+fn gate_without_guidance_and_at_the_last_step() {
+    let model = load(&source(FIX), None);
+    // Guidance off: one batch throughout; the gate still switches the attention to the cache.
+    let mut p = params();
+    p.prior_guidance = 1.0;
+    p.noise = WuerstchenNoise::Seed(1);
+    let plain = model.generate_prior(&p, &mut go).unwrap().latents;
+    p.gate_step = Some(2);
+    let gated = model.generate_prior(&p, &mut go).unwrap();
+    assert_eq!(
+        gated
+            .steps
+            .iter()
+            .filter(|s| s.phase == Phase::FidelityImproving)
+            .count(),
+        4
+    );
+    let (a, b) = (
+        plain.into_data().try_to_vec::<f32>().unwrap(),
+        gated.latents.into_data().try_to_vec::<f32>().unwrap(),
+    );
+    assert!(compare(&b, &a).0 > 1e-3, "the gate changed nothing");
+    // A gate at the last step leaves nothing to gate: the ungated result.
+    let mut p = params();
+    p.gate_step = Some(p.prior_steps);
+    let out = model.generate_prior(&p, &mut go).unwrap();
+    assert_close(out.latents, &reference(FIX), "pipe.prior_latents", 1e-5);
 }
 
 #[test]

@@ -76,8 +76,11 @@ pub struct DdpmWuerstchenScheduler {
 impl DdpmWuerstchenScheduler {
     /// `set_timesteps(steps)`: `steps + 1` equally spaced values from 1 to 0 (f32 `torch.linspace`).
     pub fn new(config: DdpmWuerstchenConfig, steps: usize) -> Result<Self> {
-        if steps == 0 {
-            return Err(Error::param("steps", "must be at least 1"));
+        if steps == 0 || steps > 100_000 {
+            return Err(Error::param(
+                "steps",
+                format!("must be in 1..=100000, got {steps}"),
+            ));
         }
         let n = steps + 1;
         let step = (0.0f32 - 1.0) / steps as f32;
@@ -96,10 +99,10 @@ impl DdpmWuerstchenScheduler {
 
     /// `set_timesteps(timesteps=...)`: explicit values, strictly decreasing, ending at 0 or above.
     pub fn with_timesteps(config: DdpmWuerstchenConfig, timesteps: &[f64]) -> Result<Self> {
-        if timesteps.len() < 2 {
+        if timesteps.len() < 2 || timesteps.len() > 100_001 {
             return Err(Error::param(
                 "timesteps",
-                "need at least two values (one step)",
+                "need 2..=100001 values (1 to 100000 steps)",
             ));
         }
         let ok = timesteps.iter().all(|t| (0.0..=1.0).contains(t))
