@@ -242,6 +242,9 @@ pub fn validate(p: &GenerateParams) -> Result<()> {
 
 /// The denoising loop on text embeddings: `cond` `[1, 77, d]` and, when guidance is on,
 /// `uncond` (the negative prompt's). The prompt fields of `p` are not used here.
+///
+/// Waits for the device after every iteration (so step times are real); see [`Denoiser`] for
+/// driving the loop yourself (e.g. with asynchronous waits in a browser).
 pub fn denoise(
     unet: &UNet2DConditionModel,
     scheduler_config: &SchedulerConfig,
@@ -250,103 +253,194 @@ pub fn denoise(
     uncond: Option<Tensor<3>>,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<Latents> {
-    validate(p)?;
     let device = cond.device();
-    let kind = match p.scheduler {
-        Some(k) => k,
-        None => scheduler_config.class_kind().ok_or_else(|| {
-            Error::config(
-                "scheduler/scheduler_config.json",
-                "unknown `_class_name`; pick a scheduler by name",
-            )
-        })?,
-    };
-    let mut scheduler = build_scheduler(scheduler_config, kind, p.steps)?;
-    let timesteps = scheduler.timesteps().to_vec();
-    let mut gate = Gate::new(p.gate, p.steps, timesteps.len(), scheduler.order())?;
-
-    let shape = [1, unet.config().in_channels, p.height / 8, p.width / 8];
-    let numel: usize = shape.iter().product();
-    let needs_noise = scheduler.needs_noise();
-    let (noise, mut step_noise): (Vec<f32>, Box<dyn FnMut(usize) -> Vec<f32>>) = match &p.noise {
-        Noise::Seed(seed) => {
-            let seed = *seed;
-            (
-                randn(seed, 0, numel),
-                Box::new(move |j| randn(seed, 1 + j as u64, numel)),
-            )
-        }
-        Noise::Tensors { noise, step_noise } => {
-            if noise.len() != numel {
-                return Err(Error::input(
-                    "noise",
-                    format!("has {} values, expected shape {shape:?}", noise.len()),
-                ));
-            }
-            let given = step_noise.as_ref().map(|s| s.len()).unwrap_or(0);
-            if needs_noise && given != timesteps.len() * numel {
-                return Err(Error::input(
-                    "step_noise",
-                    format!(
-                        "{} needs {} tensors of shape {shape:?}, got {} values",
-                        kind.name(),
-                        timesteps.len(),
-                        given
-                    ),
-                ));
-            }
-            let step_noise = step_noise.clone().unwrap_or_default();
-            (
-                noise.clone(),
-                Box::new(move |j| step_noise[j * numel..(j + 1) * numel].to_vec()),
-            )
-        }
-    };
-    let upload = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), &device);
-    let both = uncond
-        .filter(|_| p.guidance > 1.0)
-        .map(|u| Tensor::cat(vec![u, cond.clone()], 0));
-
-    let mut latents = upload(noise).mul_scalar(scheduler.init_noise_sigma());
-    let mut infos = Vec::with_capacity(timesteps.len());
-    for (i, &t) in timesteps.iter().enumerate() {
+    let mut d = Denoiser::new(unet, scheduler_config, p, cond, uncond)?;
+    let mut infos = Vec::with_capacity(d.total());
+    loop {
         let started = Instant::now();
-        let plan = gate.begin_iteration(i, both.is_some());
-        let (input, context) = match (&both, plan.guidance) {
-            (Some(both), true) => (Tensor::cat(vec![latents.clone(), latents.clone()], 0), both),
-            _ => (latents.clone(), &cond),
-        };
-        let input = scheduler.scale_model_input(input, i);
-        let mut pred = unet.forward(input, t, context, gate.cache());
-        if plan.guidance {
-            let uncond = pred.clone().narrow(0, 0, 1);
-            let text = pred.narrow(0, 1, 1);
-            pred = uncond.clone() + (text - uncond).mul_scalar(p.guidance);
-        }
-        let noise = if needs_noise {
-            Some(upload(step_noise(i)))
-        } else {
-            None
-        };
-        latents = scheduler.step(pred, i, latents, noise)?;
+        let Some(step) = d.step()? else { break };
         device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-        let info = StepInfo {
-            index: i,
-            total: timesteps.len(),
-            timestep: t,
-            phase: plan.phase,
-            seconds: started.elapsed().as_secs_f64(),
-        };
+        let info = step.finish(started.elapsed().as_secs_f64());
         infos.push(info);
         if on_step(&info).is_break() {
             return Err(Error::Cancelled);
         }
     }
     Ok(Latents {
-        latents,
+        latents: d.latents().clone(),
         steps: infos,
-        scheduler: kind,
+        scheduler: d.scheduler_kind(),
     })
+}
+
+/// One enqueued iteration: what [`StepInfo`] needs besides the time.
+#[derive(Clone, Copy, Debug)]
+pub struct EnqueuedStep {
+    pub index: usize,
+    pub total: usize,
+    pub timestep: f64,
+    pub phase: Phase,
+}
+
+impl EnqueuedStep {
+    /// The step's report once the device has finished it.
+    pub fn finish(self, seconds: f64) -> StepInfo {
+        StepInfo {
+            index: self.index,
+            total: self.total,
+            timestep: self.timestep,
+            phase: self.phase,
+            seconds,
+        }
+    }
+}
+
+/// The denoising loop as a state machine: [`Denoiser::step`] enqueues one iteration on the
+/// device without waiting for it, so the caller decides how to wait (blocking natively, an
+/// awaited readback in a browser) and when to stop.
+pub struct Denoiser<'a> {
+    unet: &'a UNet2DConditionModel,
+    scheduler: Box<dyn crate::schedulers::Scheduler>,
+    kind: SchedulerKind,
+    timesteps: Vec<f64>,
+    gate: Gate,
+    cond: Tensor<3>,
+    both: Option<Tensor<3>>,
+    guidance: f64,
+    latents: Tensor<4>,
+    shape: [usize; 4],
+    step_noise: Option<Box<dyn Fn(usize) -> Vec<f32> + 'a>>,
+    next: usize,
+}
+
+impl<'a> Denoiser<'a> {
+    /// Validates `p`, draws or checks the noise and prepares the scheduler and the gate.
+    pub fn new(
+        unet: &'a UNet2DConditionModel,
+        scheduler_config: &SchedulerConfig,
+        p: &'a GenerateParams,
+        cond: Tensor<3>,
+        uncond: Option<Tensor<3>>,
+    ) -> Result<Self> {
+        validate(p)?;
+        let device = cond.device();
+        let kind = match p.scheduler {
+            Some(k) => k,
+            None => scheduler_config.class_kind().ok_or_else(|| {
+                Error::config(
+                    "scheduler/scheduler_config.json",
+                    "unknown `_class_name`; pick a scheduler by name",
+                )
+            })?,
+        };
+        let scheduler = build_scheduler(scheduler_config, kind, p.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let gate = Gate::new(p.gate, p.steps, timesteps.len(), scheduler.order())?;
+        let shape = [1, unet.config().in_channels, p.height / 8, p.width / 8];
+        let numel: usize = shape.iter().product();
+        let needs_noise = scheduler.needs_noise();
+        type StepNoise<'b> = Box<dyn Fn(usize) -> Vec<f32> + 'b>;
+        let (noise, step_noise): (Vec<f32>, Option<StepNoise<'a>>) = match &p.noise {
+            Noise::Seed(seed) => {
+                let seed = *seed;
+                (
+                    randn(seed, 0, numel),
+                    Some(Box::new(move |j| randn(seed, 1 + j as u64, numel))),
+                )
+            }
+            Noise::Tensors { noise, step_noise } => {
+                if noise.len() != numel {
+                    return Err(Error::input(
+                        "noise",
+                        format!("has {} values, expected shape {shape:?}", noise.len()),
+                    ));
+                }
+                let given = step_noise.as_ref().map(|s| s.len()).unwrap_or(0);
+                if needs_noise && given != timesteps.len() * numel {
+                    return Err(Error::input(
+                        "step_noise",
+                        format!(
+                            "{} needs {} tensors of shape {shape:?}, got {} values",
+                            kind.name(),
+                            timesteps.len(),
+                            given
+                        ),
+                    ));
+                }
+                let steps: Option<StepNoise<'a>> = step_noise.as_ref().map(|s| {
+                    Box::new(move |j: usize| s[j * numel..(j + 1) * numel].to_vec())
+                        as StepNoise<'a>
+                });
+                (noise.clone(), steps)
+            }
+        };
+        let latents = Tensor::<4>::from_data(TensorData::new(noise, shape), &device)
+            .mul_scalar(scheduler.init_noise_sigma());
+        let both = uncond
+            .filter(|_| p.guidance > 1.0)
+            .map(|u| Tensor::cat(vec![u, cond.clone()], 0));
+        Ok(Denoiser {
+            unet,
+            scheduler,
+            kind,
+            timesteps,
+            gate,
+            cond,
+            both,
+            guidance: p.guidance,
+            latents,
+            shape,
+            step_noise: step_noise.filter(|_| needs_noise),
+            next: 0,
+        })
+    }
+
+    /// Number of iterations.
+    pub fn total(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    pub fn scheduler_kind(&self) -> SchedulerKind {
+        self.kind
+    }
+
+    /// The current latents (after the last enqueued iteration).
+    pub fn latents(&self) -> &Tensor<4> {
+        &self.latents
+    }
+
+    /// Enqueues the next iteration; `None` when all are done.
+    pub fn step(&mut self) -> Result<Option<EnqueuedStep>> {
+        let i = self.next;
+        let Some(&t) = self.timesteps.get(i) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        let plan = self.gate.begin_iteration(i, self.both.is_some());
+        let latents = self.latents.clone();
+        let (input, context) = match (&self.both, plan.guidance) {
+            (Some(both), true) => (Tensor::cat(vec![latents.clone(), latents.clone()], 0), both),
+            _ => (latents.clone(), &self.cond),
+        };
+        let input = self.scheduler.scale_model_input(input, i);
+        let mut pred = self.unet.forward(input, t, context, self.gate.cache());
+        if plan.guidance {
+            let uncond = pred.clone().narrow(0, 0, 1);
+            let text = pred.narrow(0, 1, 1);
+            pred = uncond.clone() + (text - uncond).mul_scalar(self.guidance);
+        }
+        let noise = self
+            .step_noise
+            .as_ref()
+            .map(|f| Tensor::<4>::from_data(TensorData::new(f(i), self.shape), &latents.device()));
+        self.latents = self.scheduler.step(pred, i, latents, noise)?;
+        Ok(Some(EnqueuedStep {
+            index: i,
+            total: self.timesteps.len(),
+            timestep: t,
+            phase: plan.phase,
+        }))
+    }
 }
 
 /// Converts a `[1, 3, H, W]` image in `[0, 1]` to interleaved 8-bit RGB (a host readback).
