@@ -20,11 +20,11 @@ use crate::error::{Error, Result};
 use crate::loader::{load_weights, read_required, ModelSource, Variant};
 use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
-use crate::pipeline::{StepInfo, MAX_STEPS};
+use crate::pipeline::{EnqueuedStep, StepInfo, MAX_STEPS};
 use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
-use crate::wuerstchen_diffnext::{DiffNeXtConfig, WuerstchenDiffNeXt};
+use crate::wuerstchen_diffnext::{DiffNeXtConditioning, DiffNeXtConfig, WuerstchenDiffNeXt};
 use crate::wuerstchen_prior::{PriorConfig, WuerstchenPrior};
 
 /// Where the noise comes from.
@@ -520,24 +520,33 @@ impl Wuerstchen {
         p: &WuerstchenParams,
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<StageOutput> {
+        let out = drive(self.prior_denoiser(p)?, on_step)?;
+        Ok(StageOutput {
+            latents: self.finish_prior(out.latents),
+            steps: out.steps,
+        })
+    }
+
+    /// Stage C as a [`StageDenoiser`] (text encoded, noise drawn); finish its latents with
+    /// [`Self::finish_prior`].
+    pub fn prior_denoiser<'a>(&'a self, p: &'a WuerstchenParams) -> Result<StageDenoiser<'a>> {
         self.validate(p)?;
         let (cond, uncond) = self.prior_text(p)?;
-        let out = denoise_prior(
+        StageDenoiser::prior(
             &self.prior,
             self.prior_scheduler,
             p,
             self.prior_shape(p.width, p.height),
             cond,
             uncond,
-            on_step,
-        )?;
-        Ok(StageOutput {
-            latents: out
-                .latents
-                .mul_scalar(self.settings.latent_mean)
-                .sub_scalar(self.settings.latent_std),
-            steps: out.steps,
-        })
+        )
+    }
+
+    /// The hand-over to Stage B: `latents · latent_mean − latent_std`.
+    pub fn finish_prior(&self, latents: Tensor<4>) -> Tensor<4> {
+        latents
+            .mul_scalar(self.settings.latent_mean)
+            .sub_scalar(self.settings.latent_std)
     }
 
     /// Stage B: image embedding `[1, c, h, w]` → Stage A latents (before the scale factor).
@@ -547,6 +556,15 @@ impl Wuerstchen {
         p: &WuerstchenParams,
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<StageOutput> {
+        drive(self.decoder_denoiser(image_embeddings, p)?, on_step)
+    }
+
+    /// Stage B as a [`StageDenoiser`] (text encoded, conditioning prepared, noise drawn).
+    pub fn decoder_denoiser<'a>(
+        &'a self,
+        image_embeddings: Tensor<4>,
+        p: &'a WuerstchenParams,
+    ) -> Result<StageDenoiser<'a>> {
         self.validate(p)?;
         let [_, c, eh, ew] = image_embeddings.dims();
         let expected = self.prior_shape(p.width, p.height);
@@ -556,7 +574,6 @@ impl Wuerstchen {
                 format!("shape {:?}, expected {expected:?}", image_embeddings.dims()),
             ));
         }
-        let shape = self.decoder_shape(eh, ew);
         let guidance = p.decoder_guidance > 1.0;
         let text = self.encode(&self.tokenizer, &self.text_encoder, &p.prompt)?;
         let (clip, effnet) = if guidance {
@@ -569,39 +586,20 @@ impl Wuerstchen {
         } else {
             (text, image_embeddings)
         };
-        let mut conditioning = self.decoder.condition(effnet, clip);
         let sched = DdpmWuerstchenScheduler::new(self.decoder_scheduler, p.decoder_steps)?;
+        let shape = self.decoder_shape(eh, ew);
         let noise = noise_source(&self.device, p, shape, DECODER_STREAM);
-        let steps = sched.steps();
-        let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
-        let mut infos = Vec::with_capacity(steps);
-        for i in 0..steps {
-            let started = Instant::now();
-            let r = sched.timesteps()[i];
-            let pred = if guidance {
-                let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
-                let pred = self.decoder.forward(input, &[r, r], &mut conditioning);
-                lerp_guidance(pred, p.decoder_guidance)
-            } else {
-                self.decoder
-                    .forward(latents.clone(), &[r], &mut conditioning)
-            };
-            latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
-            let phase = Phase::SemanticsPlanning;
-            finish_step(
-                &self.device,
-                &mut infos,
-                i,
-                steps,
-                r,
-                phase,
-                started,
-                on_step,
-            )?;
-        }
-        Ok(StageOutput {
+        let latents = noise(None).mul_scalar(sched.init_noise_sigma());
+        Ok(StageDenoiser {
+            model: StageModel::Decoder {
+                decoder: &self.decoder,
+                conditioning: self.decoder.condition(effnet, clip),
+            },
+            guidance: guidance.then_some(p.decoder_guidance),
+            sched,
             latents,
-            steps: infos,
+            noise: Box::new(noise),
+            next: 0,
         })
     }
 
@@ -625,54 +623,169 @@ pub fn denoise_prior(
     uncond: Option<Tensor<3>>,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<StageOutput> {
-    let device = cond.device();
-    let sched = match &p.prior_timesteps {
-        Some(t) => DdpmWuerstchenScheduler::with_timesteps(scheduler, t)?,
-        None => DdpmWuerstchenScheduler::new(scheduler, p.prior_steps)?,
-    };
-    let steps = sched.steps();
-    let mut gate = Gate::new(p.gate_step.map(GateConfig::original), steps, steps, 1)?;
-    if let WuerstchenNoise::Tensors {
-        prior_noise,
-        prior_step_noise,
-        ..
-    } = &p.noise
-    {
-        check_noise("prior_noise", prior_noise.len(), 1, shape)?;
-        check_noise("prior_step_noise", prior_step_noise.len(), steps, shape)?;
-    }
-    let noise = noise_source(&device, p, shape, 0);
-    // The text is mapped once per generation (it is the same at every step).
-    let both = uncond
-        .filter(|_| p.prior_guidance > 1.0)
-        .map(|u| prior.map_text(Tensor::cat(vec![cond.clone(), u], 0)));
-    let cond = match &both {
-        Some(both) => both.clone().narrow(0, 0, 1),
-        None => prior.map_text(cond),
-    };
-    let mut latents = noise(None).mul_scalar(sched.init_noise_sigma());
-    let mut infos = Vec::with_capacity(steps);
-    for i in 0..steps {
+    drive(
+        StageDenoiser::prior(prior, scheduler, p, shape, cond, uncond)?,
+        on_step,
+    )
+}
+
+/// Runs a stage to the end, waiting for the device after every step (so step times are real).
+fn drive(
+    mut d: StageDenoiser<'_>,
+    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+) -> Result<StageOutput> {
+    let device = d.latents.device();
+    let mut infos = Vec::with_capacity(d.total());
+    loop {
         let started = Instant::now();
-        let plan = gate.begin_iteration(i, both.is_some());
-        let r = sched.timesteps()[i];
-        let pred = match (&both, plan.guidance) {
-            (Some(both), true) => {
-                let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
-                let pred = prior.forward(input, &[r, r], both, gate.cache());
-                lerp_guidance(pred, p.prior_guidance)
-            }
-            _ => prior.forward(latents.clone(), &[r], &cond, gate.cache()),
-        };
-        latents = sched.step(pred, i, latents, Some(noise(Some(i))))?;
-        finish_step(
-            &device, &mut infos, i, steps, r, plan.phase, started, on_step,
-        )?;
+        let Some(step) = d.step()? else { break };
+        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        let info = step.finish(started.elapsed().as_secs_f64());
+        infos.push(info);
+        if on_step(&info).is_break() {
+            return Err(Error::Cancelled);
+        }
     }
     Ok(StageOutput {
-        latents,
+        latents: d.latents,
         steps: infos,
     })
+}
+
+enum StageModel<'a> {
+    Prior {
+        prior: &'a WuerstchenPrior,
+        /// Mapped text of the prompt `[1, n, c]`, and of `[prompt, negative]` with guidance.
+        cond: Tensor<3>,
+        both: Option<Tensor<3>>,
+        gate: Gate,
+    },
+    Decoder {
+        decoder: &'a WuerstchenDiffNeXt,
+        conditioning: DiffNeXtConditioning,
+    },
+}
+
+/// One Würstchen stage as a state machine: [`StageDenoiser::step`] enqueues one step on the
+/// device without waiting, so the caller decides how to wait (blocking natively, an awaited
+/// readback in a browser) and when to stop.
+pub struct StageDenoiser<'a> {
+    model: StageModel<'a>,
+    /// The guidance scale when guidance runs (two batches).
+    guidance: Option<f64>,
+    sched: DdpmWuerstchenScheduler,
+    latents: Tensor<4>,
+    noise: Box<dyn Fn(Option<usize>) -> Tensor<4> + 'a>,
+    next: usize,
+}
+
+impl<'a> StageDenoiser<'a> {
+    /// Stage C on text embeddings (see [`denoise_prior`]).
+    pub fn prior(
+        prior: &'a WuerstchenPrior,
+        scheduler: DdpmWuerstchenConfig,
+        p: &'a WuerstchenParams,
+        shape: [usize; 4],
+        cond: Tensor<3>,
+        uncond: Option<Tensor<3>>,
+    ) -> Result<Self> {
+        let device = cond.device();
+        let sched = match &p.prior_timesteps {
+            Some(t) => DdpmWuerstchenScheduler::with_timesteps(scheduler, t)?,
+            None => DdpmWuerstchenScheduler::new(scheduler, p.prior_steps)?,
+        };
+        let steps = sched.steps();
+        let gate = Gate::new(p.gate_step.map(GateConfig::original), steps, steps, 1)?;
+        if let WuerstchenNoise::Tensors {
+            prior_noise,
+            prior_step_noise,
+            ..
+        } = &p.noise
+        {
+            check_noise("prior_noise", prior_noise.len(), 1, shape)?;
+            check_noise("prior_step_noise", prior_step_noise.len(), steps, shape)?;
+        }
+        let noise = noise_source(&device, p, shape, 0);
+        // The text is mapped once per generation (it is the same at every step).
+        let both = uncond
+            .filter(|_| p.prior_guidance > 1.0)
+            .map(|u| prior.map_text(Tensor::cat(vec![cond.clone(), u], 0)));
+        let cond = match &both {
+            Some(both) => both.clone().narrow(0, 0, 1),
+            None => prior.map_text(cond),
+        };
+        let latents = noise(None).mul_scalar(sched.init_noise_sigma());
+        Ok(StageDenoiser {
+            guidance: both.as_ref().map(|_| p.prior_guidance),
+            model: StageModel::Prior {
+                prior,
+                cond,
+                both,
+                gate,
+            },
+            sched,
+            latents,
+            noise: Box::new(noise),
+            next: 0,
+        })
+    }
+
+    /// Number of steps.
+    pub fn total(&self) -> usize {
+        self.sched.steps()
+    }
+
+    /// The current latents (after the last enqueued step).
+    pub fn latents(&self) -> &Tensor<4> {
+        &self.latents
+    }
+
+    /// Enqueues the next step; `None` when all are done.
+    pub fn step(&mut self) -> Result<Option<EnqueuedStep>> {
+        let i = self.next;
+        if i >= self.sched.steps() {
+            return Ok(None);
+        }
+        self.next += 1;
+        let r = self.sched.timesteps()[i];
+        let latents = self.latents.clone();
+        let doubled = || Tensor::cat(vec![latents.clone(), latents.clone()], 0);
+        let (pred, phase) = match &mut self.model {
+            StageModel::Prior {
+                prior,
+                cond,
+                both,
+                gate,
+            } => {
+                let plan = gate.begin_iteration(i, both.is_some());
+                let pred = match (both.as_ref(), plan.guidance, self.guidance) {
+                    (Some(both), true, Some(g)) => {
+                        lerp_guidance(prior.forward(doubled(), &[r, r], both, gate.cache()), g)
+                    }
+                    _ => prior.forward(latents.clone(), &[r], cond, gate.cache()),
+                };
+                (pred, plan.phase)
+            }
+            StageModel::Decoder {
+                decoder,
+                conditioning,
+            } => {
+                let pred = match self.guidance {
+                    Some(g) => lerp_guidance(decoder.forward(doubled(), &[r, r], conditioning), g),
+                    None => decoder.forward(latents.clone(), &[r], conditioning),
+                };
+                (pred, Phase::SemanticsPlanning)
+            }
+        };
+        let noise = (self.noise)(Some(i));
+        self.latents = self.sched.step(pred, i, latents, Some(noise))?;
+        Ok(Some(EnqueuedStep {
+            index: i,
+            total: self.sched.steps(),
+            timestep: r as f64,
+            phase,
+        }))
+    }
 }
 
 fn check_steps(name: &str, steps: usize) -> Result<()> {
@@ -743,32 +856,6 @@ fn noise_source<'a>(
         };
         Tensor::<4>::from_data(TensorData::new(data, shape), &device)
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn finish_step(
-    device: &Device,
-    infos: &mut Vec<StepInfo>,
-    i: usize,
-    total: usize,
-    r: f32,
-    phase: Phase,
-    started: Instant,
-    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
-) -> Result<()> {
-    device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-    let info = StepInfo {
-        index: i,
-        total,
-        timestep: r as f64,
-        phase,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    infos.push(info);
-    if on_step(&info).is_break() {
-        return Err(Error::Cancelled);
-    }
-    Ok(())
 }
 
 /// `torch.lerp(uncond, cond, w)` on a `[cond, uncond]` batch (PyTorch's two-sided formula).

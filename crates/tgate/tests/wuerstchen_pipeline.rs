@@ -349,3 +349,25 @@ fn seeded_runs_are_deterministic() {
     let c = model.generate_prior(&p, &mut go).unwrap().latents;
     assert_ne!(a, c.into_data().try_to_vec::<f32>().unwrap());
 }
+
+/// The step-wise API (what a browser drives with asynchronous waits) gives the same result.
+#[test]
+fn step_wise_stages_match() {
+    let model = load(&source(FIX), None);
+    let r = reference(FIX);
+    let p = params();
+    let mut d = model.prior_denoiser(&p).unwrap();
+    let mut n = 0;
+    while let Some(step) = d.step().unwrap() {
+        assert_eq!((step.index, step.total), (n, p.prior_steps));
+        n += 1;
+    }
+    assert_eq!(n, d.total());
+    let emb = model.finish_prior(d.latents().clone());
+    assert_close(emb.clone(), &r, "pipe.prior_latents", 1e-5);
+    let mut d = model
+        .decoder_denoiser(tensor(&r, "pipe.prior_latents", &cpu()), &p)
+        .unwrap();
+    while d.step().unwrap().is_some() {}
+    assert_close(d.latents().clone(), &r, "pipe.decoder_latents", 1e-5);
+}
