@@ -1,0 +1,133 @@
+// Browser-side half of the tests: drives the public API against the fixtures served over HTTP.
+import { detect, Generator, purgeCache, TGateError } from '../src/index.js';
+
+/** Minimal safetensors reader (F32 only, which is what the reference files hold). */
+function readSafetensors(buffer) {
+  const view = new DataView(buffer);
+  const n = Number(view.getBigUint64(0, true));
+  const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 8, n)));
+  const out = {};
+  for (const [name, t] of Object.entries(header)) {
+    if (name === '__metadata__') continue;
+    if (t.dtype !== 'F32') continue; // ids and masks (I64) are not needed here
+    const [a, b] = t.data_offsets;
+    out[name] = { shape: t.shape, data: new Float32Array(buffer.slice(8 + n + a, 8 + n + b)) };
+  }
+  return out;
+}
+
+/** Writes F32 tensors in the safetensors format (the CLI's --noise file). */
+function writeSafetensors(tensors) {
+  const header = {};
+  let offset = 0;
+  for (const [name, t] of Object.entries(tensors)) {
+    header[name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
+    offset += t.data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  while ((json.length + 8) % 8) json += ' ';
+  const head = new TextEncoder().encode(json);
+  const out = new Uint8Array(8 + head.length + offset);
+  new DataView(out.buffer).setBigUint64(0, BigInt(head.length), true);
+  out.set(head, 8);
+  let pos = 8 + head.length;
+  for (const t of Object.values(tensors)) {
+    out.set(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength), pos);
+    pos += t.data.byteLength;
+  }
+  return out;
+}
+
+let generator = null;
+async function gen() {
+  if (!generator) generator = await Generator.create();
+  return generator;
+}
+
+async function reference(fixture) {
+  const base = `/tests/fixtures/${fixture}`;
+  const ref = readSafetensors(await (await fetch(`${base}/reference.safetensors`)).arrayBuffer());
+  const json = await (await fetch(`${base}/reference.json`)).json();
+  return { ref, json };
+}
+
+function compare(actual, expected) {
+  let err = 0;
+  let scale = 1;
+  for (let i = 0; i < expected.length; i++) {
+    scale = Math.max(scale, Math.abs(expected[i]));
+    const d = Math.abs(actual[i] - expected[i]);
+    err = Math.max(err, Number.isNaN(d) ? Infinity : d);
+  }
+  return { err, scale };
+}
+
+function errorInfo(e) {
+  return { code: e instanceof TGateError ? e.code : `untyped:${e && e.name}`, message: String(e && e.message) };
+}
+
+window.harness = {
+  detect,
+  purgeCache,
+
+  async load(fixture, baseUrl) {
+    const g = await gen();
+    const t0 = performance.now();
+    const stats = await g.load({ baseUrl: baseUrl || `/tests/fixtures/${fixture}/` });
+    return { ...stats, ms: performance.now() - t0 };
+  },
+
+  /** Generates with the reference noise and compares the latents with `key`. */
+  async sdCase(fixture, { scheduler, gate, key }) {
+    const { ref, json } = await reference(fixture);
+    const noise = writeSafetensors({ noise: ref['pipe.noise'], step_noise: ref['pipe.step_noise'] });
+    const g = await gen();
+    const out = await g.generate({
+      prompt: json.prompt,
+      negativePrompt: json.negative_prompt,
+      steps: json.steps,
+      guidance: json.guidance,
+      scheduler,
+      width: json.width,
+      height: json.height,
+      gate,
+      noise,
+    });
+    return {
+      ...compare(out.latents, ref[key].data),
+      timings: out.timings,
+      width: out.image.width,
+      height: out.image.height,
+    };
+  },
+
+  /** Cancels after `after` steps, then checks that the next generation succeeds. */
+  async cancelThenGenerate(fixture, after) {
+    const { json } = await reference(fixture);
+    const g = await gen();
+    const controller = new AbortController();
+    let steps = 0;
+    let cancelled = null;
+    try {
+      await g.generate({
+        prompt: json.prompt, steps: json.steps, seed: 1, signal: controller.signal,
+        onStep: () => { steps += 1; if (steps === after) controller.abort(); },
+      });
+    } catch (e) {
+      cancelled = errorInfo(e);
+    }
+    const next = await g.generate({ prompt: json.prompt, steps: 2, seed: 2 });
+    return { cancelled, stepsBeforeCancel: steps, nextSteps: next.timings.length };
+  },
+
+  /** Loads from a URL and reports the typed error. */
+  async loadError(baseUrl) {
+    try {
+      await (await gen()).load({ baseUrl });
+      return { code: 'none' };
+    } catch (e) {
+      return errorInfo(e);
+    }
+  },
+};
+window.harnessReady = true;
