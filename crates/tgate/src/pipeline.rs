@@ -255,22 +255,35 @@ pub fn denoise(
 ) -> Result<Latents> {
     let device = cond.device();
     let mut d = Denoiser::new(unet, scheduler_config, p, cond, uncond)?;
-    let mut infos = Vec::with_capacity(d.total());
-    loop {
-        let started = Instant::now();
-        let Some(step) = d.step()? else { break };
-        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-        let info = step.finish(started.elapsed().as_secs_f64());
-        infos.push(info);
-        if on_step(&info).is_break() {
-            return Err(Error::Cancelled);
-        }
-    }
+    let infos = run_blocking(&device, d.total(), || d.step(), on_step)?;
     Ok(Latents {
         latents: d.latents().clone(),
         steps: infos,
         scheduler: d.scheduler_kind(),
     })
+}
+
+/// Drives a step-wise loop natively: enqueues each step with `step`, waits for the device (so
+/// step times are real) and reports it; `on_step` may stop the run ([`Error::Cancelled`]).
+pub fn run_blocking(
+    device: &Device,
+    total: usize,
+    mut step: impl FnMut() -> Result<Option<EnqueuedStep>>,
+    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+) -> Result<Vec<StepInfo>> {
+    let mut infos = Vec::with_capacity(total);
+    loop {
+        let started = Instant::now();
+        let Some(enqueued) = step()? else {
+            return Ok(infos);
+        };
+        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        let info = enqueued.finish(started.elapsed().as_secs_f64());
+        infos.push(info);
+        if on_step(&info).is_break() {
+            return Err(Error::Cancelled);
+        }
+    }
 }
 
 /// One enqueued iteration: what [`StepInfo`] needs besides the time.

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::loader::{load_weights, read_required, ModelSource, Variant};
 use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
-use crate::pipeline::{EnqueuedStep, StepInfo, MAX_STEPS};
+use crate::pipeline::{run_blocking, EnqueuedStep, StepInfo, MAX_STEPS};
 use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
@@ -635,17 +635,7 @@ fn drive(
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<StageOutput> {
     let device = d.latents.device();
-    let mut infos = Vec::with_capacity(d.total());
-    loop {
-        let started = Instant::now();
-        let Some(step) = d.step()? else { break };
-        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-        let info = step.finish(started.elapsed().as_secs_f64());
-        infos.push(info);
-        if on_step(&info).is_break() {
-            return Err(Error::Cancelled);
-        }
-    }
+    let infos = run_blocking(&device, d.total(), || d.step(), on_step)?;
     Ok(StageOutput {
         latents: d.latents,
         steps: infos,
