@@ -13,7 +13,6 @@ use std::ops::ControlFlow;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use serde_json::Value;
-use web_time::Instant;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
