@@ -20,52 +20,94 @@ export interface DetectResult {
 export function detect(): Promise<DetectResult>;
 export function purgeCache(): Promise<void>;
 
+export type ModelFiles = Map<string, Uint8Array | Blob> | Record<string, Uint8Array | Blob>;
+
+export interface LoadProgress {
+  phase: 'download' | 'upload';
+  /** Bytes read so far (network or browser cache). */
+  loaded: number;
+  file?: string;
+  fileTotal?: number;
+}
+
 export interface LoadOptions {
   /** A diffusers folder URL, e.g. a Hugging Face `resolve/main/` address. */
   baseUrl?: string;
   /** Or the files themselves: path (as in the diffusers layout) → bytes. */
-  files?: Map<string, Uint8Array | Blob> | Record<string, Uint8Array | Blob>;
-  kind?: 'sd';
-  onProgress?: (p: { loaded: number; fileTotal: number }) => void;
+  files?: ModelFiles;
+  /** Würstchen's prior pipeline when `baseUrl`/`files` is the decoder pipeline. */
+  priorBaseUrl?: string;
+  priorFiles?: ModelFiles;
+  kind?: 'sd' | 'wuerstchen';
+  onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
 }
 
-export interface LoadStats { bytes: number; fromCache: number; fromNetwork: number }
+export interface LoadResult {
+  kind: 'sd' | 'wuerstchen';
+  /** The model's default image size. */
+  width: number;
+  height: number;
+  bytes: number;
+  fromCache: number;
+  fromNetwork: number;
+  ms: number;
+}
 
 export interface StepReport {
+  stage: 'unet' | 'prior' | 'decoder';
   step: number;
   total: number;
   timestep: number;
   phase: 'semantics-planning' | 'fidelity-improving';
   ms: number;
+  /** With `preview: true`: the latents' first channels as a small RGBA image. */
+  preview?: { rgba: Uint8ClampedArray; width: number; height: number };
 }
 
 export interface GenerateOptions {
   prompt: string;
   negativePrompt?: string;
+  /** SD: denoising steps (25); Würstchen: prior steps (60). */
   steps?: number;
+  /** SD: guidance scale (7.5); Würstchen: prior guidance (4). */
   guidance?: number;
+  /** SD only. */
   scheduler?: 'ddim' | 'pndm' | 'euler' | 'euler-a' | 'dpm++2m';
+  /** Würstchen only (12 and 0, as diffusers). */
+  decoderSteps?: number;
+  decoderGuidance?: number;
   width?: number;
   height?: number;
   seed?: number;
-  /** The CLI's `--noise` safetensors (`noise`, optional `step_noise`), as bytes or a URL. */
+  /**
+   * The CLI's `--noise` safetensors as bytes or a URL: SD `noise` (+ `step_noise`); Würstchen
+   * `prior_noise`, `prior_step_noise`, `decoder_noise`, `decoder_step_noise`.
+   */
   noise?: Uint8Array | string;
-  gate?: false | { step?: number; spInterval?: number; fiInterval?: number; warmUp?: number };
+  /** Default: on at 40% of the steps. Würstchen takes `{ step }` only. */
+  gate?: boolean | { step?: number; spInterval?: number; fiInterval?: number; warmUp?: number };
+  preview?: boolean;
+  output?: 'imagedata' | 'png';
   signal?: AbortSignal;
   onStep?: (report: StepReport) => void;
 }
 
+export interface Latent { data: Float32Array; shape: number[] }
+
 export interface GenerateResult {
-  image: ImageData;
-  latents: Float32Array;
-  latentsShape: number[];
-  timings: StepReport[];
+  image: ImageData | Blob;
+  /** Named as in the CLI's `--save-latents` file: SD `latents`; Würstchen `prior_latents`, `decoder_latents`. */
+  latents: Record<string, Latent>;
+  timings: { steps: StepReport[]; totalMs: number };
 }
 
 export class Generator {
   static create(options?: { workerUrl?: string | URL }): Promise<Generator>;
-  load(options: LoadOptions): Promise<LoadStats>;
+  load(options: LoadOptions): Promise<LoadResult>;
   generate(options: GenerateOptions): Promise<GenerateResult>;
   terminate(): void;
 }
+
+/** The latents of a result as a safetensors file (the CLI's `--save-latents` format). */
+export function latentsToSafetensors(latents: Record<string, Latent>): Uint8Array;

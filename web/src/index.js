@@ -1,8 +1,9 @@
-// tgate-web: text-to-image on WebGPU, generation in a Web Worker.
+// tgate-web: text-to-image on WebGPU (Stable Diffusion with T-GATE, Würstchen v2), generation in
+// a Web Worker.
 //
 //   import { detect, Generator } from 'tgate-web';
 //   const gen = await Generator.create();
-//   await gen.load({ baseUrl: 'https://huggingface.co/<repo>/resolve/main/', onProgress });
+//   await gen.load({ baseUrl: 'https://huggingface.co/<repo>/resolve/main/', kind: 'sd', onProgress });
 //   const { image, latents, timings } = await gen.generate({ prompt: 'a red fox', steps: 25 });
 
 const CACHE = 'tgate-weights-v1';
@@ -39,16 +40,28 @@ export async function purgeCache() {
   if (globalThis.caches) await caches.delete(CACHE);
 }
 
-// The files of a diffusers Stable Diffusion folder; weights are tried plain first, then fp16.
+// The files of each diffusers layout. `weights`: a safetensors stem, tried plain, then fp16.
+const TOKENIZER = (dir) => [
+  [`${dir}/vocab.json`], [`${dir}/merges.txt`],
+  [`${dir}/tokenizer_config.json`, { optional: true }],
+  [`${dir}/special_tokens_map.json`, { optional: true }],
+];
+const TEXT_ENCODER = (dir) => [[`${dir}/config.json`], [`${dir}/model`, { weights: true }]];
+const MODEL = (dir) => [[`${dir}/config.json`], [`${dir}/diffusion_pytorch_model`, { weights: true }]];
+
 const SD_FILES = [
-  ['tokenizer/vocab.json'], ['tokenizer/merges.txt'],
-  ['tokenizer/tokenizer_config.json', { optional: true }],
-  ['tokenizer/special_tokens_map.json', { optional: true }],
-  ['text_encoder/config.json'], ['unet/config.json'], ['vae/config.json'],
-  ['scheduler/scheduler_config.json'],
-  ['text_encoder/model', { weights: true }],
-  ['unet/diffusion_pytorch_model', { weights: true }],
-  ['vae/diffusion_pytorch_model', { weights: true }],
+  ...TOKENIZER('tokenizer'), ['scheduler/scheduler_config.json'],
+  ...TEXT_ENCODER('text_encoder'), ...MODEL('unet'), ...MODEL('vae'),
+];
+// Würstchen's decoder pipeline (`warp-ai/wuerstchen`) and its prior pipeline
+// (`warp-ai/wuerstchen-prior`); a combined folder holds both, the prior parts as `prior_*`.
+const WUERSTCHEN_DECODER = [
+  ['model_index.json'], ...TOKENIZER('tokenizer'), ['scheduler/scheduler_config.json'],
+  ...TEXT_ENCODER('text_encoder'), ...MODEL('decoder'), ...MODEL('vqgan'),
+];
+const WUERSTCHEN_PRIOR = (p) => [
+  ...TOKENIZER(`${p}tokenizer`), [`${p}scheduler/scheduler_config.json`],
+  ...TEXT_ENCODER(`${p}text_encoder`), ...MODEL(`${p}prior`),
 ];
 
 async function fetchCached(url, signal, onBytes) {
@@ -64,55 +77,141 @@ async function fetchCached(url, signal, onBytes) {
     }
     if (response.status === 404) return null;
     if (!response.ok) throw new TGateError('network', `${url}: HTTP ${response.status}`);
-    if (cache) await cache.put(url, response.clone());
   }
   const total = Number(response.headers.get('content-length')) || 0;
-  const reader = response.body.getReader();
-  const parts = [];
-  let received = 0;
-  for (;;) {
-    if (signal && signal.aborted) throw new TGateError('cancelled', 'cancelled');
-    const { done, value } = await reader.read();
-    if (done) break;
-    parts.push(value);
-    received += value.length;
-    onBytes(value.length, total);
+  if (total > 2 ** 31 - 1) {
+    throw new TGateError('out_of_memory', `${url} is ${total} bytes; files over 2 GB must be sharded`);
   }
-  const bytes = new Uint8Array(received);
-  let offset = 0;
-  for (const p of parts) { bytes.set(p, offset); offset += p.length; }
+  // The body is read into one buffer of the announced size (no second copy of the file).
+  let bytes = new Uint8Array(total);
+  let received = 0;
+  const reader = response.body.getReader();
+  try {
+    for (;;) {
+      if (signal && signal.aborted) throw new TGateError('cancelled', 'cancelled');
+      const { done, value } = await reader.read();
+      if (done) break;
+      if (received + value.length > bytes.length) {
+        const grown = new Uint8Array(Math.max(bytes.length * 2, received + value.length));
+        grown.set(bytes.subarray(0, received));
+        bytes = grown;
+      }
+      bytes.set(value, received);
+      received += value.length;
+      onBytes(value.length, url, total);
+    }
+  } catch (e) {
+    if (e instanceof TGateError) throw e;
+    throw new TGateError('network', `${url}: ${e.message}`);
+  }
+  if (received !== bytes.length) bytes = bytes.slice(0, received);
+  if (total && received !== total) {
+    throw new TGateError('network', `${url}: got ${received} of ${total} bytes`);
+  }
+  // Only complete downloads are cached.
+  if (cache && !fromCache) {
+    await cache.put(url, new Response(bytes, { headers: { 'content-length': String(received) } }));
+  }
   return { bytes, fromCache };
 }
 
+/** Downloads `list` below `base` into `map` (keys prefixed with `keyPrefix`). */
+async function fetchFolder(base, list, map, stats, signal, report) {
+  const root = base.endsWith('/') ? base : `${base}/`;
+  for (const [name, opts = {}] of list) {
+    const candidates = opts.weights ? [`${name}.safetensors`, `${name}.fp16.safetensors`] : [name];
+    let got = null;
+    for (const path of candidates) {
+      got = await fetchCached(root + path, signal, report);
+      if (got) { map.set(path, got.bytes); break; }
+    }
+    if (got) {
+      if (got.fromCache) stats.fromCache += 1; else stats.fromNetwork += 1;
+    } else if (!opts.optional) {
+      throw new TGateError('network', `HTTP 404 (not found): ${root}${candidates.join(' or ')}`);
+    }
+  }
+}
+
+// Reads user files; `owned` collects the buffers made here (they can be transferred to the
+// worker; the caller's own Uint8Arrays are copied instead, so they stay usable).
+async function toBytesMap(files, owned) {
+  const map = new Map();
+  for (const [k, v] of files instanceof Map ? files : Object.entries(files)) {
+    if (v instanceof Uint8Array) {
+      map.set(k, v);
+    } else {
+      const bytes = new Uint8Array(await v.arrayBuffer());
+      owned.push(bytes.buffer);
+      map.set(k, bytes);
+    }
+  }
+  return map;
+}
+
 export class Generator {
-  #worker;
+  #worker = null;
+  #workerUrl;
   #next = 1;
   #pending = new Map();
+  // What the last successful load was given, to load again after the worker had to be replaced.
+  #lastLoad = null;
+  #needsReload = false;
 
-  constructor(worker) {
+  constructor(workerUrl) {
+    this.#workerUrl = workerUrl;
+  }
+
+  /** Starts the worker and the WebGPU device. */
+  static async create({ workerUrl } = {}) {
+    const gen = new Generator(workerUrl || new URL('./worker.js', import.meta.url));
+    await gen.#start();
+    return gen;
+  }
+
+  async #start() {
+    const worker = new Worker(this.#workerUrl, { type: 'module' });
     this.#worker = worker;
+    // Events of a replaced worker (a trapped module keeps reporting errors) are ignored.
     worker.onmessage = (event) => {
+      if (worker !== this.#worker) return;
       const msg = event.data;
       const p = this.#pending.get(msg.id);
       if (!p) return;
       if (msg.type === 'step') { p.onStep && p.onStep(msg.report); return; }
       this.#pending.delete(msg.id);
-      if (msg.ok) p.resolve(msg.result);
-      else p.reject(new TGateError(msg.error.code, msg.error.message));
+      if (msg.ok) { p.resolve(msg.result); return; }
+      p.reject(new TGateError(msg.error.code, msg.error.message));
+      // A panic traps the wasm module: replace the worker; the model is loaded again (from
+      // the browser cache) on the next request.
+      if (msg.fatal) this.#replace();
     };
     worker.onerror = (event) => {
+      event.preventDefault && event.preventDefault();
+      if (worker !== this.#worker) return;
       const err = new TGateError('device_lost', `the worker failed: ${event.message || 'unknown error'}`);
       for (const p of this.#pending.values()) p.reject(err);
       this.#pending.clear();
+      this.#replace();
     };
+    await this.#request({ type: 'init' });
   }
 
-  /** Starts the worker and the WebGPU device. */
-  static async create({ workerUrl } = {}) {
-    const url = workerUrl || new URL('./worker.js', import.meta.url);
-    const gen = new Generator(new Worker(url, { type: 'module' }));
-    await gen.#request({ type: 'init' });
-    return gen;
+  #replace() {
+    const err = new TGateError('device_lost', 'the worker was replaced after a failure');
+    for (const p of this.#pending.values()) p.reject(err);
+    this.#pending.clear();
+    if (this.#worker) this.#worker.terminate();
+    this.#worker = null;
+    this.#needsReload = this.#lastLoad !== null;
+  }
+
+  async #ready() {
+    if (!this.#worker) await this.#start();
+    if (this.#needsReload) {
+      this.#needsReload = false;
+      await this.load(this.#lastLoad);
+    }
   }
 
   #request(msg, transfer = [], onStep = null) {
@@ -125,74 +224,118 @@ export class Generator {
 
   /**
    * Loads a diffusers folder from `baseUrl` (downloads are cached in the browser) or from
-   * `files` (a Map or object of path → Uint8Array / Blob).
+   * `files` (a Map or object of path → Uint8Array / Blob). `kind`: 'sd' or 'wuerstchen'. For
+   * Würstchen, `baseUrl`/`files` is a combined folder, or the decoder pipeline with the prior
+   * pipeline in `priorBaseUrl`/`priorFiles`. Resolves to `{ kind, width, height, bytes,
+   * fromCache, fromNetwork, ms }`.
    */
-  async load({ baseUrl, files, kind = 'sd', onProgress, signal } = {}) {
-    const map = new Map();
+  async load(options = {}) {
+    const { baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', onProgress, signal } = options;
+    if (!this.#worker) await this.#start();
+    this.#needsReload = false;
+    const t0 = performance.now();
     const stats = { bytes: 0, fromCache: 0, fromNetwork: 0 };
+    let map;
+    let priorMap = null;
+    let transfer = [];
+    if (kind !== 'sd' && kind !== 'wuerstchen') {
+      throw new TGateError('invalid_parameter', `kind must be 'sd' or 'wuerstchen', got '${kind}'`);
+    }
     if (files) {
-      for (const [k, v] of files instanceof Map ? files : Object.entries(files)) {
-        map.set(k, v instanceof Uint8Array ? v : new Uint8Array(await v.arrayBuffer()));
-      }
+      map = await toBytesMap(files, transfer);
+      if (priorFiles) priorMap = await toBytesMap(priorFiles, transfer);
     } else {
       if (!baseUrl) throw new TGateError('invalid_parameter', 'give baseUrl or files');
-      const base = baseUrl.endsWith('/') ? baseUrl : `${baseUrl}/`;
-      let done = 0;
-      const report = (n, total) => {
-        done += n;
-        stats.bytes = done;
-        onProgress && onProgress({ loaded: done, fileTotal: total });
+      map = new Map();
+      const report = (n, url, fileTotal) => {
+        stats.bytes += n;
+        onProgress && onProgress({ phase: 'download', loaded: stats.bytes, file: url, fileTotal });
       };
-      for (const [name, opts = {}] of SD_FILES) {
-        const candidates = opts.weights
-          ? [`${name}.safetensors`, `${name}.fp16.safetensors`]
-          : [name];
-        let got = null;
-        for (const path of candidates) {
-          got = await fetchCached(base + path, signal, report);
-          if (got) { map.set(path, got.bytes); break; }
-        }
-        if (got) {
-          if (got.fromCache) stats.fromCache += 1; else stats.fromNetwork += 1;
-        } else if (!opts.optional) {
-          throw new TGateError('network', `HTTP 404 (not found): ${base}${candidates.join(' or ')}`);
-        }
+      if (kind === 'sd') {
+        await fetchFolder(baseUrl, SD_FILES, map, stats, signal, report);
+      } else if (priorBaseUrl) {
+        await fetchFolder(baseUrl, WUERSTCHEN_DECODER, map, stats, signal, report);
+        priorMap = new Map();
+        await fetchFolder(priorBaseUrl, [['model_index.json'], ...WUERSTCHEN_PRIOR('')], priorMap, stats, signal, report);
+      } else {
+        await fetchFolder(baseUrl, [...WUERSTCHEN_DECODER, ...WUERSTCHEN_PRIOR('prior_')], map, stats, signal, report);
       }
     }
-    const transfer = [...map.values()].map((b) => b.buffer);
-    await this.#request({ type: 'load', kind, files: map }, transfer);
-    return stats;
+    if (!files) transfer = [...map.values(), ...(priorMap ? priorMap.values() : [])].map((b) => b.buffer);
+    onProgress && onProgress({ phase: 'upload', loaded: stats.bytes });
+    const info = await this.#request({ type: 'load', kind, files: map, priorFiles: priorMap }, transfer);
+    // Reloading after a worker replacement goes through the cache (URLs) or the caller's files.
+    this.#lastLoad = { baseUrl, files, priorBaseUrl, priorFiles, kind };
+    return { ...info, ...stats, ms: performance.now() - t0 };
   }
 
   /**
    * Generates an image. `noise`: the CLI's `--noise` safetensors (bytes or a URL); `gate`:
-   * `false` or `{ step, spInterval, fiInterval, warmUp }`. Resolves to
-   * `{ image: ImageData, latents: Float32Array, latentsShape, timings }`.
+   * `false` or `{ step, spInterval, fiInterval, warmUp }` (Würstchen: `{ step }`); `output`:
+   * 'imagedata' (default) or 'png'. Resolves to `{ image, latents, timings }`: `latents` are
+   * named as in the CLI's `--save-latents` file, `{ name: { data: Float32Array, shape } }`.
    */
-  async generate({ signal, onStep, noise, ...params } = {}) {
+  async generate({ signal, onStep, noise, output = 'imagedata', ...params } = {}) {
+    if (signal && signal.aborted) throw new TGateError('cancelled', 'cancelled');
     if (typeof noise === 'string') {
-      const r = await fetch(noise);
+      let r;
+      try {
+        r = await fetch(noise, { signal });
+      } catch (e) {
+        throw new TGateError('network', `${noise}: ${e.message}`);
+      }
       if (!r.ok) throw new TGateError('network', `${noise}: HTTP ${r.status}`);
       noise = new Uint8Array(await r.arrayBuffer());
     }
+    await this.#ready();
     const id = this.#next; // the id #request is about to use
-    const onAbort = () => this.#worker.postMessage({ type: 'cancel', target: id });
-    if (signal) {
-      if (signal.aborted) throw new TGateError('cancelled', 'cancelled');
-      signal.addEventListener('abort', onAbort, { once: true });
-    }
+    const onAbort = () => this.#worker && this.#worker.postMessage({ type: 'cancel', target: id });
+    if (signal) signal.addEventListener('abort', onAbort, { once: true });
+    const t0 = performance.now();
     try {
       const result = await this.#request({ type: 'generate', params, noise: noise || null }, [], onStep);
-      const image = typeof ImageData === 'function'
+      let image = typeof ImageData === 'function'
         ? new ImageData(result.rgba, result.width, result.height)
-        : result.rgba;
-      return { image, latents: result.latents, latentsShape: result.latentsShape, timings: result.steps };
+        : { data: result.rgba, width: result.width, height: result.height };
+      if (output === 'png') image = await toPng(image);
+      const timings = { steps: result.steps, totalMs: performance.now() - t0 };
+      return { image, latents: result.latents, timings };
     } finally {
       if (signal) signal.removeEventListener('abort', onAbort);
     }
   }
 
   terminate() {
-    this.#worker.terminate();
+    this.#lastLoad = null;
+    this.#replace();
   }
+}
+
+async function toPng(image) {
+  const canvas = new OffscreenCanvas(image.width, image.height);
+  canvas.getContext('2d').putImageData(image, 0, 0);
+  return canvas.convertToBlob({ type: 'image/png' });
+}
+
+/** The latents of a result as a safetensors file (the CLI's `--save-latents` format). */
+export function latentsToSafetensors(latents) {
+  const header = {};
+  let offset = 0;
+  const entries = Object.entries(latents);
+  for (const [name, t] of entries) {
+    header[name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
+    offset += t.data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  while ((json.length + 8) % 8) json += ' ';
+  const head = new TextEncoder().encode(json);
+  const out = new Uint8Array(8 + head.length + offset);
+  new DataView(out.buffer).setBigUint64(0, BigInt(head.length), true);
+  out.set(head, 8);
+  let pos = 8 + head.length;
+  for (const [, t] of entries) {
+    out.set(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength), pos);
+    pos += t.data.byteLength;
+  }
+  return out;
 }

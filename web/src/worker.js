@@ -2,21 +2,36 @@
 //
 // Requests: { id, type: 'init' | 'load' | 'generate' | 'cancel', ... }.
 // Replies:  { id, type: 'step', report } during a generation, then { id, ok: true, result } or
-//           { id, ok: false, error: { code, message } }.
+//           { id, ok: false, fatal, error: { code, message } }. `fatal`: the module trapped (a
+//           Rust panic) and this worker must be replaced.
 
-import init, { Engine } from '../pkg/tgate_wasm.js';
+import init, { Engine, lastPanic } from '../pkg/tgate_wasm.js';
 
 let engine = null;
 let ready = null;
 let busy = false;
+let trapped = null;
+let current = null; // the id of the running load or generation
 const cancelled = new Set();
+const CODES = new Set([
+  'webgpu_unsupported', 'device_lost', 'out_of_memory', 'bad_weights', 'network', 'cancelled',
+  'busy', 'invalid_parameter',
+]);
 
 function fail(id, err) {
-  const code = err && typeof err.name === 'string' && err.name !== 'Error' && err.name !== 'RuntimeError'
-    ? err.name
-    : (err instanceof WebAssembly.RuntimeError ? 'device_lost' : 'internal');
-  const message = err && err.message ? err.message : String(err);
-  self.postMessage({ id, ok: false, error: { code, message } });
+  let code = err && CODES.has(err.name) ? err.name : 'internal';
+  let message = err && err.message ? err.message : String(err);
+  let fatal = false;
+  if (err instanceof WebAssembly.RuntimeError || trapped) {
+    // A panic: the message was recorded by the panic hook before the trap.
+    fatal = true;
+    let panic = null;
+    try { panic = lastPanic(); } catch (_) { /* the module is unusable */ }
+    if (panic) { code = panic.name; message = panic.message; }
+    else if (code === 'internal') code = 'device_lost';
+    trapped = trapped || { code, message };
+  }
+  self.postMessage({ id, ok: false, fatal, error: { code, message } });
 }
 
 async function ensureEngine() {
@@ -35,11 +50,28 @@ async function ensureEngine() {
   return ready;
 }
 
+// A trap inside a polled future surfaces here rather than in the awaited promise (which then
+// never settles): answer the running request, so nothing hangs.
+function onUncaught(event) {
+  const err = event.error || event.reason || new Error(event.message || 'unknown error');
+  if (current === null) return;
+  event.preventDefault();
+  const id = current;
+  current = null;
+  fail(id, err instanceof WebAssembly.RuntimeError ? err : new WebAssembly.RuntimeError(String((err && err.message) || err)));
+}
+self.addEventListener('error', onUncaught);
+self.addEventListener('unhandledrejection', onUncaught);
+
 self.onmessage = async (event) => {
   const msg = event.data;
   const { id } = msg;
   if (msg.type === 'cancel') {
     cancelled.add(msg.target);
+    return;
+  }
+  if (trapped) {
+    fail(id, Object.assign(new Error(trapped.message), { name: trapped.code }));
     return;
   }
   if (busy && msg.type !== 'init') {
@@ -52,27 +84,28 @@ self.onmessage = async (event) => {
       self.postMessage({ id, ok: true, result: null });
     } else if (msg.type === 'load') {
       busy = true;
+      current = id;
       try {
-        if (msg.kind !== 'sd') {
-          const e = new Error(`kind '${msg.kind}' is not supported by this build (only 'sd')`);
-          e.name = 'invalid_parameter';
-          throw e;
-        }
-        engine.loadStableDiffusion(msg.files);
+        const info = engine.load(msg.kind, msg.files, msg.priorFiles || undefined);
+        self.postMessage({ id, ok: true, result: info });
       } finally {
         busy = false;
+        current = null;
       }
-      self.postMessage({ id, ok: true, result: null });
     } else if (msg.type === 'generate') {
       busy = true;
+      current = id;
       try {
         const result = await engine.generate(msg.params, msg.noise || undefined, (report) => {
-          self.postMessage({ id, type: 'step', report });
+          const transfer = report.preview ? [report.preview.rgba.buffer] : [];
+          self.postMessage({ id, type: 'step', report }, transfer);
           return !cancelled.has(id);
         });
-        self.postMessage({ id, ok: true, result }, [result.latents.buffer, result.rgba.buffer]);
+        const transfer = [result.rgba.buffer, ...Object.values(result.latents).map((t) => t.data.buffer)];
+        self.postMessage({ id, ok: true, result }, transfer);
       } finally {
         busy = false;
+        current = null;
         cancelled.delete(id);
       }
     } else {

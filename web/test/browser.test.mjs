@@ -2,26 +2,16 @@
 // SwiftShader) through playwright-core. Run `npm run build` first (web/pkg).
 //
 //   node web/test/browser.test.mjs
-import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import assert from 'node:assert/strict';
-import { fileURLToPath } from 'node:url';
+import os from 'node:os';
+import { execFileSync } from 'node:child_process';
 import { chromium } from 'playwright-core';
-
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const TYPES = {
-  '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm',
-  '.json': 'application/json', '.txt': 'text/plain', '.safetensors': 'application/octet-stream',
-};
+import { root, send, serve, typeOf } from '../scripts/server.mjs';
 
 // Weight downloads seen by the server (to prove the second load comes from the browser cache).
 const weightHits = [];
-
-function send(res, status, body, type = 'text/plain') {
-  res.writeHead(status, { 'content-type': type, 'content-length': body.length, 'cache-control': 'no-store' });
-  res.end(body);
-}
 
 // /broken/<kind>/... serves the sd1 fixture with one defect.
 function broken(kind, rel) {
@@ -39,22 +29,18 @@ function broken(kind, rel) {
   return body;
 }
 
-const server = http.createServer((req, res) => {
-  const url = new URL(req.url, 'http://localhost');
-  const p = decodeURIComponent(url.pathname);
-  const m = p.match(/^\/broken\/([a-z0-9]+)\/(.*)$/);
-  if (m) {
+const server = await serve({
+  route(p, res) {
+    const m = p.match(/^\/broken\/([a-z0-9]+)\/(.*)$/);
+    if (!m) return false;
     const body = broken(m[1], m[2]);
-    return body ? send(res, 200, body, TYPES[path.extname(p)] || 'application/octet-stream') : send(res, 404, Buffer.from('not found'));
-  }
-  const file = path.join(root, p);
-  if (!file.startsWith(root) || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
-    return send(res, 404, Buffer.from('not found'));
-  }
-  if (p.endsWith('.safetensors') && p.includes('/fixtures/sd1/')) weightHits.push(p);
-  send(res, 200, fs.readFileSync(file), TYPES[path.extname(p)] || 'application/octet-stream');
+    if (body) send(res, 200, body, typeOf(p)); else send(res, 404, Buffer.from('not found'));
+    return true;
+  },
+  onFile(p) {
+    if (p.endsWith('.safetensors') && p.includes('/fixtures/sd1/')) weightHits.push(p);
+  },
 });
-await new Promise((r) => server.listen(0, '127.0.0.1', r));
 const origin = `http://127.0.0.1:${server.address().port}`;
 
 const browser = await chromium.launch({
@@ -102,22 +88,23 @@ try {
     return r;
   });
   for (const [label, gate, key] of [
-    ['pndm ungated', false, 'pipe.pndm.full'],
-    ['pndm gated', { step: 3 }, 'pipe.pndm.tgate'],
+    ['sd: pndm ungated', false, 'pipe.pndm.full'],
+    ['sd: pndm gated', { step: 3 }, 'pipe.pndm.tgate'],
   ]) {
     await step(label, async () => {
       const r = await call('sdCase', 'sd1', { scheduler: 'pndm', gate, key });
       assert.ok(r.err <= 1e-3 * r.scale, `${key}: max abs err ${r.err} (scale ${r.scale})`);
-      const phase = (name) => r.timings.filter((t) => t.phase === name).map((t) => t.ms);
-      const mean = (xs) => xs.reduce((a, b) => a + b, 0) / Math.max(xs.length, 1);
-      // The first steps include kernel compilation: report the later ones of each phase too.
-      return {
-        err: r.err, scale: r.scale, size: [r.width, r.height],
-        spMs: mean(phase('semantics-planning').slice(1)), fiMs: mean(phase('fidelity-improving')),
-        stepMs: r.timings.map((t) => Math.round(t.ms)),
-      };
+      return { err: r.err, scale: r.scale, size: [r.width, r.height], stepMs: r.timings.map((t) => Math.round(t.ms)) };
     });
   }
+  await step('sd: steps after the gate are cheaper', async () => {
+    const r = await call('phaseTimes', {
+      prompt: 'a red fox', negativePrompt: 'blurry', steps: 16, guidance: 7.5, scheduler: 'ddim',
+      seed: 3, gate: { step: 8 },
+    }, 'unet');
+    assert.ok(r.ratio < 1, `fidelity-improving ${r.fiMs} ms vs semantics-planning ${r.spMs} ms`);
+    return r;
+  });
   await step('second load (browser cache)', async () => {
     const before = weightHits.length;
     const r = await call('load', 'sd1');
@@ -131,6 +118,32 @@ try {
     assert.equal(r.nextSteps, 2);
     return r;
   });
+  await step('wuerstchen: load', async () => {
+    const r = await call('load', 'wuerstchen', 'wuerstchen');
+    assert.equal(r.kind, 'wuerstchen');
+    return r;
+  });
+  for (const [label, gate, prefix] of [
+    ['wuerstchen: ungated', false, 'pipe'],
+    ['wuerstchen: prior gated at 2', { step: 2 }, 'gate2'],
+  ]) {
+    await step(label, async () => {
+      const r = await call('wuerstchenCase', 'wuerstchen', { gate, prefix });
+      for (const stage of ['prior', 'decoder']) {
+        const { err, scale } = r[stage];
+        assert.ok(err <= 1e-3 * scale, `${prefix} ${stage}: max abs err ${err} (scale ${scale})`);
+      }
+      return { prior: r.prior, decoder: r.decoder, size: [r.width, r.height] };
+    });
+  }
+  await step('wuerstchen: prior steps after the gate are cheaper', async () => {
+    const r = await call('phaseTimes', {
+      prompt: 'a red fox', steps: 12, guidance: 4, decoderSteps: 2, width: 128, height: 128,
+      seed: 3, gate: { step: 4 },
+    }, 'prior');
+    assert.ok(r.ratio < 1, `fidelity-improving ${r.fiMs} ms vs semantics-planning ${r.spMs} ms`);
+    return r;
+  });
   for (const [kind, code] of [['404', 'network'], ['truncated', 'bad_weights'], ['shape', 'bad_weights']]) {
     await step(`typed error: ${kind}`, async () => {
       await call('purgeCache');
@@ -139,6 +152,84 @@ try {
       return r;
     });
   }
+  await step('demo page: load the tiny model, generate, chart', async () => {
+    const demo = await browser.newPage({ viewport: { width: 1180, height: 900 } });
+    const demoErrors = [];
+    demo.on('pageerror', (e) => demoErrors.push(String(e)));
+    await demo.goto(`${origin}/web/demo/`);
+    await demo.waitForSelector('body[data-ready="true"]');
+    await demo.selectOption('#model', 'tiny-sd');
+    await demo.click('#load');
+    await demo.waitForSelector('#generate:not([disabled])', { timeout: 120_000 });
+    await demo.fill('#steps', '12');
+    await demo.fill('#gateStep', '5');
+    await demo.click('#generate');
+    await demo.waitForSelector('body[data-generated="1"]', { timeout: 300_000 });
+    const state = await demo.evaluate(() => {
+      const lit = (id) => {
+        const c = document.getElementById(id);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 3; i < d.length; i += 4) if (d[i]) n += 1;
+        return n;
+      };
+      return {
+        chartPixels: lit('chart'), imagePixels: lit('image'),
+        summary: document.getElementById('summary').textContent,
+        status: document.getElementById('status').textContent,
+        error: document.getElementById('error').hidden ? null : document.getElementById('error').textContent,
+      };
+    });
+    fs.mkdirSync(path.join(root, 'target/browser'), { recursive: true });
+    await demo.screenshot({ path: path.join(root, 'target/browser/demo.png'), fullPage: true });
+    await demo.close();
+    assert.equal(state.error, null);
+    assert.ok(state.chartPixels > 1000 && state.imagePixels > 1000, JSON.stringify(state));
+    assert.match(state.summary, /T-GATE saved/);
+    assert.deepEqual(demoErrors, []);
+    return state;
+  });
+  await step('npm pack: a scratch app installs the tarball and generates', async () => {
+    const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'tgate-scratch-'));
+    const web = path.join(root, 'web');
+    const tgz = execFileSync('npm', ['pack', '--silent', '--pack-destination', scratch], { cwd: web })
+      .toString().trim().split('\n').pop();
+    fs.writeFileSync(path.join(scratch, 'package.json'), JSON.stringify({ name: 'scratch', private: true, type: 'module' }));
+    execFileSync('npm', ['install', '--offline', '--no-audit', '--no-fund', `./${tgz}`], { cwd: scratch, stdio: 'ignore' });
+    fs.writeFileSync(path.join(scratch, 'index.html'), `<!doctype html><meta charset="utf-8">
+<script type="importmap">{ "imports": { "tgate-web": "./node_modules/tgate-web/src/index.js" } }</script>
+<script type="module">
+import { Generator } from 'tgate-web';
+const gen = await Generator.create();
+await gen.load({ baseUrl: '/fixtures/sd1/', kind: 'sd' });
+const out = await gen.generate({ prompt: 'a red fox', steps: 3, seed: 7 });
+window.result = { width: out.image.width, height: out.image.height, steps: out.timings.steps.length };
+</script>`);
+    const app = await serve({
+      dir: scratch,
+      route(p, res) {
+        if (!p.startsWith('/fixtures/')) return false;
+        const file = path.join(root, 'tests', p);
+        if (fs.existsSync(file)) send(res, 200, fs.readFileSync(file), typeOf(p)); else send(res, 404, Buffer.from('not found'));
+        return true;
+      },
+    });
+    const pageApp = await browser.newPage();
+    const appErrors = [];
+    pageApp.on('pageerror', (e) => appErrors.push(String(e)));
+    try {
+      await pageApp.goto(`http://127.0.0.1:${app.address().port}/`);
+      await pageApp.waitForFunction(() => window.result, null, { timeout: 300_000 });
+      const r = await pageApp.evaluate(() => window.result);
+      assert.equal(r.steps, 3);
+      const size = fs.statSync(path.join(scratch, tgz)).size;
+      return { tarball: tgz, tarballBytes: size, ...r, errors: appErrors };
+    } finally {
+      await pageApp.close();
+      app.close();
+      fs.rmSync(scratch, { recursive: true, force: true });
+    }
+  });
   results.pageErrors = pageErrors.filter((e) => !e.includes('status of 404')).slice(0, 6);
 } finally {
   await browser.close();

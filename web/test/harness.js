@@ -70,11 +70,9 @@ window.harness = {
   detect,
   purgeCache,
 
-  async load(fixture, baseUrl) {
+  async load(fixture, kind = 'sd') {
     const g = await gen();
-    const t0 = performance.now();
-    const stats = await g.load({ baseUrl: baseUrl || `/tests/fixtures/${fixture}/` });
-    return { ...stats, ms: performance.now() - t0 };
+    return g.load({ baseUrl: `/tests/fixtures/${fixture}/`, kind });
   },
 
   /** Generates with the reference noise and compares the latents with `key`. */
@@ -94,11 +92,58 @@ window.harness = {
       noise,
     });
     return {
-      ...compare(out.latents, ref[key].data),
-      timings: out.timings,
+      ...compare(out.latents.latents.data, ref[key].data),
+      timings: out.timings.steps,
       width: out.image.width,
       height: out.image.height,
     };
+  },
+
+  /** Würstchen with the reference noise; compares both stages' latents with `<prefix>.*`. */
+  async wuerstchenCase(fixture, { gate, prefix }) {
+    const { ref, json } = await reference(fixture);
+    const noise = writeSafetensors({
+      prior_noise: ref['pipe.prior_noise'],
+      prior_step_noise: ref['pipe.prior_step_noise'],
+      decoder_noise: ref['pipe.decoder_noise'],
+      decoder_step_noise: ref['pipe.decoder_step_noise'],
+    });
+    const g = await gen();
+    const out = await g.generate({
+      prompt: json.prompt,
+      negativePrompt: json.negative_prompt,
+      steps: json.prior_steps,
+      guidance: json.prior_guidance,
+      decoderSteps: json.decoder_steps,
+      decoderGuidance: json.decoder_guidance,
+      width: json.width,
+      height: json.height,
+      gate,
+      noise,
+    });
+    return {
+      prior: compare(out.latents.prior_latents.data, ref[`${prefix}.prior_latents`].data),
+      decoder: compare(out.latents.decoder_latents.data, ref[`${prefix}.decoder_latents`].data),
+      timings: out.timings.steps,
+      width: out.image.width,
+      height: out.image.height,
+    };
+  },
+
+  /**
+   * Step times per phase of a seeded run (`stage`'s steps), measured on a second identical
+   * run so that kernel compilation is not counted.
+   */
+  async phaseTimes(params, stage) {
+    const g = await gen();
+    await g.generate(params);
+    const out = await g.generate(params);
+    const steps = out.timings.steps.filter((t) => t.stage === stage);
+    const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[s.length >> 1]; };
+    // The first step of each phase runs kernels of new shapes: leave it out.
+    const sp = steps.filter((t) => t.phase === 'semantics-planning').slice(1).map((t) => t.ms);
+    const fi = steps.filter((t) => t.phase === 'fidelity-improving').slice(1).map((t) => t.ms);
+    return { spMs: median(sp), fiMs: median(fi), ratio: median(fi) / median(sp), sp, fi };
   },
 
   /** Cancels after `after` steps, then checks that the next generation succeeds. */
@@ -117,13 +162,13 @@ window.harness = {
       cancelled = errorInfo(e);
     }
     const next = await g.generate({ prompt: json.prompt, steps: 2, seed: 2 });
-    return { cancelled, stepsBeforeCancel: steps, nextSteps: next.timings.length };
+    return { cancelled, stepsBeforeCancel: steps, nextSteps: next.timings.steps.length };
   },
 
   /** Loads from a URL and reports the typed error. */
-  async loadError(baseUrl) {
+  async loadError(baseUrl, kind = 'sd') {
     try {
-      await (await gen()).load({ baseUrl });
+      await (await gen()).load({ baseUrl, kind });
       return { code: 'none' };
     } catch (e) {
       return errorInfo(e);

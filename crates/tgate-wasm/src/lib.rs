@@ -3,16 +3,19 @@
 //! Meant to run inside a Web Worker (see `web/src/worker.js`). Every step is enqueued with the
 //! model crate's step-wise API and then awaited with a one-value asynchronous readback, so the
 //! worker never blocks and step times are real. Errors are thrown as JS `Error`s whose `name` is
-//! one of the package's error codes (`webgpu_unsupported`, `device_lost`, `bad_weights`,
-//! `invalid_parameter`, `cancelled`).
+//! one of the package's error codes (`webgpu_unsupported`, `device_lost`, `out_of_memory`,
+//! `bad_weights`, `invalid_parameter`, `cancelled`). A Rust panic traps the module; its message
+//! stays readable through [`last_panic`] so the worker can report it before it is replaced.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use burn::tensor::{Device, Tensor};
 use js_sys::{Function, Map, Uint8Array};
 use serde::{Deserialize, Serialize};
-use tgate::loader::{MemorySource, Variant};
-use tgate::pipeline::{Denoiser, GenerateParams, Noise, StableDiffusion, StepInfo};
+use tgate::loader::{ModelSource, Variant};
+use tgate::pipeline::{Denoiser, EnqueuedStep, GenerateParams, Noise, StableDiffusion, StepInfo};
+use tgate::pipeline_wuerstchen::{Wuerstchen, WuerstchenNoise, WuerstchenParams};
 use tgate::safetensors::SafeTensors;
 use tgate::tgate::GateConfig;
 use wasm_bindgen::prelude::*;
@@ -37,13 +40,40 @@ fn code(e: &tgate::Error) -> &'static str {
         | DtypeMismatch { .. }
         | Tokenizer(_) => "bad_weights",
         InvalidParameter { .. } | Input { .. } => "invalid_parameter",
+        Device(msg) if is_out_of_memory(msg) => "out_of_memory",
         Device(_) => "device_lost",
         Cancelled => "cancelled",
     }
 }
 
+fn is_out_of_memory(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("out of memory") || m.contains("outofmemory") || m.contains("allocation")
+}
+
 fn to_js(e: tgate::Error) -> JsValue {
     js_error(code(&e), e)
+}
+
+thread_local! {
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// The message of the panic that trapped the module, if one did (read by the worker after a
+/// `RuntimeError`), with the error code it maps to.
+#[wasm_bindgen(js_name = lastPanic)]
+pub fn last_panic() -> JsValue {
+    match LAST_PANIC.with(|p| p.borrow().clone()) {
+        Some(msg) => {
+            let code = if is_out_of_memory(&msg) {
+                "out_of_memory"
+            } else {
+                "device_lost"
+            };
+            js_error(code, msg)
+        }
+        None => JsValue::NULL,
+    }
 }
 
 /// Forwards warnings and errors of the `log` facade (cubecl reports WGSL compilation failures
@@ -65,13 +95,15 @@ impl log::Log for ConsoleLog {
 
 static LOGGER: ConsoleLog = ConsoleLog;
 
-/// Sends Rust panics and log errors to the console (the worker turns the resulting trap into an
-/// error message), and keeps kernel autotuning short: every candidate is compiled in the
+/// Records panics (the worker turns the resulting trap into a typed error), forwards log errors
+/// to the console, and keeps kernel autotuning short: every candidate is compiled in the
 /// browser, which is slow on first use.
 #[wasm_bindgen(start)]
 pub fn start() {
     std::panic::set_hook(Box::new(|info| {
-        web_sys::console::error_1(&format!("tgate panicked: {info}").into());
+        let msg = format!("tgate panicked: {info}");
+        web_sys::console::error_1(&msg.clone().into());
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(msg));
     }));
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
@@ -82,21 +114,72 @@ pub fn start() {
     cubecl_runtime::config::CubeClRuntimeConfig::try_set(config);
 }
 
+/// Files handed over from JS (`Map<path, Uint8Array>`). A weight file is copied into wasm memory
+/// when the loader asks for it and removed from the map at once, so the page's copy is freed
+/// file by file while the tensors go to the GPU.
+struct JsSource {
+    files: Map,
+    name: &'static str,
+}
+
+impl JsSource {
+    fn new(files: Map, name: &'static str) -> Result<Self, JsValue> {
+        let mut ok = true;
+        files.for_each(&mut |value, key| {
+            ok &= key.is_string() && value.is_instance_of::<Uint8Array>();
+        });
+        if !ok {
+            return Err(js_error(
+                "invalid_parameter",
+                "files must map path strings to Uint8Array",
+            ));
+        }
+        Ok(JsSource { files, name })
+    }
+}
+
+impl ModelSource for JsSource {
+    fn read(&self, path: &str) -> tgate::Result<Option<Vec<u8>>> {
+        let key = JsValue::from_str(path);
+        let value = self.files.get(&key);
+        if value.is_undefined() {
+            return Ok(None);
+        }
+        let bytes = value.unchecked_into::<Uint8Array>().to_vec();
+        if path.ends_with(".safetensors") {
+            self.files.delete(&key);
+        }
+        Ok(Some(bytes))
+    }
+
+    fn describe(&self) -> String {
+        self.name.into()
+    }
+}
+
 /// Generation parameters, as the JS API names them.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Params {
     prompt: String,
     #[serde(default)]
     negative_prompt: String,
+    /// SD: denoising steps; Würstchen: prior steps.
     steps: Option<usize>,
+    /// SD: guidance scale; Würstchen: prior guidance.
     guidance: Option<f64>,
     scheduler: Option<String>,
     width: Option<usize>,
     height: Option<usize>,
     seed: Option<f64>,
-    /// `false` (no gate) or the knobs; absent: the default gate.
+    /// Würstchen only.
+    decoder_steps: Option<usize>,
+    decoder_guidance: Option<f64>,
+    /// `false` (no gate) or the knobs; absent or `true`: the default gate.
     gate: Option<GateParam>,
+    /// Send a small RGBA preview of the latents with every step report.
+    #[serde(default)]
+    preview: bool,
 }
 
 #[derive(Deserialize)]
@@ -106,8 +189,8 @@ enum GateParam {
     Knobs(GateKnobs),
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct GateKnobs {
     step: Option<usize>,
     sp_interval: Option<usize>,
@@ -115,9 +198,38 @@ struct GateKnobs {
     warm_up: Option<usize>,
 }
 
+impl Params {
+    /// The gate knobs; `None` when the gate is off.
+    fn gate(&self) -> Option<GateKnobs> {
+        match &self.gate {
+            Some(GateParam::Enabled(false)) => None,
+            Some(GateParam::Enabled(true)) | None => Some(GateKnobs::default()),
+            Some(GateParam::Knobs(k)) => Some(GateKnobs {
+                step: k.step,
+                sp_interval: k.sp_interval,
+                fi_interval: k.fi_interval,
+                warm_up: k.warm_up,
+            }),
+        }
+    }
+
+    fn seed(&self) -> Result<u64, JsValue> {
+        match self.seed {
+            Some(s) if s >= 0.0 && s.fract() == 0.0 && s <= 9007199254740991.0 => Ok(s as u64),
+            Some(s) => Err(js_error(
+                "invalid_parameter",
+                format!("seed must be a non-negative integer, got {s}"),
+            )),
+            None => Ok((js_sys::Math::random() * 4294967296.0) as u64),
+        }
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct StepReport {
+    /// `unet` (SD), `prior` or `decoder` (Würstchen).
+    stage: &'static str,
     step: usize,
     total: usize,
     timestep: f64,
@@ -125,9 +237,10 @@ struct StepReport {
     ms: f64,
 }
 
-impl From<&StepInfo> for StepReport {
-    fn from(s: &StepInfo) -> Self {
+impl StepReport {
+    fn new(stage: &'static str, s: &StepInfo) -> Self {
         StepReport {
+            stage,
             step: s.index,
             total: s.total,
             timestep: s.timestep,
@@ -137,119 +250,265 @@ impl From<&StepInfo> for StepReport {
     }
 }
 
-/// Reads the CLI's `--noise` file format (`noise`, optional `step_noise`).
-fn read_noise(bytes: Vec<u8>) -> Result<Noise, tgate::Error> {
-    let st = SafeTensors::parse("noise", bytes)?;
-    let noise = st.read_f32_any("noise")?.data;
-    let step_noise = if st.contains("step_noise") {
-        Some(st.read_f32_any("step_noise")?.data)
-    } else {
-        None
-    };
-    Ok(Noise::Tensors { noise, step_noise })
+async fn read_back<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, JsValue> {
+    let data = t.into_data_async().await.map_err(|e| {
+        let msg = format!("{e:?}");
+        let code = if is_out_of_memory(&msg) {
+            "out_of_memory"
+        } else {
+            "device_lost"
+        };
+        js_error(code, msg)
+    })?;
+    data.try_to_vec::<f32>()
+        .map_err(|e| js_error("device_lost", format!("{e:?}")))
 }
 
-async fn read_back(t: Tensor<4>) -> Result<Vec<f32>, JsValue> {
-    t.into_data_async()
-        .await
-        .map_err(|e| js_error("device_lost", format!("{e:?}")))?
-        .try_to_vec::<f32>()
-        .map_err(|e| js_error("device_lost", format!("{e:?}")))
+/// A cheap preview of latents `[1, c, h, w]`: the first three channels (for four-channel SD
+/// latents, the usual linear map to RGB), each stretched to its range, as RGBA.
+fn preview_rgba(values: &[f32], dims: [usize; 4], sd: bool) -> (Vec<u8>, usize, usize) {
+    let [_, c, h, w] = dims;
+    let n = h * w;
+    let mut rgb = vec![0f32; 3 * n];
+    // Contribution of each SD latent channel to R, G, B (a published approximation).
+    const SD_RGB: [[f32; 3]; 4] = [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ];
+    for i in 0..n {
+        for k in 0..3 {
+            rgb[k * n + i] = if sd && c == 4 {
+                (0..4).map(|ch| SD_RGB[ch][k] * values[ch * n + i]).sum()
+            } else {
+                values[(k % c) * n + i]
+            };
+        }
+    }
+    let mut rgba = vec![255u8; 4 * n];
+    for k in 0..3 {
+        let plane = &rgb[k * n..(k + 1) * n];
+        let lo = plane.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        for i in 0..n {
+            rgba[4 * i + k] = (((plane[i] - lo) / span) * 255.0).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    (rgba, w, h)
+}
+
+/// Runs the step loop of one stage: enqueue, await a one-value readback, report.
+async fn drive_stage(
+    stage: &'static str,
+    sd: bool,
+    mut step: impl FnMut() -> tgate::Result<Option<(EnqueuedStep, Tensor<4>)>>,
+    preview: bool,
+    on_step: &Function,
+    reports: &mut Vec<StepReport>,
+) -> Result<(), JsValue> {
+    loop {
+        let started = Instant::now();
+        let Some((enqueued, latents)) = step().map_err(to_js)? else {
+            return Ok(());
+        };
+        let dims = latents.dims();
+        let preview = if preview {
+            let values = read_back(latents).await?;
+            Some(preview_rgba(&values, dims, sd))
+        } else {
+            // Wait for the step without blocking the worker: read one value back.
+            read_back(latents.slice([0..1, 0..1, 0..1, 0..1])).await?;
+            None
+        };
+        let info = enqueued.finish(started.elapsed().as_secs_f64());
+        let report = StepReport::new(stage, &info);
+        let js = serde_wasm_bindgen::to_value(&report)?;
+        if let Some((rgba, w, h)) = preview {
+            let p = js_sys::Object::new();
+            js_sys::Reflect::set(
+                &p,
+                &"rgba".into(),
+                &js_sys::Uint8ClampedArray::from(&rgba[..]).into(),
+            )?;
+            js_sys::Reflect::set(&p, &"width".into(), &w.into())?;
+            js_sys::Reflect::set(&p, &"height".into(), &h.into())?;
+            js_sys::Reflect::set(&js, &"preview".into(), &p)?;
+        }
+        let go = on_step.call1(&JsValue::NULL, &js)?;
+        reports.push(report);
+        if go == JsValue::FALSE {
+            return Err(js_error("cancelled", "cancelled"));
+        }
+    }
+}
+
+enum Model {
+    Sd(Rc<StableDiffusion>),
+    Wuerstchen(Rc<Wuerstchen>),
 }
 
 /// A WebGPU device and the loaded model.
 #[wasm_bindgen]
 pub struct Engine {
     device: Device,
-    sd: Option<Rc<StableDiffusion>>,
+    model: Option<Model>,
 }
 
 #[wasm_bindgen]
 impl Engine {
-    /// Initialises burn's WebGPU device (asynchronously, as browsers require).
+    /// Initialises burn's WebGPU device (asynchronously, as browsers require). cubecl asks for
+    /// the adapter's own limits, so bindings up to its `maxStorageBufferBindingSize` are allowed.
     pub async fn create() -> Result<Engine, JsValue> {
         let device = Device::wgpu_options()
             .init_async()
             .await
             .map_err(|e| js_error("webgpu_unsupported", format!("{e:?}")))?;
-        Ok(Engine { device, sd: None })
+        Ok(Engine {
+            device,
+            model: None,
+        })
     }
 
-    /// Loads a Stable Diffusion folder from `files` (`Map<path, Uint8Array>`, paths as in the
-    /// diffusers layout, e.g. `unet/config.json`). The bytes are copied into wasm memory one
-    /// component at a time by the loader and dropped after upload.
-    #[wasm_bindgen(js_name = loadStableDiffusion)]
-    pub fn load_stable_diffusion(&mut self, files: &Map) -> Result<(), JsValue> {
-        let mut src = MemorySource::default();
-        let mut bad = None;
-        files.for_each(
-            &mut |value, key| match (key.as_string(), value.dyn_into::<Uint8Array>()) {
-                (Some(k), Ok(bytes)) => {
-                    src.files.insert(k, bytes.to_vec());
+    /// Loads a diffusers folder: `kind` is `sd` or `wuerstchen`; `files` maps paths of the
+    /// diffusers layout (`unet/config.json`, ...) to bytes. For Würstchen, `files` is either a
+    /// combined folder (`prior_*` subfolders) or the decoder pipeline, and then `prior_files`
+    /// is the prior pipeline. Weight files are removed from the maps as they are uploaded.
+    /// Resolves to `{ kind, width, height }` (the model's default image size).
+    pub fn load(
+        &mut self,
+        kind: &str,
+        files: Map,
+        prior_files: Option<Map>,
+    ) -> Result<JsValue, JsValue> {
+        let src = JsSource::new(files, "model files")?;
+        let prior = prior_files
+            .map(|m| JsSource::new(m, "prior files"))
+            .transpose()?;
+        self.model = None;
+        let (model, size) = match kind {
+            "sd" => {
+                if prior.is_some() {
+                    return Err(js_error(
+                        "invalid_parameter",
+                        "a prior only goes with kind 'wuerstchen'",
+                    ));
                 }
-                _ => bad = Some("files must map path strings to Uint8Array"),
-            },
-        );
-        if let Some(msg) = bad {
-            return Err(js_error("invalid_parameter", msg));
-        }
-        self.sd = None;
-        let sd = StableDiffusion::load(&src, Variant::Auto, &self.device).map_err(to_js)?;
-        self.sd = Some(Rc::new(sd));
-        Ok(())
+                let sd = StableDiffusion::load(&src, Variant::Auto, &self.device).map_err(to_js)?;
+                let size = sd.default_size();
+                (Model::Sd(Rc::new(sd)), (size, size))
+            }
+            "wuerstchen" => {
+                let w = Wuerstchen::load(
+                    &src,
+                    prior.as_ref().map(|p| p as &dyn ModelSource),
+                    Variant::Auto,
+                    &self.device,
+                )
+                .map_err(to_js)?;
+                (Model::Wuerstchen(Rc::new(w)), (512, 512))
+            }
+            other => {
+                return Err(js_error(
+                    "invalid_parameter",
+                    format!("kind must be 'sd' or 'wuerstchen', got '{other}'"),
+                ))
+            }
+        };
+        self.model = Some(model);
+        let out = js_sys::Object::new();
+        js_sys::Reflect::set(&out, &"kind".into(), &kind.into())?;
+        js_sys::Reflect::set(&out, &"width".into(), &size.0.into())?;
+        js_sys::Reflect::set(&out, &"height".into(), &size.1.into())?;
+        Ok(out.into())
     }
 
-    /// Generates an image. `on_step(report)` is called after every step; returning `false`
-    /// cancels. Resolves to `{ latents, latentsShape, rgba, width, height, steps }`.
+    /// Generates an image. `noise` is the CLI's `--noise` file (safetensors bytes); `on_step`
+    /// is called after every step and returning `false` cancels. Resolves to `{ latents:
+    /// { name: { data, shape } }, rgba, width, height, steps }`, the latents named as the CLI's
+    /// `--save-latents` file.
     pub fn generate(
         &self,
         params: JsValue,
         noise: Option<Uint8Array>,
         on_step: Function,
     ) -> Result<js_sys::Promise, JsValue> {
-        let sd = self
-            .sd
-            .clone()
-            .ok_or_else(|| js_error("invalid_parameter", "no model loaded"))?;
         let params: Params =
             serde_wasm_bindgen::from_value(params).map_err(|e| js_error("invalid_parameter", e))?;
         let noise = noise.map(|n| n.to_vec());
-        Ok(wasm_bindgen_futures::future_to_promise(async move {
-            run(&sd, params, noise, on_step).await
-        }))
+        match &self.model {
+            None => Err(js_error("invalid_parameter", "no model loaded")),
+            Some(Model::Sd(sd)) => {
+                let sd = sd.clone();
+                Ok(wasm_bindgen_futures::future_to_promise(async move {
+                    run_sd(&sd, params, noise, on_step).await
+                }))
+            }
+            Some(Model::Wuerstchen(w)) => {
+                let w = w.clone();
+                Ok(wasm_bindgen_futures::future_to_promise(async move {
+                    run_wuerstchen(&w, params, noise, on_step).await
+                }))
+            }
+        }
     }
 }
 
-async fn run(
+/// Parses the CLI's `--noise` file and returns the named tensors (flattened).
+fn noise_tensors(bytes: Vec<u8>, names: &[&str]) -> tgate::Result<Vec<Option<Vec<f32>>>> {
+    let st = SafeTensors::parse("noise", bytes)?;
+    names
+        .iter()
+        .map(|n| {
+            if st.contains(n) {
+                Ok(Some(st.read_f32_any(n)?.data))
+            } else {
+                Ok(None)
+            }
+        })
+        .collect()
+}
+
+fn missing_noise(name: &str) -> JsValue {
+    js_error(
+        "invalid_parameter",
+        format!("the noise file has no tensor '{name}'"),
+    )
+}
+
+async fn run_sd(
     sd: &StableDiffusion,
     params: Params,
     noise: Option<Vec<u8>>,
     on_step: Function,
 ) -> Result<JsValue, JsValue> {
+    if params.decoder_steps.is_some() || params.decoder_guidance.is_some() {
+        return Err(js_error(
+            "invalid_parameter",
+            "decoderSteps and decoderGuidance are Würstchen parameters",
+        ));
+    }
     let steps = params.steps.unwrap_or(25);
     let size = sd.default_size();
-    let gate = match params.gate {
-        Some(GateParam::Enabled(false)) => None,
-        Some(GateParam::Enabled(true)) | None => {
-            Some(GateConfig::original(GateConfig::default_gate_step(steps)))
+    let gate = params.gate().map(|k| GateConfig {
+        gate_step: k.step.unwrap_or(GateConfig::default_gate_step(steps)),
+        sp_interval: k.sp_interval.unwrap_or(1),
+        fi_interval: k.fi_interval.unwrap_or(1),
+        warm_up: k.warm_up.unwrap_or(0),
+    });
+    let noise = match noise {
+        Some(bytes) => {
+            let mut t = noise_tensors(bytes, &["noise", "step_noise"])
+                .map_err(to_js)?
+                .into_iter();
+            let noise = t.next().flatten().ok_or_else(|| missing_noise("noise"))?;
+            Noise::Tensors {
+                noise,
+                step_noise: t.next().flatten(),
+            }
         }
-        Some(GateParam::Knobs(k)) => Some(GateConfig {
-            gate_step: k.step.unwrap_or(GateConfig::default_gate_step(steps)),
-            sp_interval: k.sp_interval.unwrap_or(1),
-            fi_interval: k.fi_interval.unwrap_or(1),
-            warm_up: k.warm_up.unwrap_or(0),
-        }),
-    };
-    let noise = match (noise, params.seed) {
-        (Some(bytes), _) => read_noise(bytes).map_err(to_js)?,
-        (None, Some(seed)) if seed >= 0.0 && seed.fract() == 0.0 => Noise::Seed(seed as u64),
-        (None, Some(seed)) => {
-            return Err(js_error(
-                "invalid_parameter",
-                format!("seed must be a non-negative integer, got {seed}"),
-            ))
-        }
-        (None, None) => Noise::Seed((js_sys::Math::random() * 1e9) as u64),
+        None => Noise::Seed(params.seed()?),
     };
     let scheduler = params
         .scheduler
@@ -278,25 +537,141 @@ async fn run(
     };
     let mut d = Denoiser::new(&sd.unet, &sd.scheduler_config, &p, cond, uncond).map_err(to_js)?;
     let mut reports = Vec::new();
-    loop {
-        let started = Instant::now();
-        let Some(step) = d.step().map_err(to_js)? else {
-            break;
-        };
-        // Wait for the step without blocking the worker: read one value back.
-        read_back(d.latents().clone().slice([0..1, 0..1, 0..1, 0..1])).await?;
-        let info = step.finish(started.elapsed().as_secs_f64());
-        let report = serde_wasm_bindgen::to_value(&StepReport::from(&info))?;
-        let go = on_step.call1(&JsValue::NULL, &report)?;
-        reports.push(StepReport::from(&info));
-        if go == JsValue::FALSE {
-            return Err(js_error("cancelled", "cancelled"));
-        }
-    }
+    drive_stage(
+        "unet",
+        true,
+        || Ok(d.step()?.map(|s| (s, d.latents().clone()))),
+        params.preview,
+        &on_step,
+        &mut reports,
+    )
+    .await?;
     let latents = d.latents().clone();
-    let shape = latents.dims();
-    let latent_values = read_back(latents.clone()).await?;
-    let image = sd.decode(latents);
+    let image = sd.decode(latents.clone());
+    finish(vec![("latents", latents)], image, reports).await
+}
+
+async fn run_wuerstchen(
+    w: &Wuerstchen,
+    params: Params,
+    noise: Option<Vec<u8>>,
+    on_step: Function,
+) -> Result<JsValue, JsValue> {
+    if params.scheduler.is_some() {
+        return Err(js_error(
+            "invalid_parameter",
+            "Würstchen has one scheduler (DDPMWuerstchenScheduler); leave scheduler out",
+        ));
+    }
+    let noise = match noise {
+        Some(bytes) => {
+            let names = [
+                "prior_noise",
+                "prior_step_noise",
+                "decoder_noise",
+                "decoder_step_noise",
+            ];
+            let mut t = noise_tensors(bytes, &names).map_err(to_js)?.into_iter();
+            let mut next = |name| t.next().flatten().ok_or_else(|| missing_noise(name));
+            WuerstchenNoise::Tensors {
+                prior_noise: next(names[0])?,
+                prior_step_noise: next(names[1])?,
+                decoder_noise: next(names[2])?,
+                decoder_step_noise: next(names[3])?,
+            }
+        }
+        None => WuerstchenNoise::Seed(params.seed()?),
+    };
+    let mut p = WuerstchenParams::new(params.prompt.clone(), noise);
+    p.negative_prompt = params.negative_prompt.clone();
+    p.width = params.width.unwrap_or(p.width);
+    p.height = params.height.unwrap_or(p.height);
+    p.prior_steps = params.steps.unwrap_or(p.prior_steps);
+    p.prior_guidance = params.guidance.unwrap_or(p.prior_guidance);
+    p.decoder_steps = params.decoder_steps.unwrap_or(p.decoder_steps);
+    p.decoder_guidance = params.decoder_guidance.unwrap_or(p.decoder_guidance);
+    p.gate_step = match params.gate() {
+        None => None,
+        Some(k) => {
+            if k.sp_interval.unwrap_or(1) != 1
+                || k.fi_interval.unwrap_or(1) != 1
+                || k.warm_up.unwrap_or(0) != 0
+            {
+                return Err(js_error(
+                    "invalid_parameter",
+                    "the Würstchen gate takes only `step` (spInterval, fiInterval and warmUp are SD knobs)",
+                ));
+            }
+            Some(
+                k.step
+                    .unwrap_or(GateConfig::default_gate_step(p.prior_step_count())),
+            )
+        }
+    };
+    let mut reports = Vec::new();
+    let prior_latents = {
+        let mut d = w.prior_denoiser(&p).map_err(to_js)?;
+        drive_stage(
+            "prior",
+            false,
+            || Ok(d.step()?.map(|s| (s, d.latents().clone()))),
+            params.preview,
+            &on_step,
+            &mut reports,
+        )
+        .await?;
+        w.finish_prior(d.latents().clone())
+    };
+    let decoder_latents = {
+        let mut d = w
+            .decoder_denoiser(prior_latents.clone(), &p)
+            .map_err(to_js)?;
+        drive_stage(
+            "decoder",
+            false,
+            || Ok(d.step()?.map(|s| (s, d.latents().clone()))),
+            params.preview,
+            &on_step,
+            &mut reports,
+        )
+        .await?;
+        d.latents().clone()
+    };
+    let image = w.decode(decoder_latents.clone());
+    finish(
+        vec![
+            ("prior_latents", prior_latents),
+            ("decoder_latents", decoder_latents),
+        ],
+        image,
+        reports,
+    )
+    .await
+}
+
+/// Reads the latents and the image `[1, 3, H, W]` in `[0, 1]` back and builds the result.
+async fn finish(
+    latents: Vec<(&str, Tensor<4>)>,
+    image: Tensor<4>,
+    reports: Vec<StepReport>,
+) -> Result<JsValue, JsValue> {
+    let named = js_sys::Object::new();
+    for (name, t) in latents {
+        let shape = t.dims();
+        let values = read_back(t).await?;
+        let entry = js_sys::Object::new();
+        js_sys::Reflect::set(
+            &entry,
+            &"data".into(),
+            &js_sys::Float32Array::from(&values[..]).into(),
+        )?;
+        js_sys::Reflect::set(
+            &entry,
+            &"shape".into(),
+            &serde_wasm_bindgen::to_value(&shape.to_vec())?,
+        )?;
+        js_sys::Reflect::set(&named, &name.into(), &entry)?;
+    }
     let [_, _, h, w] = image.dims();
     let pixels = read_back(image).await?;
     let mut rgba = vec![255u8; h * w * 4];
@@ -310,14 +685,7 @@ async fn run(
     }
     let out = js_sys::Object::new();
     let set = |k: &str, v: JsValue| js_sys::Reflect::set(&out, &k.into(), &v);
-    set(
-        "latents",
-        js_sys::Float32Array::from(&latent_values[..]).into(),
-    )?;
-    set(
-        "latentsShape",
-        serde_wasm_bindgen::to_value(&shape.to_vec())?,
-    )?;
+    set("latents", named.into())?;
     set("rgba", js_sys::Uint8ClampedArray::from(&rgba[..]).into())?;
     set("width", w.into())?;
     set("height", h.into())?;
