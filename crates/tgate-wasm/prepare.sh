@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Makes target/patched/cubecl-wgpu-0.11.3: the crates.io source of cubecl-wgpu with
-# patches/cubecl-wgpu-0.11.3-no-subgroups.diff applied (see README.md beside this script).
+# Makes target/patched/<crate>-<version> for every patches/<crate>-<version>.diff: the crates.io
+# source of that crate with the diff applied (why: README.md beside this script).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-dest="$root/target/patched/cubecl-wgpu-0.11.3"
-diff="$here/patches/cubecl-wgpu-0.11.3-no-subgroups.diff"
-stamp="$dest/.tgate-patch"
-if [ -f "$stamp" ] && cmp -s "$stamp" "$diff"; then exit 0; fi
-# The root workspace depends on cubecl-wgpu 0.11.3 (through burn's wgpu feature): cargo metadata
-# downloads it if needed and says where its source is.
-manifest="$(cd "$root" && cargo metadata --format-version 1 --locked \
-  | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cubecl-wgpu" and p["version"]=="0.11.3"))')"
-rm -rf "$dest"
-mkdir -p "$(dirname "$dest")"
-cp -r "$(dirname "$manifest")" "$dest"
-chmod -R u+w "$dest"
-patch -s -p1 -d "$dest" < "$diff"
-cp "$diff" "$stamp"
-echo "patched cubecl-wgpu 0.11.3 in $dest"
+meta=""
+for diff in "$here"/patches/*.diff; do
+  id="$(basename "$diff" .diff)"            # e.g. cubecl-wgpu-0.11.3
+  name="${id%-*}"; version="${id##*-}"
+  dest="$root/target/patched/$id"
+  if [ -f "$dest/.tgate-patch" ] && cmp -s "$dest/.tgate-patch" "$diff"; then continue; fi
+  # The root workspace depends on both crates (through burn's wgpu feature): cargo metadata
+  # downloads them if needed and says where their sources are.
+  [ -n "$meta" ] || meta="$(cd "$root" && cargo metadata --format-version 1 --locked)"
+  manifest="$(printf '%s' "$meta" | python3 -c 'import json,sys; n,v=sys.argv[1:]; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]==n and p["version"]==v))' "$name" "$version")"
+  rm -rf "$dest"
+  mkdir -p "$(dirname "$dest")"
+  cp -r "$(dirname "$manifest")" "$dest"
+  chmod -R u+w "$dest"
+  patch -s -p1 -d "$dest" < "$diff"
+  cp "$diff" "$dest/.tgate-patch"
+  echo "patched $name $version in $dest"
+done
