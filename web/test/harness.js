@@ -40,7 +40,8 @@ function writeSafetensors(tensors) {
 
 let generator = null;
 async function gen() {
-  if (!generator) generator = await Generator.create();
+  // On the demo page, use its generator (kernels already compiled there).
+  if (!generator) generator = (window.tgateDemo && window.tgateDemo.generator) || await Generator.create();
   return generator;
 }
 
@@ -60,6 +61,19 @@ function compare(actual, expected) {
     err = Math.max(err, Number.isNaN(d) ? Infinity : d);
   }
   return { err, scale };
+}
+
+/**
+ * Median step time per phase of `stage`. Kernels of the planning phase were compiled by an
+ * earlier run; the first gated step compiles the one-batch kernels, so it is left out.
+ */
+function phases(steps, stage) {
+  const own = steps.filter((t) => t.stage === stage);
+  const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[s.length >> 1]; };
+  const sp = own.filter((t) => t.phase === 'semantics-planning').map((t) => t.ms);
+  const fi = own.filter((t) => t.phase === 'fidelity-improving').slice(1).map((t) => t.ms);
+  if (!fi.length) return { spMs: median(sp) };
+  return { spMs: median(sp), fiMs: median(fi), ratio: median(fi) / median(sp) };
 }
 
 function errorInfo(e) {
@@ -94,6 +108,7 @@ window.harness = {
     return {
       ...compare(out.latents.latents.data, ref[key].data),
       timings: out.timings.steps,
+      phases: phases(out.timings.steps, 'unet'),
       width: out.image.width,
       height: out.image.height,
     };
@@ -125,25 +140,10 @@ window.harness = {
       prior: compare(out.latents.prior_latents.data, ref[`${prefix}.prior_latents`].data),
       decoder: compare(out.latents.decoder_latents.data, ref[`${prefix}.decoder_latents`].data),
       timings: out.timings.steps,
+      phases: phases(out.timings.steps, 'prior'),
       width: out.image.width,
       height: out.image.height,
     };
-  },
-
-  /**
-   * Step times per phase of a seeded run (`stage`'s steps), measured on a second identical
-   * run so that kernel compilation is not counted.
-   */
-  async phaseTimes(params, stage) {
-    const g = await gen();
-    await g.generate(params);
-    const out = await g.generate(params);
-    const steps = out.timings.steps.filter((t) => t.stage === stage);
-    const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[s.length >> 1]; };
-    // The first step of each phase runs kernels of new shapes: leave it out.
-    const sp = steps.filter((t) => t.phase === 'semantics-planning').slice(1).map((t) => t.ms);
-    const fi = steps.filter((t) => t.phase === 'fidelity-improving').slice(1).map((t) => t.ms);
-    return { spMs: median(sp), fiMs: median(fi), ratio: median(fi) / median(sp), sp, fi };
   },
 
   /** Cancels after `after` steps, then checks that the next generation succeeds. */
@@ -161,7 +161,7 @@ window.harness = {
     } catch (e) {
       cancelled = errorInfo(e);
     }
-    const next = await g.generate({ prompt: json.prompt, steps: 2, seed: 2 });
+    const next = await g.generate({ prompt: json.prompt, steps: 2, seed: 2, scheduler: 'ddim' });
     return { cancelled, stepsBeforeCancel: steps, nextSteps: next.timings.steps.length };
   },
 
