@@ -88,7 +88,7 @@ async function load() {
       ...model,
       onProgress: (p) => {
         const mb = (p.loaded / 1e6).toFixed(1);
-        if (p.phase === 'upload') progress(1, `Uploading ${mb} MB to the GPU…`);
+        if (p.phase === 'upload') progress(p.total ? p.loaded / p.total : 1, `Uploading weights to the GPU: ${mb} of ${(p.total / 1e6).toFixed(1)} MB…`);
         else progress(p.fileTotal ? 0.5 : 0, `Downloading ${mb} MB…`);
       },
     });

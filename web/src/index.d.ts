@@ -20,12 +20,18 @@ export interface DetectResult {
 export function detect(): Promise<DetectResult>;
 export function purgeCache(): Promise<void>;
 
-export type ModelFiles = Map<string, Uint8Array | Blob> | Record<string, Uint8Array | Blob>;
+/** Path (as in the diffusers layout) → contents. Blobs (a picked `File` is one) are read tensor by tensor. */
+export type ModelFiles =
+  | Map<string, Blob | Uint8Array | ArrayBuffer>
+  | Record<string, Blob | Uint8Array | ArrayBuffer>;
 
 export interface LoadProgress {
+  /** `download`: files fetched (network or browser cache); `upload`: weights sent to the GPU. */
   phase: 'download' | 'upload';
-  /** Bytes read so far (network or browser cache). */
+  /** Bytes so far in this phase. */
   loaded: number;
+  /** `upload`: bytes of all weight files. */
+  total?: number;
   file?: string;
   fileTotal?: number;
 }
@@ -51,6 +57,10 @@ export interface LoadResult {
   bytes: number;
   fromCache: number;
   fromNetwork: number;
+  /** Bytes of the weight files. */
+  weightBytes: number;
+  /** The largest single read of a weight file (one tensor: files are never read whole). */
+  largestReadBytes: number;
   ms: number;
 }
 

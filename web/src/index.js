@@ -64,55 +64,67 @@ const WUERSTCHEN_PRIOR = (p) => [
   ...TEXT_ENCODER(`${p}text_encoder`), ...MODEL(`${p}prior`),
 ];
 
+const cancelled = () => new TGateError('cancelled', 'cancelled');
+
+// Downloads `url` (or takes it from the browser cache) as a Blob. Nothing here holds the file in
+// one ArrayBuffer: the body streams into the Cache API (or into a Blob of chunks where there is
+// no cache), and the worker reads the Blob tensor by tensor. Only complete downloads stay cached.
 async function fetchCached(url, signal, onBytes) {
   const cache = globalThis.caches ? await caches.open(CACHE) : null;
-  let response = cache ? await cache.match(url) : undefined;
-  const fromCache = Boolean(response);
-  if (!response) {
-    try {
-      response = await fetch(url, { signal });
-    } catch (e) {
-      if (signal && signal.aborted) throw new TGateError('cancelled', 'cancelled');
-      throw new TGateError('network', `${url}: ${e.message}`);
-    }
-    if (response.status === 404) return null;
-    if (!response.ok) throw new TGateError('network', `${url}: HTTP ${response.status}`);
+  const hit = cache ? await cache.match(url) : undefined;
+  if (hit) {
+    const blob = await hit.blob();
+    onBytes(blob.size, url, blob.size);
+    return { blob, fromCache: true };
   }
-  const total = Number(response.headers.get('content-length')) || 0;
-  if (total > 2 ** 31 - 1) {
-    throw new TGateError('out_of_memory', `${url} is ${total} bytes; files over 2 GB must be sharded`);
-  }
-  // The body is read into one buffer of the announced size (no second copy of the file).
-  let bytes = new Uint8Array(total);
-  let received = 0;
-  const reader = response.body.getReader();
+  let response;
   try {
-    for (;;) {
-      if (signal && signal.aborted) throw new TGateError('cancelled', 'cancelled');
-      const { done, value } = await reader.read();
-      if (done) break;
-      if (received + value.length > bytes.length) {
-        const grown = new Uint8Array(Math.max(bytes.length * 2, received + value.length));
-        grown.set(bytes.subarray(0, received));
-        bytes = grown;
+    response = await fetch(url, { signal });
+  } catch (e) {
+    if (signal && signal.aborted) throw cancelled();
+    throw new TGateError('network', `${url}: ${e.message}`);
+  }
+  if (response.status === 404) return null;
+  if (!response.ok) throw new TGateError('network', `${url}: HTTP ${response.status}`);
+  const total = Number(response.headers.get('content-length')) || 0;
+  let received = 0;
+  const counted = response.body.pipeThrough(new TransformStream({
+    transform(chunk, controller) {
+      if (signal && signal.aborted) { controller.error(cancelled()); return; }
+      received += chunk.length;
+      onBytes(chunk.length, url, total);
+      controller.enqueue(chunk);
+    },
+  }));
+  let blob;
+  try {
+    if (cache) {
+      await cache.put(url, new Response(counted, { headers: { 'content-type': 'application/octet-stream' } }));
+      if (total && received !== total) {
+        await cache.delete(url);
+      } else {
+        blob = await (await cache.match(url)).blob();
       }
-      bytes.set(value, received);
-      received += value.length;
-      onBytes(value.length, url, total);
+    } else {
+      const chunks = [];
+      const reader = counted.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        chunks.push(value);
+      }
+      blob = new Blob(chunks);
     }
   } catch (e) {
+    if (cache) await cache.delete(url).catch(() => {});
+    if (signal && signal.aborted) throw cancelled();
     if (e instanceof TGateError) throw e;
     throw new TGateError('network', `${url}: ${e.message}`);
   }
-  if (received !== bytes.length) bytes = bytes.slice(0, received);
   if (total && received !== total) {
     throw new TGateError('network', `${url}: got ${received} of ${total} bytes`);
   }
-  // Only complete downloads are cached.
-  if (cache && !fromCache) {
-    await cache.put(url, new Response(bytes, { headers: { 'content-length': String(received) } }));
-  }
-  return { bytes, fromCache };
+  return { blob, fromCache: false };
 }
 
 /** Downloads `list` below `base` into `map` (keys prefixed with `keyPrefix`). */
@@ -123,7 +135,7 @@ async function fetchFolder(base, list, map, stats, signal, report) {
     let got = null;
     for (const path of candidates) {
       got = await fetchCached(root + path, signal, report);
-      if (got) { map.set(path, got.bytes); break; }
+      if (got) { map.set(path, got.blob); break; }
     }
     if (got) {
       if (got.fromCache) stats.fromCache += 1; else stats.fromNetwork += 1;
@@ -133,18 +145,14 @@ async function fetchFolder(base, list, map, stats, signal, report) {
   }
 }
 
-// Reads user files; `owned` collects the buffers made here (they can be transferred to the
-// worker; the caller's own Uint8Arrays are copied instead, so they stay usable).
-async function toBytesMap(files, owned) {
+// User files: Blobs (a picked File is one) are handed to the worker as they are and read there
+// tensor by tensor; bytes are copied, so the caller's arrays stay usable.
+function toFileMap(files) {
   const map = new Map();
   for (const [k, v] of files instanceof Map ? files : Object.entries(files)) {
-    if (v instanceof Uint8Array) {
-      map.set(k, v);
-    } else {
-      const bytes = new Uint8Array(await v.arrayBuffer());
-      owned.push(bytes.buffer);
-      map.set(k, bytes);
-    }
+    if (v instanceof Blob || v instanceof Uint8Array) map.set(k, v);
+    else if (v instanceof ArrayBuffer) map.set(k, new Uint8Array(v));
+    else throw new TGateError('invalid_parameter', `files['${k}'] must be a Blob, File, Uint8Array or ArrayBuffer`);
   }
   return map;
 }
@@ -178,7 +186,7 @@ export class Generator {
       const msg = event.data;
       const p = this.#pending.get(msg.id);
       if (!p) return;
-      if (msg.type === 'step') { p.onStep && p.onStep(msg.report); return; }
+      if (msg.type === 'step' || msg.type === 'progress') { p.onEvent && p.onEvent(msg.report); return; }
       this.#pending.delete(msg.id);
       if (msg.ok) { p.resolve(msg.result); return; }
       p.reject(new TGateError(msg.error.code, msg.error.message));
@@ -214,20 +222,22 @@ export class Generator {
     }
   }
 
-  #request(msg, transfer = [], onStep = null) {
+  #request(msg, transfer = [], onEvent = null) {
     const id = this.#next++;
     return new Promise((resolve, reject) => {
-      this.#pending.set(id, { resolve, reject, onStep });
+      this.#pending.set(id, { resolve, reject, onEvent });
       this.#worker.postMessage({ ...msg, id }, transfer);
     });
   }
 
   /**
    * Loads a diffusers folder from `baseUrl` (downloads are cached in the browser) or from
-   * `files` (a Map or object of path → Uint8Array / Blob). `kind`: 'sd' or 'wuerstchen'. For
-   * Würstchen, `baseUrl`/`files` is a combined folder, or the decoder pipeline with the prior
-   * pipeline in `priorBaseUrl`/`priorFiles`. Resolves to `{ kind, width, height, bytes,
-   * fromCache, fromNetwork, ms }`.
+   * `files` (a Map or object of path → Blob / File / Uint8Array). `kind`: 'sd' or 'wuerstchen'.
+   * For Würstchen, `baseUrl`/`files` is a combined folder, or the decoder pipeline with the prior
+   * pipeline in `priorBaseUrl`/`priorFiles`. Weights go to the GPU tensor by tensor; `onProgress`
+   * gets `{ phase: 'download', loaded, file, fileTotal }` then `{ phase: 'upload', loaded, total }`.
+   * Resolves to `{ kind, width, height, bytes, fromCache, fromNetwork, weightBytes,
+   * largestReadBytes, ms }`.
    */
   async load(options = {}) {
     const { baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', onProgress, signal } = options;
@@ -237,13 +247,12 @@ export class Generator {
     const stats = { bytes: 0, fromCache: 0, fromNetwork: 0 };
     let map;
     let priorMap = null;
-    let transfer = [];
     if (kind !== 'sd' && kind !== 'wuerstchen') {
       throw new TGateError('invalid_parameter', `kind must be 'sd' or 'wuerstchen', got '${kind}'`);
     }
     if (files) {
-      map = await toBytesMap(files, transfer);
-      if (priorFiles) priorMap = await toBytesMap(priorFiles, transfer);
+      map = toFileMap(files);
+      if (priorFiles) priorMap = toFileMap(priorFiles);
     } else {
       if (!baseUrl) throw new TGateError('invalid_parameter', 'give baseUrl or files');
       map = new Map();
@@ -261,9 +270,8 @@ export class Generator {
         await fetchFolder(baseUrl, [...WUERSTCHEN_DECODER, ...WUERSTCHEN_PRIOR('prior_')], map, stats, signal, report);
       }
     }
-    if (!files) transfer = [...map.values(), ...(priorMap ? priorMap.values() : [])].map((b) => b.buffer);
-    onProgress && onProgress({ phase: 'upload', loaded: stats.bytes });
-    const info = await this.#request({ type: 'load', kind, files: map, priorFiles: priorMap }, transfer);
+    const upload = onProgress && ((r) => onProgress({ phase: 'upload', loaded: r.loaded, total: r.total }));
+    const info = await this.#request({ type: 'load', kind, files: map, priorFiles: priorMap }, [], upload);
     // Reloading after a worker replacement goes through the cache (URLs) or the caller's files.
     this.#lastLoad = { baseUrl, files, priorBaseUrl, priorFiles, kind };
     return { ...info, ...stats, ms: performance.now() - t0 };

@@ -86,7 +86,14 @@ self.onmessage = async (event) => {
       busy = true;
       current = id;
       try {
-        const info = engine.load(msg.kind, msg.files, msg.priorFiles || undefined);
+        // Progress is posted at most every 50 ms (and at the end), not per tensor.
+        let last = 0;
+        const info = engine.load(msg.kind, msg.files, msg.priorFiles || undefined, (loaded, total) => {
+          const now = performance.now();
+          if (now - last < 50 && loaded < total) return;
+          last = now;
+          self.postMessage({ id, type: 'progress', report: { loaded, total } });
+        });
         self.postMessage({ id, ok: true, result: info });
       } finally {
         busy = false;

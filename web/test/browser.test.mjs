@@ -127,12 +127,26 @@ try {
     const before = weightHits.length;
     const r = await call('load', 'sd1');
     assert.ok(weightHits.length - before >= 3, `weights fetched: ${weightHits.length - before}`);
-    return r;
+    // Weights are read tensor by tensor, never a whole file at once.
+    const unet = fs.statSync(path.join(root, 'tests/fixtures/sd1/unet/diffusion_pytorch_model.safetensors')).size;
+    assert.ok(r.largestReadBytes > 0 && r.largestReadBytes < unet / 4, JSON.stringify(r));
+    const last = r.upload[r.upload.length - 1];
+    assert.ok(last && last[1] === r.weightBytes && last[0] > 0.9 * r.weightBytes, JSON.stringify(r.upload));
+    return { ...r, upload: r.upload.length };
   });
   for (const [label, gate, key] of [
     ['sd: pndm ungated', false, 'pipe.pndm.full'],
+    // Loaded from Blobs (the user-picked files path) for the gated case.
     ['sd: pndm gated', { step: 3 }, 'pipe.pndm.tgate'],
   ]) {
+    if (gate) {
+      await step('load from Blobs (picked files)', async () => {
+        const r = await call('loadBlobs', 'sd1');
+        assert.equal(r.kind, 'sd');
+        assert.ok(r.largestReadBytes < r.sizes['unet/diffusion_pytorch_model.safetensors'] / 4, JSON.stringify(r));
+        return r;
+      });
+    }
     await step(label, async () => {
       const r = await call('sdCase', 'sd1', { scheduler: 'pndm', gate, key });
       assert.ok(r.err <= 1e-3 * r.scale, `${key}: max abs err ${r.err} (scale ${r.scale})`);

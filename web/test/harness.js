@@ -84,9 +84,35 @@ window.harness = {
   detect,
   purgeCache,
 
+  /** Loads over HTTP; also returns the upload progress reports. */
   async load(fixture, kind = 'sd') {
     const g = await gen();
-    return g.load({ baseUrl: `/tests/fixtures/${fixture}/`, kind });
+    const upload = [];
+    const r = await g.load({
+      baseUrl: `/tests/fixtures/${fixture}/`,
+      kind,
+      onProgress: (p) => { if (p.phase === 'upload') upload.push([p.loaded, p.total]); },
+    });
+    return { ...r, upload };
+  },
+
+  /** Loads the SD fixture from Blobs, as a page does with user-picked files. */
+  async loadBlobs(fixture) {
+    const files = new Map();
+    const names = [
+      'tokenizer/vocab.json', 'tokenizer/merges.txt', 'tokenizer/tokenizer_config.json',
+      'tokenizer/special_tokens_map.json', 'scheduler/scheduler_config.json',
+      'text_encoder/config.json', 'text_encoder/model.safetensors', 'unet/config.json',
+      'unet/diffusion_pytorch_model.safetensors', 'vae/config.json', 'vae/diffusion_pytorch_model.safetensors',
+    ];
+    const sizes = {};
+    for (const name of names) {
+      const blob = await (await fetch(`/tests/fixtures/${fixture}/${name}`)).blob();
+      files.set(name, blob);
+      sizes[name] = blob.size;
+    }
+    const r = await (await gen()).load({ files, kind: 'sd' });
+    return { ...r, sizes };
   },
 
   /** Generates with the reference noise and compares the latents with `key`. */

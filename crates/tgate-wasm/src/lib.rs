@@ -7,7 +7,7 @@
 //! `bad_weights`, `invalid_parameter`, `cancelled`). A Rust panic traps the module; its message
 //! stays readable through [`last_panic`] so the worker can report it before it is replaced.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use burn::tensor::{Device, Tensor};
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tgate::loader::{ModelSource, Variant};
 use tgate::pipeline::{Denoiser, EnqueuedStep, GenerateParams, Noise, StableDiffusion, StepInfo};
 use tgate::pipeline_wuerstchen::{Wuerstchen, WuerstchenNoise, WuerstchenParams};
-use tgate::safetensors::SafeTensors;
+use tgate::safetensors::{ByteSource, SafeTensors};
 use tgate::tgate::GateConfig;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -114,42 +114,146 @@ pub fn start() {
     cubecl_runtime::config::CubeClRuntimeConfig::try_set(config);
 }
 
-/// Files handed over from JS (`Map<path, Uint8Array>`). A weight file is copied into wasm memory
-/// when the loader asks for it and removed from the map at once, so the page's copy is freed
-/// file by file while the tensors go to the GPU.
+/// How much of the weights has been read, for progress reports and for the load result.
+struct ReadStats {
+    /// Bytes of all weight files handed over.
+    total: f64,
+    read: Cell<f64>,
+    largest: Cell<f64>,
+    on_progress: Option<Function>,
+}
+
+/// Files handed over from JS: `Map<path, Blob | Uint8Array>`. A weight file is read tensor by
+/// tensor (a `Blob` through `FileReaderSync`, which exists in workers), so wasm memory holds one
+/// tensor at a time and there is no second full copy of a checkpoint; its entry is removed from
+/// the map when it is opened, so the page's reference goes as soon as the load is done with it.
 struct JsSource {
     files: Map,
     name: &'static str,
+    stats: Rc<ReadStats>,
+}
+
+/// One file as JS gave it.
+#[derive(Clone)]
+enum JsFile {
+    Bytes(Uint8Array),
+    Blob(web_sys::Blob),
+}
+
+impl JsFile {
+    fn of(value: &JsValue) -> Option<JsFile> {
+        if let Some(a) = value.dyn_ref::<Uint8Array>() {
+            Some(JsFile::Bytes(a.clone()))
+        } else {
+            value
+                .dyn_ref::<web_sys::Blob>()
+                .map(|b| JsFile::Blob(b.clone()))
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            JsFile::Bytes(a) => a.length() as u64,
+            JsFile::Blob(b) => b.size() as u64,
+        }
+    }
+
+    fn read_range(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
+        let describe = |e: JsValue| {
+            e.dyn_ref::<js_sys::Error>()
+                .map(|e| String::from(e.message()))
+                .unwrap_or_else(|| format!("{e:?}"))
+        };
+        match self {
+            JsFile::Bytes(a) => Ok(a.subarray(start as u32, end as u32).to_vec()),
+            JsFile::Blob(b) => {
+                let part = b
+                    .slice_with_f64_and_f64(start as f64, end as f64)
+                    .map_err(describe)?;
+                let buf = web_sys::FileReaderSync::new()
+                    .and_then(|r| r.read_as_array_buffer(&part))
+                    .map_err(describe)?;
+                Ok(Uint8Array::new(&buf).to_vec())
+            }
+        }
+    }
+}
+
+/// A weight file being read in ranges (counted for progress).
+struct JsBytes {
+    file: JsFile,
+    stats: Rc<ReadStats>,
+}
+
+impl ByteSource for JsBytes {
+    fn len(&self) -> u64 {
+        self.file.len()
+    }
+
+    fn read_range(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
+        let bytes = self.file.read_range(start, end)?;
+        let s = &self.stats;
+        let n = bytes.len() as f64;
+        s.read.set(s.read.get() + n);
+        s.largest.set(s.largest.get().max(n));
+        if let Some(f) = &s.on_progress {
+            // A failing progress callback must not fail the load.
+            let _ = f.call2(&JsValue::NULL, &s.read.get().into(), &s.total.into());
+        }
+        Ok(bytes)
+    }
 }
 
 impl JsSource {
-    fn new(files: Map, name: &'static str) -> Result<Self, JsValue> {
+    fn new(files: Map, name: &'static str, stats: Rc<ReadStats>) -> Result<Self, JsValue> {
         let mut ok = true;
         files.for_each(&mut |value, key| {
-            ok &= key.is_string() && value.is_instance_of::<Uint8Array>();
+            ok &= key.is_string() && JsFile::of(&value).is_some();
         });
         if !ok {
             return Err(js_error(
                 "invalid_parameter",
-                "files must map path strings to Uint8Array",
+                "files must map path strings to Blob or Uint8Array",
             ));
         }
-        Ok(JsSource { files, name })
+        Ok(JsSource { files, name, stats })
+    }
+
+    /// Bytes of the weight files in `files`.
+    fn weight_bytes(files: &Map) -> f64 {
+        let mut total = 0.0;
+        files.for_each(&mut |value, key| {
+            if key.as_string().is_some_and(|k| k.ends_with(".safetensors")) {
+                total += JsFile::of(&value).map_or(0, |f| f.len()) as f64;
+            }
+        });
+        total
+    }
+
+    fn get(&self, path: &str) -> Option<JsFile> {
+        JsFile::of(&self.files.get(&JsValue::from_str(path)))
     }
 }
 
 impl ModelSource for JsSource {
     fn read(&self, path: &str) -> tgate::Result<Option<Vec<u8>>> {
-        let key = JsValue::from_str(path);
-        let value = self.files.get(&key);
-        if value.is_undefined() {
+        let Some(file) = self.get(path) else {
             return Ok(None);
-        }
-        let bytes = value.unchecked_into::<Uint8Array>().to_vec();
-        if path.ends_with(".safetensors") {
-            self.files.delete(&key);
-        }
-        Ok(Some(bytes))
+        };
+        file.read_range(0, file.len())
+            .map(Some)
+            .map_err(|e| tgate::Error::MissingFile(format!("{path}: {e}")))
+    }
+
+    fn open(&self, path: &str) -> tgate::Result<Option<Box<dyn ByteSource>>> {
+        let Some(file) = self.get(path) else {
+            return Ok(None);
+        };
+        self.files.delete(&JsValue::from_str(path));
+        Ok(Some(Box::new(JsBytes {
+            file,
+            stats: self.stats.clone(),
+        })))
     }
 
     fn describe(&self) -> String {
@@ -374,17 +478,28 @@ impl Engine {
     /// Loads a diffusers folder: `kind` is `sd` or `wuerstchen`; `files` maps paths of the
     /// diffusers layout (`unet/config.json`, ...) to bytes. For Würstchen, `files` is either a
     /// combined folder (`prior_*` subfolders) or the decoder pipeline, and then `prior_files`
-    /// is the prior pipeline. Weight files are removed from the maps as they are uploaded.
-    /// Resolves to `{ kind, width, height }` (the model's default image size).
+    /// is the prior pipeline. Values are `Blob`s (read tensor by tensor) or `Uint8Array`s; weight
+    /// files are removed from the maps as they are opened. `on_progress(read, total)` follows
+    /// the weight bytes read. Resolves to `{ kind, width, height, weightBytes,
+    /// largestReadBytes }` (the model's default image size; the largest single read shows that
+    /// no file was read whole).
     pub fn load(
         &mut self,
         kind: &str,
         files: Map,
         prior_files: Option<Map>,
+        on_progress: Option<Function>,
     ) -> Result<JsValue, JsValue> {
-        let src = JsSource::new(files, "model files")?;
+        let stats = Rc::new(ReadStats {
+            total: JsSource::weight_bytes(&files)
+                + prior_files.as_ref().map_or(0.0, JsSource::weight_bytes),
+            read: Cell::new(0.0),
+            largest: Cell::new(0.0),
+            on_progress,
+        });
+        let src = JsSource::new(files, "model files", stats.clone())?;
         let prior = prior_files
-            .map(|m| JsSource::new(m, "prior files"))
+            .map(|m| JsSource::new(m, "prior files", stats.clone()))
             .transpose()?;
         self.model = None;
         let (model, size) = match kind {
@@ -421,6 +536,12 @@ impl Engine {
         js_sys::Reflect::set(&out, &"kind".into(), &kind.into())?;
         js_sys::Reflect::set(&out, &"width".into(), &size.0.into())?;
         js_sys::Reflect::set(&out, &"height".into(), &size.1.into())?;
+        js_sys::Reflect::set(&out, &"weightBytes".into(), &stats.total.into())?;
+        js_sys::Reflect::set(
+            &out,
+            &"largestReadBytes".into(),
+            &stats.largest.get().into(),
+        )?;
         Ok(out.into())
     }
 

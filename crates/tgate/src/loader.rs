@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use burn::tensor::Device;
 
 use crate::error::{Error, Result};
-use crate::safetensors::SafeTensors;
+use crate::safetensors::{ByteSource, SafeTensors};
 use crate::weights::Weights;
 
 /// Where the files of a model folder come from. Paths are `/`-separated and relative to the
@@ -14,6 +14,12 @@ use crate::weights::Weights;
 pub trait ModelSource {
     /// The bytes of `path`, or `None` when the file does not exist.
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>>;
+
+    /// `path` for reading in parts (weights are read tensor by tensor through this), or `None`
+    /// when it does not exist. By default the whole file is read into memory.
+    fn open(&self, path: &str) -> Result<Option<Box<dyn ByteSource>>> {
+        Ok(self.read(path)?.map(|b| Box::new(b) as Box<dyn ByteSource>))
+    }
 
     /// A name for the folder in messages.
     fn describe(&self) -> String {
@@ -65,11 +71,8 @@ pub fn load_weights(
         Variant::Fp16 => [fp16, plain, bf16],
     };
     for path in &order {
-        if let Some(bytes) = src.read(path)? {
-            return Ok(Weights::new(
-                SafeTensors::parse(path.clone(), bytes)?,
-                device,
-            ));
+        if let Some(data) = src.open(path)? {
+            return Ok(Weights::new(SafeTensors::open(path.clone(), data)?, device));
         }
     }
     let sharded = format!("{dir}/{stem}.safetensors.index.json");
@@ -113,7 +116,49 @@ impl ModelSource for DirSource {
         }
     }
 
+    /// Weights are read tensor by tensor from the open file, never whole.
+    fn open(&self, path: &str) -> Result<Option<Box<dyn ByteSource>>> {
+        let full = self.root.join(path);
+        let file = match std::fs::File::open(&full) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::MissingFile(format!("{}: {e}", full.display()))),
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| Error::MissingFile(format!("{}: {e}", full.display())))?
+            .len();
+        Ok(Some(Box::new(FileBytes {
+            file: std::cell::RefCell::new(file),
+            len,
+        })))
+    }
+
     fn describe(&self) -> String {
         self.root.display().to_string()
+    }
+}
+
+/// An open file read in ranges.
+#[cfg(not(target_arch = "wasm32"))]
+struct FileBytes {
+    file: std::cell::RefCell<std::fs::File>,
+    len: u64,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ByteSource for FileBytes {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_range(&self, start: u64, end: u64) -> std::result::Result<Vec<u8>, String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = self.file.borrow_mut();
+        let n = usize::try_from(end - start).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; n];
+        file.seek(SeekFrom::Start(start))
+            .and_then(|_| file.read_exact(&mut buf))
+            .map_err(|e| e.to_string())?;
+        Ok(buf)
     }
 }

@@ -56,15 +56,39 @@ struct Entry {
     dtype: Dtype,
     dtype_name: String,
     shape: Vec<usize>,
-    start: usize,
-    end: usize,
+    /// Absolute byte range in the file (u64: a checkpoint may exceed wasm32's `usize`).
+    start: u64,
+    end: u64,
 }
 
-/// A parsed safetensors file that borrows nothing: it owns its bytes.
+/// Random access to the bytes of one file. A checkpoint is read tensor by tensor through it, so
+/// loading never holds a second full copy of a large file (natively a file handle, in the
+/// browser a `Blob`; in tests and for small files, bytes in memory).
+pub trait ByteSource {
+    /// Length of the file in bytes.
+    fn len(&self) -> u64;
+    /// The bytes `[start, end)`; `start <= end <= len()` is guaranteed by the caller.
+    fn read_range(&self, start: u64, end: u64) -> std::result::Result<Vec<u8>, String>;
+}
+
+impl ByteSource for Vec<u8> {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_range(&self, start: u64, end: u64) -> std::result::Result<Vec<u8>, String> {
+        Ok(self[start as usize..end as usize].to_vec())
+    }
+}
+
+/// Headers larger than this are refused as corrupt (as the reference implementation does), so
+/// a crafted length cannot make the reader allocate gigabytes.
+const MAX_HEADER: u64 = 100 << 20;
+
+/// A parsed safetensors file: the validated header, and the source its tensors are read from.
 pub struct SafeTensors {
     file: String,
-    bytes: Vec<u8>,
-    data_start: usize,
+    data: Box<dyn ByteSource>,
+    data_start: u64,
     entries: BTreeMap<String, Entry>,
 }
 
@@ -87,37 +111,49 @@ pub struct HostTensor {
 }
 
 impl SafeTensors {
-    /// Parses and validates `bytes`; `file` names it in errors.
+    /// Parses and validates a file held in memory; `file` names it in errors.
     pub fn parse(file: impl Into<String>, bytes: Vec<u8>) -> Result<Self> {
+        Self::open(file, Box::new(bytes))
+    }
+
+    /// Reads and validates the header of `data` (nothing else is read until a tensor is asked
+    /// for); `file` names it in errors.
+    pub fn open(file: impl Into<String>, data: Box<dyn ByteSource>) -> Result<Self> {
         let file = file.into();
         let corrupt = |message: String| Error::CorruptWeights {
             file: file.clone(),
             message,
         };
-        if bytes.len() < 8 {
-            return Err(corrupt(format!(
-                "{} bytes is too short for a header",
-                bytes.len()
-            )));
+        let len = data.len();
+        if len < 8 {
+            return Err(corrupt(format!("{len} bytes is too short for a header")));
         }
+        let read = |start: u64, end: u64| {
+            data.read_range(start, end)
+                .map_err(|e| corrupt(format!("cannot read bytes {start}..{end}: {e}")))
+        };
         let mut len8 = [0u8; 8];
-        len8.copy_from_slice(&bytes[..8]);
+        len8.copy_from_slice(&read(0, 8)?);
         let header_len = u64::from_le_bytes(len8);
         let data_start = 8u64
             .checked_add(header_len)
-            .filter(|&end| end <= bytes.len() as u64)
+            .filter(|&end| end <= len)
             .ok_or_else(|| {
                 corrupt(format!(
-                    "header length {header_len} runs past the end of the {}-byte file",
-                    bytes.len()
+                    "header length {header_len} runs past the end of the {len}-byte file"
                 ))
-            })? as usize;
-        let header: serde_json::Value = serde_json::from_slice(&bytes[8..data_start])
+            })?;
+        if header_len > MAX_HEADER {
+            return Err(corrupt(format!(
+                "a {header_len}-byte header is implausibly large"
+            )));
+        }
+        let header: serde_json::Value = serde_json::from_slice(&read(8, data_start)?)
             .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
         let header = header
             .as_object()
             .ok_or_else(|| corrupt("header is not a JSON object".into()))?;
-        let data_len = bytes.len() - data_start;
+        let data_len = len - data_start;
         let mut entries = BTreeMap::new();
         for (name, info) in header {
             if name == "__metadata__" {
@@ -140,12 +176,7 @@ impl SafeTensors {
                 .get("data_offsets")
                 .and_then(|s| s.as_array())
                 .filter(|a| a.len() == 2)
-                .and_then(|a| {
-                    Some((
-                        usize::try_from(a[0].as_u64()?).ok()?,
-                        usize::try_from(a[1].as_u64()?).ok()?,
-                    ))
-                })
+                .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
                 .ok_or_else(|| bad("no data_offsets pair"))?;
             let (start, end) = offsets;
             if start > end || end > data_len {
@@ -153,10 +184,16 @@ impl SafeTensors {
                     "data [{start}, {end}) lies outside the {data_len} data bytes (file truncated?)"
                 )));
             }
+            if usize::try_from(end - start).is_err() {
+                return Err(bad(&format!(
+                    "{} bytes do not fit this platform's memory",
+                    end - start
+                )));
+            }
             let dtype = Dtype::parse(dtype_name);
             if let Some(size) = dtype.size() {
                 let expected = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
-                if expected != Some(end - start) {
+                if expected.map(|n| n as u64) != Some(end - start) {
                     return Err(bad(&format!(
                         "{} bytes for shape {shape:?} of {dtype_name} (needs {expected:?})",
                         end - start
@@ -176,10 +213,32 @@ impl SafeTensors {
         }
         Ok(SafeTensors {
             file,
-            bytes,
+            data,
             data_start,
             entries,
         })
+    }
+
+    /// The bytes of one tensor, read from the source now.
+    fn raw(&self, e: &Entry) -> Result<Vec<u8>> {
+        let bytes = self
+            .data
+            .read_range(e.start, e.end)
+            .map_err(|err| Error::CorruptWeights {
+                file: self.file.clone(),
+                message: format!("cannot read bytes {}..{}: {err}", e.start, e.end),
+            })?;
+        if bytes.len() as u64 != e.end - e.start {
+            return Err(Error::CorruptWeights {
+                file: self.file.clone(),
+                message: format!(
+                    "read {} bytes where {} were expected (file changed or truncated?)",
+                    bytes.len(),
+                    e.end - e.start
+                ),
+            });
+        }
+        Ok(bytes)
     }
 
     /// The file name used in errors.
@@ -217,7 +276,7 @@ impl SafeTensors {
     /// Reads a floating-point tensor as f32 (from F32, F16, BF16 or F64), without a shape check.
     pub fn read_f32_any(&self, name: &str) -> Result<HostTensor> {
         let e = self.entry(name, &[])?;
-        let raw = &self.bytes[e.start..e.end];
+        let raw = &self.raw(e)?;
         let data: Vec<f32> = match e.dtype {
             Dtype::F32 => raw
                 .chunks_exact(4)
@@ -269,7 +328,7 @@ impl SafeTensors {
     /// Reads an integer tensor (I64 or I32) as i64.
     pub fn read_i64_any(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
         let e = self.entry(name, &[])?;
-        let raw = &self.bytes[e.start..e.end];
+        let raw = &self.raw(e)?;
         let data = match e.dtype {
             Dtype::I64 => raw
                 .chunks_exact(8)
@@ -292,8 +351,8 @@ impl SafeTensors {
     }
 
     /// Bytes of the data section (for size reports).
-    pub fn data_len(&self) -> usize {
-        self.bytes.len() - self.data_start
+    pub fn data_len(&self) -> u64 {
+        self.data.len() - self.data_start
     }
 }
 
@@ -358,6 +417,64 @@ mod tests {
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             SafeTensors::parse("x", huge),
+            Err(Error::CorruptWeights { .. })
+        ));
+    }
+
+    /// A source that records every read.
+    struct Counting {
+        bytes: Vec<u8>,
+        reads: std::rc::Rc<std::cell::RefCell<Vec<(u64, u64)>>>,
+    }
+
+    impl ByteSource for Counting {
+        fn len(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn read_range(&self, start: u64, end: u64) -> std::result::Result<Vec<u8>, String> {
+            self.reads.borrow_mut().push((start, end));
+            Ok(self.bytes[start as usize..end as usize].to_vec())
+        }
+    }
+
+    #[test]
+    fn reads_tensor_by_tensor() {
+        let big = vec![0.5f32; 1000];
+        let small = [1.0f32, 2.0];
+        let bytes = write_f32(&[("big", &[1000], &big), ("small", &[2], &small)]);
+        let total = bytes.len() as u64;
+        let reads = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let st = SafeTensors::open(
+            "c",
+            Box::new(Counting {
+                bytes,
+                reads: reads.clone(),
+            }),
+        )
+        .unwrap();
+        // Opening reads the length and the header only.
+        let header_end = reads.borrow().iter().map(|r| r.1).max().unwrap();
+        assert!(header_end < total - 4000, "{header_end} of {total}");
+        assert_eq!(st.read_f32("small", &[2]).unwrap().data, small);
+        assert_eq!(*reads.borrow().last().unwrap(), (total - 8, total));
+        assert_eq!(st.read_f32("big", &[1000]).unwrap().data, big);
+        let largest = reads.borrow().iter().map(|r| r.1 - r.0).max().unwrap();
+        assert_eq!(largest, 4000);
+        // A source that comes back short is an error, not garbage.
+        struct Short(Vec<u8>);
+        impl ByteSource for Short {
+            fn len(&self) -> u64 {
+                self.0.len() as u64
+            }
+            fn read_range(&self, start: u64, end: u64) -> std::result::Result<Vec<u8>, String> {
+                let end = if end - start > 100 { end - 1 } else { end };
+                Ok(self.0[start as usize..end as usize].to_vec())
+            }
+        }
+        let st =
+            SafeTensors::open("s", Box::new(Short(write_f32(&[("big", &[1000], &big)])))).unwrap();
+        assert!(matches!(
+            st.read_f32("big", &[1000]),
             Err(Error::CorruptWeights { .. })
         ));
     }
