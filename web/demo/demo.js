@@ -96,7 +96,7 @@ async function load() {
     setKind(info.kind);
     if (!model.preset || model.preset.width === undefined) applyPreset({ width: info.width, height: info.height });
     const source = info.fromNetwork ? `${info.fromNetwork} files downloaded` : 'all files from the browser cache';
-    progress(1, `Loaded (${(info.bytes / 1e6).toFixed(1)} MB, ${source}, ${Math.round(info.ms)} ms).`);
+    progress(1, `Loaded (${(info.bytes / 1e6).toFixed(1)} MB, ${source}, ${Math.round(info.ms)} ms; computing in ${info.dtype}).`);
     $('generate').disabled = false;
   } catch (e) {
     progress(0, 'No model loaded.');

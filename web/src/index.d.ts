@@ -45,6 +45,12 @@ export interface LoadOptions {
   priorBaseUrl?: string;
   priorFiles?: ModelFiles;
   kind?: 'sd' | 'wuerstchen';
+  /** 'auto' (default): f16 weights and activations when the adapter has `shader-f16` (norms and
+   * softmax in f32), f32 otherwise. 'f16' fails with `invalid_parameter` without `shader-f16`. */
+  dtype?: 'auto' | 'f16' | 'f32';
+  /** Refuse tensors over this many bytes on the GPU (`out_of_memory`); the adapter's
+   * `maxStorageBufferBindingSize` (and `maxBufferSize`) always applies. */
+  maxTensorBytes?: number;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
 }
@@ -54,6 +60,8 @@ export interface LoadResult {
   /** The model's default image size. */
   width: number;
   height: number;
+  /** The compute dtype chosen. */
+  dtype: 'f16' | 'f32';
   bytes: number;
   fromCache: number;
   fromNetwork: number;

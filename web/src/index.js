@@ -236,20 +236,32 @@ export class Generator {
    * For Würstchen, `baseUrl`/`files` is a combined folder, or the decoder pipeline with the prior
    * pipeline in `priorBaseUrl`/`priorFiles`. Weights go to the GPU tensor by tensor; `onProgress`
    * gets `{ phase: 'download', loaded, file, fileTotal }` then `{ phase: 'upload', loaded, total }`.
-   * Resolves to `{ kind, width, height, bytes, fromCache, fromNetwork, weightBytes,
+   * A tensor bigger than the adapter's largest storage binding (or than `maxTensorBytes`) is
+   * refused with `out_of_memory` before it is read. `dtype`: 'auto' (f16 weights and activations
+   * when the adapter has `shader-f16`, norms and softmax in f32; f32 otherwise), 'f16' or 'f32'.
+   * Resolves to `{ kind, width, height, dtype, bytes, fromCache, fromNetwork, weightBytes,
    * largestReadBytes, ms }`.
    */
   async load(options = {}) {
-    const { baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', onProgress, signal } = options;
+    const {
+      baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', dtype = 'auto', maxTensorBytes, onProgress, signal,
+    } = options;
+    // Options first: a refused call leaves the worker and any pending reload as they were.
+    if (kind !== 'sd' && kind !== 'wuerstchen') {
+      throw new TGateError('invalid_parameter', `kind must be 'sd' or 'wuerstchen', got '${kind}'`);
+    }
+    if (!['auto', 'f16', 'f32'].includes(dtype)) {
+      throw new TGateError('invalid_parameter', `dtype must be 'auto', 'f16' or 'f32', got '${dtype}'`);
+    }
+    if (maxTensorBytes !== undefined && !(typeof maxTensorBytes === 'number' && maxTensorBytes >= 1)) {
+      throw new TGateError('invalid_parameter', `maxTensorBytes must be a positive number, got ${maxTensorBytes}`);
+    }
     if (!this.#worker) await this.#start();
     this.#needsReload = false;
     const t0 = performance.now();
     const stats = { bytes: 0, fromCache: 0, fromNetwork: 0 };
     let map;
     let priorMap = null;
-    if (kind !== 'sd' && kind !== 'wuerstchen') {
-      throw new TGateError('invalid_parameter', `kind must be 'sd' or 'wuerstchen', got '${kind}'`);
-    }
     if (files) {
       map = toFileMap(files);
       if (priorFiles) priorMap = toFileMap(priorFiles);
@@ -271,9 +283,9 @@ export class Generator {
       }
     }
     const upload = onProgress && ((r) => onProgress({ phase: 'upload', loaded: r.loaded, total: r.total }));
-    const info = await this.#request({ type: 'load', kind, files: map, priorFiles: priorMap }, [], upload);
+    const info = await this.#request({ type: 'load', kind, files: map, priorFiles: priorMap, dtype, maxTensorBytes }, [], upload);
     // Reloading after a worker replacement goes through the cache (URLs) or the caller's files.
-    this.#lastLoad = { baseUrl, files, priorBaseUrl, priorFiles, kind };
+    this.#lastLoad = { baseUrl, files, priorBaseUrl, priorFiles, kind, dtype, maxTensorBytes };
     return { ...info, ...stats, ms: performance.now() - t0 };
   }
 

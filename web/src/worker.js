@@ -8,6 +8,7 @@
 import init, { Engine, lastPanic } from '../pkg/tgate_wasm.js';
 
 let engine = null;
+let bindingLimit = undefined; // the adapter's largest storage binding, in bytes
 let ready = null;
 let busy = false;
 let trapped = null;
@@ -44,6 +45,12 @@ async function ensureEngine() {
       }
       await init();
       engine = await Engine.create();
+      // cubecl requests the adapter's own limits (of the high-performance adapter, as asked
+      // here); no tensor may exceed one binding. Without an answer, no limit is applied.
+      try {
+        const adapter = await self.navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+        if (adapter) bindingLimit = Math.min(adapter.limits.maxStorageBufferBindingSize, adapter.limits.maxBufferSize);
+      } catch (_) { /* keep the engine; the load-time check is skipped */ }
     })();
     ready.catch(() => { ready = null; });
   }
@@ -88,12 +95,13 @@ self.onmessage = async (event) => {
       try {
         // Progress is posted at most every 50 ms (and at the end), not per tensor.
         let last = 0;
+        const limits = [bindingLimit, msg.maxTensorBytes].filter((v) => typeof v === 'number');
         const info = engine.load(msg.kind, msg.files, msg.priorFiles || undefined, (loaded, total) => {
           const now = performance.now();
           if (now - last < 50 && loaded < total) return;
           last = now;
           self.postMessage({ id, type: 'progress', report: { loaded, total } });
-        });
+        }, limits.length ? Math.min(...limits) : undefined, msg.dtype);
         self.postMessage({ id, ok: true, result: info });
       } finally {
         busy = false;

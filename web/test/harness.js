@@ -140,6 +140,16 @@ window.harness = {
     };
   },
 
+  /** A seeded gated run at `size`² for step times only (compute, not dispatch, dominates there). */
+  async sdTiming(fixture, { size, steps, gateStep }) {
+    const { json } = await reference(fixture);
+    const out = await (await gen()).generate({
+      prompt: json.prompt, negativePrompt: json.negative_prompt, steps, guidance: json.guidance,
+      scheduler: 'ddim', width: size, height: size, seed: 7, gate: { step: gateStep },
+    });
+    return { timings: out.timings.steps, phases: phases(out.timings.steps, 'unet') };
+  },
+
   /** Würstchen with the reference noise; compares both stages' latents with `<prefix>.*`. */
   async wuerstchenCase(fixture, { gate, prefix }) {
     const { ref, json } = await reference(fixture);
@@ -192,9 +202,9 @@ window.harness = {
   },
 
   /** Loads from a URL and reports the typed error. */
-  async loadError(baseUrl, kind = 'sd') {
+  async loadError(baseUrl, kind = 'sd', options = {}) {
     try {
-      await (await gen()).load({ baseUrl, kind });
+      await (await gen()).load({ baseUrl, kind, ...options });
       return { code: 'none' };
     } catch (e) {
       return errorInfo(e);

@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tgate::loader::{DirSource, ModelSource, Variant};
@@ -44,6 +44,23 @@ enum Command {
 pub(crate) enum Backend {
     Cpu,
     Wgpu,
+}
+
+/// The compute dtype of the model's parameters and activations.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Precision {
+    F32,
+    /// Half precision (norms and softmax still in f32); needs a device with f16 support.
+    F16,
+}
+
+impl Precision {
+    pub(crate) fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -113,6 +130,9 @@ pub(crate) struct GenerateArgs {
     save_latents: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Compute dtype: f32, or f16 (weights and activations; norms and softmax in f32).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    dtype: Precision,
 }
 
 mod wuerstchen;
@@ -239,7 +259,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         .transpose()?;
     let device = device(a.backend)?;
     eprintln!("loading {} ...", a.model.display());
-    let model = StableDiffusion::load(&src, Variant::Auto, &device)?;
+    let model = StableDiffusion::load_as(&src, Variant::Auto, a.dtype.dtype(), &device)?;
     let size = model.default_size();
     let gate = if a.no_gate {
         None

@@ -95,10 +95,11 @@ pub fn generate(a: GenerateArgs, src: DirSource) -> Result<(), Error> {
     let prior_src = a.prior.as_deref().map(model_dir).transpose()?;
     let device = device(a.backend)?;
     eprintln!("loading Würstchen from {} ...", a.model.display());
-    let model = Wuerstchen::load(
+    let model = Wuerstchen::load_as(
         &src,
         prior_src.as_ref().map(|p| p as &dyn ModelSource),
         Variant::Auto,
+        a.dtype.dtype(),
         &device,
     )?;
 

@@ -64,9 +64,15 @@ fn generate_matches_diffusers_and_tgate() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("sd1/reference.json")).unwrap())
             .unwrap();
-    let cases: [(&str, &[&str], &str); 3] = [
+    let cases: [(&str, &[&str], &str); 4] = [
         ("pndm", &["--no-gate"], "pipe.pndm.full"),
         ("pndm", &["--gate-step", "3"], "pipe.pndm.tgate"),
+        // Half precision: the same reference within 1% (see crates/tgate/tests/half.rs).
+        (
+            "pndm",
+            &["--gate-step", "3", "--dtype", "f16"],
+            "pipe.pndm.tgate",
+        ),
         (
             "euler-a",
             &[
@@ -82,9 +88,14 @@ fn generate_matches_diffusers_and_tgate() {
             "pipe.euler-a.tgate_sa",
         ),
     ];
-    for (sched, gate_args, key) in cases {
-        let out_latents = scratch(&format!("{key}.safetensors"));
-        let png = scratch(&format!("{key}.png"));
+    for (i, (sched, gate_args, key)) in cases.into_iter().enumerate() {
+        let out_latents = scratch(&format!("{key}.{i}.safetensors"));
+        let png = scratch(&format!("{key}.{i}.png"));
+        let rel = if gate_args.contains(&"f16") {
+            1e-2
+        } else {
+            1e-3
+        };
         let mut args = vec![
             "generate",
             "--model",
@@ -114,8 +125,8 @@ fn generate_matches_diffusers_and_tgate() {
         let expected = r.read_f32_any(key).unwrap().data;
         let (err, scale) = max_err(&latents(&out_latents), &expected);
         assert!(
-            err <= 1e-3 * scale,
-            "{key}: max abs err {err} (scale {scale})"
+            err <= rel * scale,
+            "{key} {gate_args:?}: max abs err {err} (scale {scale})"
         );
         let png = std::fs::read(&png).unwrap();
         assert_eq!(&png[1..4], b"PNG");
@@ -177,7 +188,7 @@ fn tokenize_prints_the_reference_ids() {
 fn impossible_parameters_fail_with_a_message() {
     let model = fixtures().join("sd1");
     let m = model.to_str().unwrap();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--steps", "0"], "steps"),
         (&["--steps", "100000"], "steps"),
         (&["--decoder-steps", "3"], "decoder-steps"),
@@ -185,6 +196,7 @@ fn impossible_parameters_fail_with_a_message() {
         (&["--width", "60"], "width"),
         (&["--scheduler", "lms"], "lms"),
         (&["--sp-interval", "0"], "sp_interval"),
+        (&["--dtype", "bf16"], "dtype"),
         (
             &["--noise", "/nonexistent/noise.safetensors"],
             "nonexistent",

@@ -10,7 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use js_sys::{Function, Map, Uint8Array};
 use serde::{Deserialize, Serialize};
 use tgate::loader::{ModelSource, Variant};
@@ -39,6 +39,7 @@ fn code(e: &tgate::Error) -> &'static str {
         | ShapeMismatch { .. }
         | DtypeMismatch { .. }
         | Tokenizer(_) => "bad_weights",
+        TensorTooLarge { .. } => "out_of_memory",
         InvalidParameter { .. } | Input { .. } => "invalid_parameter",
         Device(msg) if is_out_of_memory(msg) => "out_of_memory",
         Device(_) => "device_lost",
@@ -131,6 +132,8 @@ struct JsSource {
     files: Map,
     name: &'static str,
     stats: Rc<ReadStats>,
+    /// The device's largest storage binding (or the caller's smaller cap), in bytes.
+    max_tensor_bytes: Option<u64>,
 }
 
 /// One file as JS gave it.
@@ -205,7 +208,12 @@ impl ByteSource for JsBytes {
 }
 
 impl JsSource {
-    fn new(files: Map, name: &'static str, stats: Rc<ReadStats>) -> Result<Self, JsValue> {
+    fn new(
+        files: Map,
+        name: &'static str,
+        stats: Rc<ReadStats>,
+        max_tensor_bytes: Option<u64>,
+    ) -> Result<Self, JsValue> {
         let mut ok = true;
         files.for_each(&mut |value, key| {
             ok &= key.is_string() && JsFile::of(&value).is_some();
@@ -216,7 +224,12 @@ impl JsSource {
                 "files must map path strings to Blob or Uint8Array",
             ));
         }
-        Ok(JsSource { files, name, stats })
+        Ok(JsSource {
+            files,
+            name,
+            stats,
+            max_tensor_bytes,
+        })
     }
 
     /// Bytes of the weight files in `files`.
@@ -254,6 +267,10 @@ impl ModelSource for JsSource {
             file,
             stats: self.stats.clone(),
         })))
+    }
+
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        self.max_tensor_bytes
     }
 
     fn describe(&self) -> String {
@@ -480,16 +497,45 @@ impl Engine {
     /// combined folder (`prior_*` subfolders) or the decoder pipeline, and then `prior_files`
     /// is the prior pipeline. Values are `Blob`s (read tensor by tensor) or `Uint8Array`s; weight
     /// files are removed from the maps as they are opened. `on_progress(read, total)` follows
-    /// the weight bytes read. Resolves to `{ kind, width, height, weightBytes,
-    /// largestReadBytes }` (the model's default image size; the largest single read shows that
-    /// no file was read whole).
+    /// the weight bytes read. `max_tensor_bytes` (the adapter's `maxStorageBufferBindingSize`,
+    /// or less) refuses, before reading it, any tensor bigger than one binding. `dtype`: `auto`
+    /// (the default: f16 when the device has `shader-f16`, else f32), `f16` or `f32`. Resolves
+    /// to `{ kind, width, height, weightBytes, largestReadBytes, dtype }` (the model's default
+    /// image size; the largest single read shows that no file was read whole).
     pub fn load(
         &mut self,
         kind: &str,
         files: Map,
         prior_files: Option<Map>,
         on_progress: Option<Function>,
+        max_tensor_bytes: Option<f64>,
+        dtype: Option<String>,
     ) -> Result<JsValue, JsValue> {
+        let dtype = match dtype.as_deref().unwrap_or("auto") {
+            "auto" if self.device.supports_dtype(DType::F16) => DType::F16,
+            "auto" | "f32" => DType::F32,
+            // Refused here, before the loaded model is dropped.
+            "f16" => {
+                tgate::loader::check_dtype(DType::F16, &self.device).map_err(to_js)?;
+                DType::F16
+            }
+            other => {
+                return Err(js_error(
+                    "invalid_parameter",
+                    format!("dtype must be 'auto', 'f16' or 'f32', got '{other}'"),
+                ))
+            }
+        };
+        let max_tensor_bytes = match max_tensor_bytes {
+            Some(m) if !(m >= 1.0) => {
+                return Err(js_error(
+                    "invalid_parameter",
+                    format!("maxTensorBytes must be a positive number of bytes, got {m}"),
+                ))
+            }
+            Some(m) => Some(m.min(u64::MAX as f64) as u64),
+            None => None,
+        };
         let stats = Rc::new(ReadStats {
             total: JsSource::weight_bytes(&files)
                 + prior_files.as_ref().map_or(0.0, JsSource::weight_bytes),
@@ -497,9 +543,9 @@ impl Engine {
             largest: Cell::new(0.0),
             on_progress,
         });
-        let src = JsSource::new(files, "model files", stats.clone())?;
+        let src = JsSource::new(files, "model files", stats.clone(), max_tensor_bytes)?;
         let prior = prior_files
-            .map(|m| JsSource::new(m, "prior files", stats.clone()))
+            .map(|m| JsSource::new(m, "prior files", stats.clone(), max_tensor_bytes))
             .transpose()?;
         self.model = None;
         let (model, size) = match kind {
@@ -510,15 +556,17 @@ impl Engine {
                         "a prior only goes with kind 'wuerstchen'",
                     ));
                 }
-                let sd = StableDiffusion::load(&src, Variant::Auto, &self.device).map_err(to_js)?;
+                let sd = StableDiffusion::load_as(&src, Variant::Auto, dtype, &self.device)
+                    .map_err(to_js)?;
                 let size = sd.default_size();
                 (Model::Sd(Rc::new(sd)), (size, size))
             }
             "wuerstchen" => {
-                let w = Wuerstchen::load(
+                let w = Wuerstchen::load_as(
                     &src,
                     prior.as_ref().map(|p| p as &dyn ModelSource),
                     Variant::Auto,
+                    dtype,
                     &self.device,
                 )
                 .map_err(to_js)?;
@@ -537,6 +585,8 @@ impl Engine {
         js_sys::Reflect::set(&out, &"width".into(), &size.0.into())?;
         js_sys::Reflect::set(&out, &"height".into(), &size.1.into())?;
         js_sys::Reflect::set(&out, &"weightBytes".into(), &stats.total.into())?;
+        let dtype_name = if dtype == DType::F16 { "f16" } else { "f32" };
+        js_sys::Reflect::set(&out, &"dtype".into(), &dtype_name.into())?;
         js_sys::Reflect::set(
             &out,
             &"largestReadBytes".into(),

@@ -3,7 +3,7 @@
 //! Works for any size from its `config.json`: ViT-L/14 (quick_gelu, SD 1.x), OpenCLIP ViT-H
 //! (gelu, SD 2.x), ViT-bigG. Causal self-attention, an optional padding mask, and clip skip.
 
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -163,7 +163,7 @@ impl ClipTextModel {
         &self.config
     }
 
-    /// Encodes token ids `[b][n]` to `[b, n, hidden]`.
+    /// Encodes token ids `[b][n]` to `[b, n, hidden]` (f32, whatever the parameter dtype).
     ///
     /// `attention_mask` (1 = token, 0 = padding) masks padded keys as transformers does.
     /// `clip_skip = k` returns the output of layer `L - k` passed through the final layer norm,
@@ -249,6 +249,6 @@ impl ClipTextModel {
         for layer in &self.layers[..self.layers.len() - clip_skip] {
             x = layer.forward(x, heads, &mask, self.act);
         }
-        Ok(self.final_layer_norm.forward(x))
+        Ok(self.final_layer_norm.forward(x).cast(DType::F32))
     }
 }

@@ -43,6 +43,16 @@ pub enum Error {
         found: String,
     },
 
+    /// A tensor is bigger than the device can bind as one buffer (WebGPU's
+    /// `maxStorageBufferBindingSize`, or a caller's cap).
+    #[error("weights `{file}`: tensor `{tensor}` needs {bytes} bytes on the device, over its limit of {limit} bytes per buffer")]
+    TensorTooLarge {
+        file: String,
+        tensor: String,
+        bytes: u64,
+        limit: u64,
+    },
+
     /// The tokenizer files could not be read or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

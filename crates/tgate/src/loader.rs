@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 
 use crate::error::{Error, Result};
 use crate::safetensors::{ByteSource, SafeTensors};
@@ -19,6 +19,12 @@ pub trait ModelSource {
     /// when it does not exist. By default the whole file is read into memory.
     fn open(&self, path: &str) -> Result<Option<Box<dyn ByteSource>>> {
         Ok(self.read(path)?.map(|b| Box::new(b) as Box<dyn ByteSource>))
+    }
+
+    /// The largest tensor, in bytes on the device, that models loaded from here may hold
+    /// (a WebGPU adapter's `maxStorageBufferBindingSize`); `None`: no limit.
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        None
     }
 
     /// A name for the folder in messages.
@@ -72,7 +78,8 @@ pub fn load_weights(
     };
     for path in &order {
         if let Some(data) = src.open(path)? {
-            return Ok(Weights::new(SafeTensors::open(path.clone(), data)?, device));
+            return Ok(Weights::new(SafeTensors::open(path.clone(), data)?, device)
+                .with_max_tensor_bytes(src.max_tensor_bytes()));
         }
     }
     let sharded = format!("{dir}/{stem}.safetensors.index.json");
@@ -89,6 +96,23 @@ pub fn load_weights(
         order[2],
         src.describe()
     )))
+}
+
+/// Refuses a compute dtype the models cannot use on `device`: `F32` always works, `F16` needs
+/// the device's support (on WebGPU, the adapter's `shader-f16` feature).
+pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
+    match dtype {
+        DType::F32 => Ok(()),
+        DType::F16 if device.supports_dtype(DType::F16) => Ok(()),
+        DType::F16 => Err(Error::param(
+            "dtype",
+            "this device cannot compute in f16 (on WebGPU the adapter lacks `shader-f16`); use f32",
+        )),
+        other => Err(Error::param(
+            "dtype",
+            format!("{other:?} is not supported; use f32 or f16"),
+        )),
+    }
 }
 
 /// A model folder on the local filesystem (native builds only).

@@ -3,7 +3,7 @@
 
 use burn::tensor::module::{attention as sdpa, conv2d, conv_transpose2d, layer_norm};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, ConvTransposeOptions};
-use burn::tensor::{activation, Bool, Int, Tensor};
+use burn::tensor::{activation, Bool, DType, Int, Tensor};
 
 use crate::error::Result;
 use crate::weights::Weights;
@@ -158,12 +158,15 @@ impl ConvTranspose2d {
 /// LayerNorm without affine parameters over dimension `dim` (PyTorch's biased variance).
 ///
 /// On `[b, c, h, w]` with `dim = 1` this is Würstchen's `WuerstchenLayerNorm` (a LayerNorm over
-/// channels applied to the channels-last view), without the two permutes.
+/// channels applied to the channels-last view), without the two permutes. Computed in f32
+/// whatever the activation dtype.
 pub fn norm_over<const D: usize>(x: Tensor<D>, dim: usize, eps: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
     let mean = x.clone().mean_dim(dim);
     let centered = x - mean;
     let var = centered.clone().square().mean_dim(dim);
-    centered / var.add_scalar(eps).sqrt()
+    (centered / var.add_scalar(eps).sqrt()).cast(dtype)
 }
 
 /// `torch.nn.PixelUnshuffle(r)`: `[b, c, h·r, w·r] -> [b, c·r², h, w]`.
@@ -222,15 +225,19 @@ impl GroupNorm {
         })
     }
 
-    /// Normalises `[b, c, ...]` (any rank ≥ 3).
+    /// Normalises `[b, c, ...]` (any rank ≥ 3); the statistics are computed in f32, the affine
+    /// part in the activation dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let (b, c) = (dims[0], dims[1]);
-        let grouped: Tensor<3> = x.reshape([b as i64, self.groups as i64, -1]);
+        let dtype = x.dtype();
+        let grouped: Tensor<3> = x
+            .cast(DType::F32)
+            .reshape([b as i64, self.groups as i64, -1]);
         let mean = grouped.clone().mean_dim(2);
         let centered = grouped - mean;
         let var = centered.clone().square().mean_dim(2);
-        let normed = centered / var.add_scalar(self.eps).sqrt();
+        let normed = (centered / var.add_scalar(self.eps).sqrt()).cast(dtype);
         let mut affine = [1usize; D];
         affine[1] = c;
         normed.reshape(dims) * self.gamma.clone().reshape(affine)
@@ -255,8 +262,17 @@ impl LayerNorm {
         })
     }
 
+    /// Computed in f32 whatever the activation dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), self.eps)
+        let dtype = x.dtype();
+        let up = |t: Tensor<1>| t.cast(DType::F32);
+        layer_norm(
+            x.cast(DType::F32),
+            up(self.gamma.clone()),
+            Some(up(self.beta.clone())),
+            self.eps,
+        )
+        .cast(dtype)
     }
 }
 
@@ -313,6 +329,8 @@ impl Activation {
 /// Multi-head scaled dot-product attention on `[b, n, heads * d]` projections.
 ///
 /// `mask` (`[b, 1, n_q, n_k]`-broadcastable, true = masked) and `causal` follow PyTorch's SDPA.
+/// Scores and softmax are computed in f32 whatever the activation dtype (burn's attention
+/// fallback would keep them in the input dtype).
 pub fn multi_head_attention(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -325,7 +343,9 @@ pub fn multi_head_attention(
     let n_k = k.dims()[1];
     let d = inner / heads;
     add_macs(2 * b * n_q * n_k * inner);
-    let split = |t: Tensor<3>, n: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
+    let dtype = q.dtype();
+    let split =
+        |t: Tensor<3>, n: usize| t.cast(DType::F32).reshape([b, n, heads, d]).swap_dims(1, 2);
     let (q, k, v) = (split(q, n_q), split(k, n_k), split(v, n_k));
     let mask = mask.map(|m| m.expand([b, heads, n_q, n_k]));
     let options = AttentionModuleOptions {
@@ -334,7 +354,7 @@ pub fn multi_head_attention(
         is_causal: causal,
     };
     let out = sdpa(q, k, v, mask, None, options);
-    out.swap_dims(1, 2).reshape([b, n_q, inner])
+    out.swap_dims(1, 2).reshape([b, n_q, inner]).cast(dtype)
 }
 
 /// PyTorch's `interpolate(x, size, mode="bicubic", antialias=True, align_corners=True)`.
@@ -348,6 +368,8 @@ pub fn resize_bicubic_antialias(x: Tensor<4>, out_h: usize, out_w: usize) -> Ten
     if (h, w) == (out_h, out_w) {
         return x;
     }
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
     let device = x.device();
     let matrix = |rows: Vec<f32>, shape: [usize; 2]| {
         Tensor::<2>::from_data(burn::tensor::TensorData::new(rows, shape), &device)
@@ -368,7 +390,7 @@ pub fn resize_bicubic_antialias(x: Tensor<4>, out_h: usize, out_w: usize) -> Ten
     let wh = matrix(antialias_weights(h, out_h), [out_h, h])
         .reshape([1, 1, out_h, h])
         .expand([b, c, out_h, h]);
-    wh.matmul(x)
+    wh.matmul(x).cast(dtype)
 }
 
 /// Row-major `[output, input]` interpolation weights of one axis (see [`resize_bicubic_antialias`]).

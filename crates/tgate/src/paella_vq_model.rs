@@ -2,7 +2,7 @@
 //! Stage B's 4-channel latent → RGB. As the pipeline uses it: no quantisation
 //! (`force_not_quantize=True`), so the codebook and the encoder are not loaded.
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -131,6 +131,8 @@ pub struct PaellaDecoder {
     in_conv: Conv2d,
     blocks: Vec<UpBlock>,
     out_conv: Conv2d,
+    /// Parameters and activations (inputs and outputs are f32).
+    dtype: DType,
 }
 
 impl PaellaDecoder {
@@ -174,6 +176,7 @@ impl PaellaDecoder {
             in_conv,
             blocks,
             out_conv,
+            dtype: w.dtype(),
         })
     }
 
@@ -184,13 +187,13 @@ impl PaellaDecoder {
     /// `PaellaVQModel.decode(h, force_not_quantize=True)`: `[b, latent, h, w]` →
     /// `[b, out, h · 2^(levels-1) · s, …]`, not clamped.
     pub fn decode(&self, h: Tensor<4>) -> Tensor<4> {
-        let mut x = self.in_conv.forward(h);
+        let mut x = self.in_conv.forward(h.cast(self.dtype));
         for block in &self.blocks {
             x = match block {
                 UpBlock::Mix(m) => m.forward(x),
                 UpBlock::Up(conv) => conv.forward(x),
             };
         }
-        pixel_shuffle(self.out_conv.forward(x), self.config.up_down_scale_factor)
+        pixel_shuffle(self.out_conv.forward(x), self.config.up_down_scale_factor).cast(DType::F32)
     }
 }

@@ -7,18 +7,19 @@
 
 use std::ops::ControlFlow;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use web_time::Instant;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
-use crate::loader::{load_weights, read_required, ModelSource, Variant};
+use crate::loader::{check_dtype, load_weights, read_required, ModelSource, Variant};
 use crate::noise::randn;
 use crate::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
+use crate::weights::Weights;
 
 /// Where the noise comes from.
 #[derive(Clone, Debug)]
@@ -83,8 +84,25 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+    /// Loads a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+    /// `scheduler/`), computing in f32.
     pub fn load(src: &dyn ModelSource, variant: Variant, device: &Device) -> Result<Self> {
+        Self::load_as(src, variant, DType::F32, device)
+    }
+
+    /// [`Self::load`] with the parameters and activations in `dtype` (`F32`, or `F16` where the
+    /// device supports it: see [`check_dtype`]); norms and softmax still compute in f32, and the
+    /// scheduler works on f32 latents.
+    pub fn load_as(
+        src: &dyn ModelSource,
+        variant: Variant,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        check_dtype(dtype, device)?;
+        let weights = |dir: &str, stem: &str| -> Result<Weights> {
+            Ok(load_weights(src, dir, stem, variant, device)?.with_dtype(dtype))
+        };
         let opt = |p: &str| src.read(p);
         let tokenizer = ClipTokenizer::from_files(
             &read_required(src, "tokenizer/vocab.json")?,
@@ -129,14 +147,11 @@ impl StableDiffusion {
             ));
         }
         // Then the weights, one component at a time (each file's bytes are dropped after use).
-        let text_encoder = ClipTextModel::load(
-            &text_cfg,
-            &load_weights(src, "text_encoder", "model", variant, device)?,
-        )?;
-        let unet_w = load_weights(src, "unet", "diffusion_pytorch_model", variant, device)?;
+        let text_encoder = ClipTextModel::load(&text_cfg, &weights("text_encoder", "model")?)?;
+        let unet_w = weights("unet", "diffusion_pytorch_model")?;
         let unet = UNet2DConditionModel::load(&unet_cfg, &unet_w)?;
         drop(unet_w);
-        let vae_w = load_weights(src, "vae", "diffusion_pytorch_model", variant, device)?;
+        let vae_w = weights("vae", "diffusion_pytorch_model")?;
         let vae = VaeDecoder::load(&vae_cfg, &vae_w)?;
         Ok(StableDiffusion {
             tokenizer,

@@ -11,18 +11,19 @@
 
 use std::ops::ControlFlow;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde_json::Value;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
-use crate::loader::{load_weights, read_required, ModelSource, Variant};
+use crate::loader::{check_dtype, load_weights, read_required, ModelSource, Variant};
 use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
 use crate::pipeline::{run_blocking, EnqueuedStep, StepInfo, MAX_STEPS};
 use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::Weights;
 use crate::wuerstchen_diffnext::{DiffNeXtConditioning, DiffNeXtConfig, WuerstchenDiffNeXt};
 use crate::wuerstchen_prior::{PriorConfig, WuerstchenPrior};
 
@@ -200,13 +201,31 @@ impl WuerstchenLayout {
 
 impl Wuerstchen {
     /// Loads a combined folder (`prior = None`), or a decoder pipeline folder plus a prior
-    /// pipeline folder (the two-repository layout: `warp-ai/wuerstchen` + `warp-ai/wuerstchen-prior`).
+    /// pipeline folder (the two-repository layout: `warp-ai/wuerstchen` + `warp-ai/wuerstchen-prior`),
+    /// computing in f32.
     pub fn load(
         src: &dyn ModelSource,
         prior: Option<&dyn ModelSource>,
         variant: Variant,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_as(src, prior, variant, DType::F32, device)
+    }
+
+    /// [`Self::load`] with every stage's parameters and activations in `dtype` (`F32`, or `F16`
+    /// where the device supports it: see [`check_dtype`]); norms and softmax still compute in
+    /// f32, and the schedulers work on f32 latents.
+    pub fn load_as(
+        src: &dyn ModelSource,
+        prior: Option<&dyn ModelSource>,
+        variant: Variant,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        check_dtype(dtype, device)?;
+        let weights = |s: &dyn ModelSource, dir: &str, stem: &str| -> Result<Weights> {
+            Ok(load_weights(s, dir, stem, variant, device)?.with_dtype(dtype))
+        };
         let layout = WuerstchenLayout::detect(src)?;
         let (prior_src, prefix, prior_dir): (&dyn ModelSource, &str, &str) = match (layout, prior) {
             (Some(WuerstchenLayout::Combined), None) => (src, "prior_", "prior_prior"),
@@ -352,29 +371,20 @@ impl Wuerstchen {
         // Weights, one component at a time.
         let prior_text_encoder = ClipTextModel::load(
             &prior_text_cfg,
-            &load_weights(prior_src, &p("text_encoder"), "model", variant, device)?,
+            &weights(prior_src, &p("text_encoder"), "model")?,
         )?;
         let prior = WuerstchenPrior::load(
             &prior_cfg,
-            &load_weights(
-                prior_src,
-                prior_dir,
-                "diffusion_pytorch_model",
-                variant,
-                device,
-            )?,
+            &weights(prior_src, prior_dir, "diffusion_pytorch_model")?,
         )?;
-        let text_encoder = ClipTextModel::load(
-            &text_cfg,
-            &load_weights(src, "text_encoder", "model", variant, device)?,
-        )?;
+        let text_encoder = ClipTextModel::load(&text_cfg, &weights(src, "text_encoder", "model")?)?;
         let decoder = WuerstchenDiffNeXt::load(
             &decoder_cfg,
-            &load_weights(src, "decoder", "diffusion_pytorch_model", variant, device)?,
+            &weights(src, "decoder", "diffusion_pytorch_model")?,
         )?;
         let vqgan = PaellaDecoder::load(
             &vqgan_cfg,
-            &load_weights(src, "vqgan", "diffusion_pytorch_model", variant, device)?,
+            &weights(src, "vqgan", "diffusion_pytorch_model")?,
         )?;
         Ok(Wuerstchen {
             prior_tokenizer,

@@ -4,7 +4,7 @@
 //! `UNetMidBlock2DCrossAttn`, `UpBlock2D` / `CrossAttnUpBlock2D`, `attention_head_dim` as an
 //! int or a per-block list, conv or linear projections. Anything else is refused by name.
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use serde_json::Value;
 
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
@@ -254,6 +254,8 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Parameters and activations (inputs and outputs are f32).
+    dtype: DType,
 }
 
 impl UNet2DConditionModel {
@@ -335,11 +337,17 @@ impl UNet2DConditionModel {
             )?,
             conv_out: Conv2d::load(&w.pp("conv_out"), boc[0], c.out_channels, 3, 1, 1)?,
             config: config.clone(),
+            dtype: w.dtype(),
         })
     }
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// The dtype of the parameters and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// One denoiser call: `sample [b, in, h, w]` at `timestep`, conditioned on `context
@@ -353,6 +361,8 @@ impl UNet2DConditionModel {
     ) -> Tensor<4> {
         let b = sample.dims()[0];
         let device = sample.device();
+        let sample = sample.cast(self.dtype);
+        let context = &context.clone().cast(self.dtype);
         // 1. time
         let t = timestep_embedding(
             &vec![timestep; b],
@@ -360,7 +370,8 @@ impl UNet2DConditionModel {
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
             &device,
-        );
+        )
+        .cast(self.dtype);
         let temb = self.time_embedding.forward(t);
         // 2. pre-process
         let sample = if self.config.center_input_sample {
@@ -388,5 +399,6 @@ impl UNet2DConditionModel {
         // 6. post-process
         self.conv_out
             .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
+            .cast(DType::F32)
     }
 }

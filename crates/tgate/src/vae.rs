@@ -1,7 +1,7 @@
 //! The decoder half of diffusers' `AutoencoderKL` (`vae/`), with `post_quant_conv`.
 //! Both attention key namings of real checkpoints load (`to_q`… and the older `query`…).
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::attention::{Attention, AttentionKeys};
@@ -140,6 +140,8 @@ pub struct VaeDecoder {
     up_blocks: Vec<(Vec<ResnetBlock2D>, Option<Conv2d>)>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Parameters and activations (inputs and outputs are f32).
+    dtype: DType,
 }
 
 impl VaeDecoder {
@@ -207,6 +209,7 @@ impl VaeDecoder {
             conv_norm_out: GroupNorm::load(&w.pp("conv_norm_out"), g, boc[0], eps)?,
             conv_out: Conv2d::load(&w.pp("conv_out"), boc[0], config.out_channels, 3, 1, 1)?,
             config: config.clone(),
+            dtype: root.dtype(),
         })
     }
 
@@ -217,6 +220,7 @@ impl VaeDecoder {
     /// Decodes unscaled latents `z = latents / scaling_factor (+ shift)` `[b, 4, h, w]` to an
     /// image `[b, 3, 8h, 8w]` in about `[-1, 1]`.
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = z.cast(self.dtype);
         let z = match &self.post_quant_conv {
             Some(conv) => conv.forward(z),
             None => z,
@@ -238,6 +242,7 @@ impl VaeDecoder {
         }
         self.conv_out
             .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
+            .cast(DType::F32)
     }
 
     /// The Stable Diffusion pipeline's hand-over: `latents / scaling_factor`, then decode

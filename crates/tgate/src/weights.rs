@@ -29,6 +29,7 @@ pub struct Weights {
     prefix: String,
     device: Device,
     dtype: DType,
+    max_tensor_bytes: Option<u64>,
     used: Rc<RefCell<BTreeSet<String>>>,
 }
 
@@ -40,6 +41,7 @@ impl Weights {
             prefix: String::new(),
             device: device.clone(),
             dtype: DType::F32,
+            max_tensor_bytes: None,
             used: Rc::new(RefCell::new(BTreeSet::new())),
         }
     }
@@ -52,6 +54,7 @@ impl Weights {
             prefix: String::new(),
             device: device.clone(),
             dtype: DType::F32,
+            max_tensor_bytes: None,
             used: Rc::new(RefCell::new(BTreeSet::new())),
         }
     }
@@ -60,6 +63,19 @@ impl Weights {
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
         self
+    }
+
+    /// Refuses tensors that would take more than `limit` bytes on the device (in the parameter
+    /// dtype), before reading them: WebGPU cannot bind a buffer over the adapter's
+    /// `maxStorageBufferBindingSize`, and a clear error beats a lost device.
+    pub fn with_max_tensor_bytes(mut self, limit: Option<u64>) -> Self {
+        self.max_tensor_bytes = limit;
+        self
+    }
+
+    /// The dtype parameters are stored in (and models compute in).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The view one level down: `pp("down_blocks").pp(0)` reads `down_blocks.0.*`.
@@ -111,6 +127,21 @@ impl Weights {
     /// Reads `name` with shape `shape` to the host as f32 (e.g. to transpose before upload).
     pub fn get_host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let key = self.key(name);
+        if let Some(limit) = self.max_tensor_bytes {
+            let bytes = shape.iter().product::<usize>() as u64 * self.dtype.size() as u64;
+            if bytes > limit {
+                let file = match &self.store {
+                    Store::File(f) => f.file().to_string(),
+                    Store::Random(_) => "random parameters".to_string(),
+                };
+                return Err(crate::Error::TensorTooLarge {
+                    file,
+                    tensor: key,
+                    bytes,
+                    limit,
+                });
+            }
+        }
         match &self.store {
             Store::File(f) => {
                 let host = f.read_f32(&key, shape)?;
@@ -123,12 +154,8 @@ impl Weights {
 
     /// Uploads host data to the device in the parameter dtype.
     pub fn upload<const D: usize>(&self, data: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
-        let t = Tensor::<D>::from_data(TensorData::new(data, shape), &self.device);
-        if self.dtype == DType::F32 {
-            t
-        } else {
-            t.cast(self.dtype)
-        }
+        // Converted on the host: an f16 model never holds an f32 copy on the device.
+        Tensor::<D>::from_data(TensorData::new(data, shape), (&self.device, self.dtype))
     }
 
     /// Keys of the file that no part of the model has read (for completeness checks).

@@ -2,7 +2,7 @@
 //! `pipelines/deprecated/wuerstchen/modeling_wuerstchen_common.py`: the channel LayerNorm,
 //! `TimestepBlock`, `ResBlock` with `GlobalResponseNorm`, `AttnBlock`, and the r-embedding.
 
-use burn::tensor::{activation, Device, Tensor, TensorData};
+use burn::tensor::{activation, DType, Device, Tensor, TensorData};
 
 use crate::attention::{Attention, AttentionKeys};
 use crate::error::{Error, Result};
@@ -84,9 +84,16 @@ impl GlobalResponseNorm {
         })
     }
 
+    /// The response statistics are computed in f32 whatever the activation dtype.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let agg = x.clone().square().sum_dim(1).sum_dim(2).sqrt();
-        let stand = agg.clone() / agg.mean_dim(3).add_scalar(1e-6);
+        let agg = x
+            .clone()
+            .cast(DType::F32)
+            .square()
+            .sum_dim(1)
+            .sum_dim(2)
+            .sqrt();
+        let stand = (agg.clone() / agg.mean_dim(3).add_scalar(1e-6)).cast(x.dtype());
         self.gamma.clone() * (x.clone() * stand) + self.beta.clone() + x
     }
 }

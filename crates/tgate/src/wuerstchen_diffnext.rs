@@ -2,7 +2,7 @@
 //! the 4-channel latent of Stage A, conditioned on Stage C's image embedding ("effnet", injected
 //! at every level through an antialiased bicubic resize) and on text.
 
-use burn::tensor::{activation, Tensor};
+use burn::tensor::{activation, DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -197,6 +197,8 @@ pub struct WuerstchenDiffNeXt {
     down: Vec<Vec<Block>>,
     up: Vec<Vec<Block>>,
     clf: Conv2d,
+    /// Parameters and activations (inputs and outputs are f32).
+    dtype: DType,
 }
 
 impl WuerstchenDiffNeXt {
@@ -308,6 +310,7 @@ impl WuerstchenDiffNeXt {
                 0,
             )?,
             config: cfg.clone(),
+            dtype: w.dtype(),
         })
     }
 
@@ -320,8 +323,9 @@ impl WuerstchenDiffNeXt {
     /// mapped effnet is computed at its first use and kept for the following steps.
     pub fn condition(&self, effnet: Tensor<4>, clip: Tensor<3>) -> DiffNeXtConditioning {
         DiffNeXtConditioning {
-            clip: norm_over(self.clip_mapper.forward(clip), 2, 1e-6),
-            effnet,
+            clip: norm_over(self.clip_mapper.forward(clip.cast(self.dtype)), 2, 1e-6),
+            // Kept in f32 (diffusers resizes `effnet.float()`); cast after each resize.
+            effnet: effnet.cast(DType::F32),
             mapped: vec![None; self.effnet_mappers.len()],
         }
     }
@@ -331,7 +335,7 @@ impl WuerstchenDiffNeXt {
     pub fn forward(&self, x: Tensor<4>, r: &[f32], cond: &mut DiffNeXtConditioning) -> Tensor<4> {
         let cfg = &self.config;
         let device = x.device();
-        let r_embed = r_embedding(r, cfg.c_r, &device);
+        let r_embed = r_embedding(r, cfg.c_r, &device).cast(self.dtype);
         let clip = cond.clip.clone();
         let mut cache = AttentionCache::new();
         let mut effnet_at = |n: usize, x: &Tensor<4>| -> Option<Tensor<4>> {
@@ -339,14 +343,15 @@ impl WuerstchenDiffNeXt {
             let [_, _, h, w] = x.dims();
             let kept = cond.mapped[n].as_ref().filter(|t| t.dims()[2..] == [h, w]);
             if kept.is_none() {
-                let resized = resize_bicubic_antialias(cond.effnet.clone(), h, w);
+                let resized = resize_bicubic_antialias(cond.effnet.clone(), h, w).cast(self.dtype);
                 cond.mapped[n] = Some(mapper.forward(resized));
             }
             cond.mapped[n].clone()
         };
 
-        let x_in = x.clone();
-        let mut x = channel_norm(self.embedding.forward(pixel_unshuffle(x, cfg.patch_size)));
+        let x_in = x.clone().cast(DType::F32);
+        let x = pixel_unshuffle(x.cast(self.dtype), cfg.patch_size);
+        let mut x = channel_norm(self.embedding.forward(x));
         let mut levels: Vec<Tensor<4>> = Vec::with_capacity(self.down.len());
         for (i, blocks) in self.down.iter().enumerate() {
             let mut effnet_c: Option<Tensor<4>> = None;
@@ -392,7 +397,7 @@ impl WuerstchenDiffNeXt {
                 };
             }
         }
-        let ab = pixel_shuffle(self.clf.forward(channel_norm(x)), cfg.patch_size);
+        let ab = pixel_shuffle(self.clf.forward(channel_norm(x)), cfg.patch_size).cast(DType::F32);
         let c_out = cfg.c_out;
         let a = ab.clone().narrow(1, 0, c_out);
         let b = activation::sigmoid(ab.narrow(1, c_out, c_out));

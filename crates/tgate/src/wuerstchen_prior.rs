@@ -1,7 +1,7 @@
 //! Würstchen Stage C, diffusers' `WuerstchenPrior` (`prior/` or `prior_prior/` of a model folder):
 //! text embeddings → the 16-channel image embedding that Stage B decodes.
 
-use burn::tensor::{activation, Tensor};
+use burn::tensor::{activation, DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -76,6 +76,8 @@ pub struct WuerstchenPrior {
     cond_out: Linear,
     layers: Vec<Layer>,
     out: Conv2d,
+    /// Parameters and activations (inputs and outputs are f32).
+    dtype: DType,
 }
 
 impl WuerstchenPrior {
@@ -98,6 +100,7 @@ impl WuerstchenPrior {
             layers,
             out: Conv2d::load(&w.pp("out").pp("1"), c, 2 * config.c_in, 1, 1, 0)?,
             config: config.clone(),
+            dtype: w.dtype(),
         })
     }
 
@@ -105,11 +108,18 @@ impl WuerstchenPrior {
         &self.config
     }
 
+    /// The dtype of the parameters and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// `cond_mapper`: text embeddings `[b, n, c_cond]` → `[b, n, c]`, the same at every step, so
     /// the pipeline maps them once per generation.
     pub fn map_text(&self, text: Tensor<3>) -> Tensor<3> {
-        self.cond_out
-            .forward(activation::leaky_relu(self.cond_in.forward(text), 0.2))
+        self.cond_out.forward(activation::leaky_relu(
+            self.cond_in.forward(text.cast(self.dtype)),
+            0.2,
+        ))
     }
 
     /// `x: [b, c_in, h, w]`, one noise ratio per batch row, mapped text `[b, n, c]` (see
@@ -123,15 +133,15 @@ impl WuerstchenPrior {
         cache: &mut AttentionCache,
     ) -> Tensor<4> {
         let device = x.device();
-        let x_in = x.clone();
-        let mut x = self.projection.forward(x);
-        let r_embed = r_embedding(r, self.config.c_r, &device);
+        let x_in = x.clone().cast(DType::F32);
+        let mut x = self.projection.forward(x.cast(self.dtype));
+        let r_embed = r_embedding(r, self.config.c_r, &device).cast(self.dtype);
         for layer in &self.layers {
             x = layer.res.forward(x, None);
             x = layer.time.forward(x, &r_embed);
             x = layer.attn.forward(x, mapped_text, cache);
         }
-        let ab = self.out.forward(channel_norm(x));
+        let ab = self.out.forward(channel_norm(x)).cast(DType::F32);
         let c_in = self.config.c_in;
         let a = ab.clone().narrow(1, 0, c_in);
         let b = ab.narrow(1, c_in, c_in);

@@ -15,41 +15,12 @@ use tgate::Error;
 /// Pipelines accumulate rounding over 8 steps: within 1e-3 of max(1, max |reference|).
 const REL: f32 = 1e-3;
 
-fn gate_of(json: &serde_json::Value, run: &str) -> GateConfig {
-    let g = &json["gate_runs"][run];
-    let n = |k: &str| g[k].as_u64().expect(k) as usize;
-    GateConfig {
-        gate_step: n("gate_step"),
-        sp_interval: n("sp_interval"),
-        fi_interval: n("fi_interval"),
-        warm_up: n("warm_up"),
-    }
-}
-
-fn params(json: &serde_json::Value, r: &tgate::safetensors::SafeTensors) -> GenerateParams {
-    GenerateParams {
-        prompt: json["prompt"].as_str().unwrap().into(),
-        negative_prompt: json["negative_prompt"].as_str().unwrap().into(),
-        steps: json["steps"].as_u64().unwrap() as usize,
-        guidance: json["guidance"].as_f64().unwrap(),
-        scheduler: None,
-        width: json["width"].as_u64().unwrap() as usize,
-        height: json["height"].as_u64().unwrap() as usize,
-        gate: None,
-        noise: Noise::Tensors {
-            noise: host(r, "pipe.noise").data,
-            step_noise: Some(host(r, "pipe.step_noise").data),
-        },
-        clip_skip: 0,
-    }
-}
-
 fn run_all(name: &str) {
     let device = cpu();
     let model = StableDiffusion::load(&source(name), Variant::Auto, &device).expect("model loads");
     let json = reference_json(name);
     let r = reference(name);
-    let base = params(&json, &r);
+    let base = sd_params(&json, &r);
     for sched in json["schedulers"].as_array().unwrap() {
         let sched = sched.as_str().unwrap();
         let kind: SchedulerKind = sched.parse().unwrap();
@@ -190,12 +161,39 @@ fn bad_weights_give_typed_errors() {
     assert!(files.read("nope").unwrap().is_none());
 }
 
+/// A folder whose device binds at most `limit` bytes per buffer.
+struct Capped(MemorySource, u64);
+
+impl ModelSource for Capped {
+    fn read(&self, path: &str) -> tgate::Result<Option<Vec<u8>>> {
+        self.0.read(path)
+    }
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        Some(self.1)
+    }
+}
+
+#[test]
+fn tensors_over_the_binding_limit_are_refused_before_upload() {
+    // The largest tensor of the tiny model is CLIP's token embedding: 1514 × 32 f32 = 193792 bytes.
+    let e = match StableDiffusion::load(&Capped(sd1_files(), 193_791), Variant::Auto, &cpu()) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&e, Error::TensorTooLarge { file, tensor, bytes: 193_792, limit: 193_791 }
+            if file.starts_with("text_encoder/") && tensor.ends_with("token_embedding.weight")),
+        "{e}"
+    );
+    assert!(StableDiffusion::load(&Capped(sd1_files(), 193_792), Variant::Auto, &cpu()).is_ok());
+}
+
 #[test]
 fn impossible_parameters_are_refused() {
     let model = StableDiffusion::load(&source("sd1"), Variant::Auto, &cpu()).unwrap();
     let json = reference_json("sd1");
     let r = reference("sd1");
-    let base = params(&json, &r);
+    let base = sd_params(&json, &r);
     let go = |p: GenerateParams| {
         model
             .generate_latents(&p, &mut |_| ControlFlow::Continue(()))
@@ -232,7 +230,7 @@ fn cancel_between_steps_and_seeded_noise_is_deterministic() {
         noise: Noise::Seed(7),
         steps: 4,
         gate: Some(GateConfig::original(2)),
-        ..params(&json, &r)
+        ..sd_params(&json, &r)
     };
     let mut seen = 0;
     let e = model.generate_latents(&p, &mut |_| {

@@ -19,29 +19,6 @@ fn go(_: &StepInfo) -> ControlFlow<()> {
     ControlFlow::Continue(())
 }
 
-fn noise() -> WuerstchenNoise {
-    let r = reference(FIX);
-    WuerstchenNoise::Tensors {
-        prior_noise: host(&r, "pipe.prior_noise").data,
-        prior_step_noise: host(&r, "pipe.prior_step_noise").data,
-        decoder_noise: host(&r, "pipe.decoder_noise").data,
-        decoder_step_noise: host(&r, "pipe.decoder_step_noise").data,
-    }
-}
-
-fn params() -> WuerstchenParams {
-    let json = reference_json(FIX);
-    let mut p = WuerstchenParams::new(json["prompt"].as_str().unwrap(), noise());
-    p.negative_prompt = json["negative_prompt"].as_str().unwrap().into();
-    p.width = json["width"].as_u64().unwrap() as usize;
-    p.height = json["height"].as_u64().unwrap() as usize;
-    p.prior_steps = json["prior_steps"].as_u64().unwrap() as usize;
-    p.prior_guidance = json["prior_guidance"].as_f64().unwrap();
-    p.decoder_steps = json["decoder_steps"].as_u64().unwrap() as usize;
-    p.decoder_guidance = json["decoder_guidance"].as_f64().unwrap();
-    p
-}
-
 fn load(src: &dyn ModelSource, prior: Option<&dyn ModelSource>) -> Wuerstchen {
     Wuerstchen::load(src, prior, Variant::Auto, &cpu()).expect("loads")
 }
@@ -92,7 +69,7 @@ fn split_layout() -> (MemorySource, MemorySource) {
 fn pipeline_matches_diffusers() {
     let model = load(&source(FIX), None);
     let r = reference(FIX);
-    let p = params();
+    let p = wuerstchen_params();
     let mut seen = Vec::new();
     let prior = model
         .generate_prior(&p, &mut |s| {
@@ -129,7 +106,7 @@ fn pipeline_matches_diffusers() {
 fn prior_default_timesteps() {
     let model = load(&source(FIX), None);
     let r = reference(FIX);
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.prior_timesteps = Some(default_stage_c_timesteps());
     if let WuerstchenNoise::Tensors {
         prior_step_noise, ..
@@ -147,7 +124,7 @@ fn gated_prior_matches_definition() {
     let model = load(&source(FIX), None);
     let r = reference(FIX);
     for gate_step in [2usize, 4] {
-        let mut p = params();
+        let mut p = wuerstchen_params();
         p.gate_step = Some(gate_step);
         let prior = model.generate_prior(&p, &mut go).unwrap();
         let phases: Vec<Phase> = prior.steps.iter().map(|s| s.phase).collect();
@@ -176,7 +153,7 @@ fn two_repository_layout() {
     let (decoder, prior) = split_layout();
     let model = load(&decoder, Some(&prior));
     let r = reference(FIX);
-    let out = model.generate_prior(&params(), &mut go).unwrap();
+    let out = model.generate_prior(&wuerstchen_params(), &mut go).unwrap();
     assert_close(out.latents, &r, "pipe.prior_latents", 1e-5);
 
     // The decoder folder alone, or the prior folder as the model, is refused with a hint.
@@ -253,19 +230,19 @@ fn impossible_parameters_and_cancel() {
         let text = err.to_string();
         assert!(text.contains(name), "{name}: {text}");
     };
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.width = 200; // Stage B latent 53 wide: not a multiple of 4
     check(p, "width/height");
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.prior_steps = 0;
     check(p, "steps");
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.gate_step = Some(7);
     check(p, "gate_step");
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.prior_guidance = f64::NAN;
     check(p, "guidance");
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.decoder_steps = usize::MAX;
     let err = model.generate_decoder(
         tensor(&reference(FIX), "pipe.prior_latents", &cpu()),
@@ -273,20 +250,20 @@ fn impossible_parameters_and_cancel() {
         &mut go,
     );
     assert!(err.err().unwrap().to_string().contains("decoder_steps"));
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.prior_steps = usize::MAX;
     check(p, "steps");
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.prior_timesteps = Some(vec![1.0]);
     check(p, "timesteps");
-    let mut p = params();
+    let mut p = wuerstchen_params();
     if let WuerstchenNoise::Tensors { decoder_noise, .. } = &mut p.noise {
         decoder_noise.pop();
     }
     check(p, "decoder_noise");
 
     // Cancel after two steps, then generate again with the same model.
-    let p = params();
+    let p = wuerstchen_params();
     let err = model
         .generate_prior(&p, &mut |s| {
             if s.index == 1 {
@@ -306,7 +283,7 @@ fn impossible_parameters_and_cancel() {
 fn gate_without_guidance_and_at_the_last_step() {
     let model = load(&source(FIX), None);
     // Guidance off: one batch throughout; the gate still switches the attention to the cache.
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.prior_guidance = 1.0;
     p.noise = WuerstchenNoise::Seed(1);
     let plain = model.generate_prior(&p, &mut go).unwrap().latents;
@@ -326,7 +303,7 @@ fn gate_without_guidance_and_at_the_last_step() {
     );
     assert!(compare(&b, &a).0 > 1e-3, "the gate changed nothing");
     // A gate at the last step leaves nothing to gate: the ungated result.
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.gate_step = Some(p.prior_steps);
     let out = model.generate_prior(&p, &mut go).unwrap();
     assert_close(out.latents, &reference(FIX), "pipe.prior_latents", 1e-5);
@@ -335,7 +312,7 @@ fn gate_without_guidance_and_at_the_last_step() {
 #[test]
 fn seeded_runs_are_deterministic() {
     let model = load(&source(FIX), None);
-    let mut p = params();
+    let mut p = wuerstchen_params();
     p.noise = WuerstchenNoise::Seed(5);
     p.gate_step = Some(3);
     let a = model.generate_prior(&p, &mut go).unwrap().latents;
@@ -355,7 +332,7 @@ fn seeded_runs_are_deterministic() {
 fn step_wise_stages_match() {
     let model = load(&source(FIX), None);
     let r = reference(FIX);
-    let p = params();
+    let p = wuerstchen_params();
     let mut d = model.prior_denoiser(&p).unwrap();
     let mut n = 0;
     while let Some(step) = d.step().unwrap() {

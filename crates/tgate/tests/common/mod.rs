@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use tgate::loader::DirSource;
+use tgate::pipeline::{GenerateParams, Noise};
+use tgate::pipeline_wuerstchen::{WuerstchenNoise, WuerstchenParams};
 use tgate::safetensors::{HostTensor, SafeTensors};
+use tgate::tgate::GateConfig;
 
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -40,6 +43,20 @@ pub fn tensor<const D: usize>(r: &SafeTensors, key: &str, device: &Device) -> Te
     let shape: [usize; D] = h.shape.clone().try_into().expect("rank");
     Tensor::from_data(TensorData::new(h.data, shape), device)
 }
+
+/// The f16 path against the f32 references: within 1% of max(1, max |reference|) after a whole
+/// pipeline (f16 keeps 11 significant bits; measured 1.7e-3 to 3.2e-3 on the tiny models, where
+/// the f32 path agrees to 1e-5).
+pub const HALF: f32 = 1e-2;
+
+/// The f16 path on wgpu: within 3% (measured on lavapipe: SD 7.6e-3 to 8.1e-3, prior 1.1e-2;
+/// the GPU kernels round more often in f16 than the CPU backend, whose matmuls and convolutions
+/// accumulate in f32, and classifier-free guidance multiplies the difference).
+pub const HALF_GPU: f32 = 3e-2;
+
+/// Würstchen's Stage A image in f16: its pre-clamp activations reach ~20, so the image (scale 1)
+/// carries ~20× f16's relative error (measured 3.0e-2).
+pub const HALF_IMAGE: f32 = 6e-2;
 
 /// The CPU device all reference tests run on.
 pub fn cpu() -> Device {
@@ -74,4 +91,60 @@ pub fn assert_close<const D: usize>(actual: Tensor<D>, r: &SafeTensors, key: &st
         err <= rel * scale,
         "{key}: max abs err {err} > {rel} × {scale}"
     );
+}
+
+/// The gate settings of the reference run `run` (`tgate`, `tgate_sa`, `tgate_sp`).
+pub fn gate_of(json: &serde_json::Value, run: &str) -> GateConfig {
+    let g = &json["gate_runs"][run];
+    let n = |k: &str| g[k].as_u64().expect(k) as usize;
+    GateConfig {
+        gate_step: n("gate_step"),
+        sp_interval: n("sp_interval"),
+        fi_interval: n("fi_interval"),
+        warm_up: n("warm_up"),
+    }
+}
+
+/// The SD reference run's parameters (prompts, steps, size, noise), ungated, default scheduler.
+pub fn sd_params(json: &serde_json::Value, r: &tgate::safetensors::SafeTensors) -> GenerateParams {
+    GenerateParams {
+        prompt: json["prompt"].as_str().unwrap().into(),
+        negative_prompt: json["negative_prompt"].as_str().unwrap().into(),
+        steps: json["steps"].as_u64().unwrap() as usize,
+        guidance: json["guidance"].as_f64().unwrap(),
+        scheduler: None,
+        width: json["width"].as_u64().unwrap() as usize,
+        height: json["height"].as_u64().unwrap() as usize,
+        gate: None,
+        noise: Noise::Tensors {
+            noise: host(r, "pipe.noise").data,
+            step_noise: Some(host(r, "pipe.step_noise").data),
+        },
+        clip_skip: 0,
+    }
+}
+
+/// The Würstchen fixture's reference noise.
+pub fn wuerstchen_noise() -> WuerstchenNoise {
+    let r = reference("wuerstchen");
+    WuerstchenNoise::Tensors {
+        prior_noise: host(&r, "pipe.prior_noise").data,
+        prior_step_noise: host(&r, "pipe.prior_step_noise").data,
+        decoder_noise: host(&r, "pipe.decoder_noise").data,
+        decoder_step_noise: host(&r, "pipe.decoder_step_noise").data,
+    }
+}
+
+/// The Würstchen reference run's parameters (prompts, size, steps, guidance, noise), ungated.
+pub fn wuerstchen_params() -> WuerstchenParams {
+    let json = reference_json("wuerstchen");
+    let mut p = WuerstchenParams::new(json["prompt"].as_str().unwrap(), wuerstchen_noise());
+    p.negative_prompt = json["negative_prompt"].as_str().unwrap().into();
+    p.width = json["width"].as_u64().unwrap() as usize;
+    p.height = json["height"].as_u64().unwrap() as usize;
+    p.prior_steps = json["prior_steps"].as_u64().unwrap() as usize;
+    p.prior_guidance = json["prior_guidance"].as_f64().unwrap();
+    p.decoder_steps = json["decoder_steps"].as_u64().unwrap() as usize;
+    p.decoder_guidance = json["decoder_guidance"].as_f64().unwrap();
+    p
 }
