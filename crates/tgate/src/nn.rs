@@ -254,7 +254,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// The scale and shift are kept in f32 whatever the parameter dtype (the norm computes in
+    /// f32), so nothing is cast per call.
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        let w = w.clone().with_dtype(DType::F32);
         Ok(LayerNorm {
             gamma: w.get("weight", [dim])?,
             beta: w.get("bias", [dim])?,
@@ -265,11 +268,10 @@ impl LayerNorm {
     /// Computed in f32 whatever the activation dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
-        let up = |t: Tensor<1>| t.cast(DType::F32);
         layer_norm(
             x.cast(DType::F32),
-            up(self.gamma.clone()),
-            Some(up(self.beta.clone())),
+            self.gamma.clone(),
+            Some(self.beta.clone()),
             self.eps,
         )
         .cast(dtype)

@@ -49,7 +49,7 @@ pub fn tensor<const D: usize>(r: &SafeTensors, key: &str, device: &Device) -> Te
 /// the f32 path agrees to 1e-5).
 pub const HALF: f32 = 1e-2;
 
-/// The f16 path on wgpu: within 3% (measured on lavapipe: SD 7.6e-3 to 8.1e-3, prior 1.1e-2;
+/// The f16 path on wgpu: within 3% (measured on lavapipe: SD 7.6e-3 to 1.1e-2, prior 1.1e-2;
 /// the GPU kernels round more often in f16 than the CPU backend, whose matmuls and convolutions
 /// accumulate in f32, and classifier-free guidance multiplies the difference).
 pub const HALF_GPU: f32 = 3e-2;
