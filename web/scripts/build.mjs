@@ -11,5 +11,6 @@ const run = (cmd, args) => execFileSync(cmd, args, { cwd: root, stdio: 'inherit'
 run('bash', ['crates/tgate-wasm/prepare.sh']);
 run('cargo', ['build', '--release', '--target', 'wasm32-unknown-unknown',
   '--manifest-path', 'crates/tgate-wasm/Cargo.toml', '--target-dir', 'target/wasm']);
-run('wasm-bindgen', ['--target', 'web', '--no-typescript', '--out-dir', 'web/pkg',
+// Function names are only for debugging: dropped (a fifth of the module).
+run('wasm-bindgen', ['--target', 'web', '--no-typescript', '--remove-name-section', '--remove-producers-section', '--out-dir', 'web/pkg',
   'target/wasm/wasm32-unknown-unknown/release/tgate_wasm.wasm']);

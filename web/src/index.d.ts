@@ -49,7 +49,9 @@ export interface LoadOptions {
    * softmax in f32), f32 otherwise. 'f16' fails with `invalid_parameter` without `shader-f16`. */
   dtype?: 'auto' | 'f16' | 'f32';
   /** Refuse tensors over this many bytes on the GPU (`out_of_memory`); the adapter's
-   * `maxStorageBufferBindingSize` (and `maxBufferSize`) always applies. */
+   * `maxStorageBufferBindingSize` (and `maxBufferSize`) always applies. Weights are checked at
+   * load; activations at `generate` (attention is split to fit; a feature map that cannot fit
+   * is refused before the first step). */
   maxTensorBytes?: number;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;

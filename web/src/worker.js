@@ -3,7 +3,7 @@
 // Requests: { id, type: 'init' | 'load' | 'generate' | 'cancel', ... }.
 // Replies:  { id, type: 'step', report } during a generation, then { id, ok: true, result } or
 //           { id, ok: false, fatal, error: { code, message } }. `fatal`: the module trapped (a
-//           Rust panic) and this worker must be replaced.
+//           Rust panic) or the WebGPU device was lost, and this worker must be replaced.
 
 import init, { Engine, lastPanic } from '../pkg/tgate_wasm.js';
 
@@ -30,6 +30,10 @@ function fail(id, err) {
     try { panic = lastPanic(); } catch (_) { /* the module is unusable */ }
     if (panic) { code = panic.name; message = panic.message; }
     else if (code === 'internal') code = 'device_lost';
+    trapped = trapped || { code, message };
+  } else if (code === 'device_lost') {
+    // The engine's device is gone for good: this worker is replaced too, with a new device.
+    fatal = true;
     trapped = trapped || { code, message };
   }
   self.postMessage({ id, ok: false, fatal, error: { code, message } });

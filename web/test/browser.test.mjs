@@ -190,6 +190,18 @@ try {
     assert.equal(r.nextSteps, 2);
     return r;
   });
+  // From here on the harness runs on a generator of its own, whose first worker loses its device.
+  await step('wuerstchen: device lost, then generate', async () => {
+    const seen = pageErrors.length;
+    const r = await call('deviceLost', 'wuerstchen', 'wuerstchen');
+    assert.equal(r.lost && r.lost.code, 'device_lost', JSON.stringify(r));
+    assert.ok(r.disarmed, 'the test worker did not see the request to lose its device');
+    // The loss itself was seen (cubecl logs the device's lost callback), not some other failure.
+    assert.ok(pageErrors.slice(seen).some((e) => e.includes('device was lost (Destroyed)')), JSON.stringify(pageErrors.slice(seen)));
+    assert.equal(r.stepsBeforeLoss, 0, JSON.stringify(r));
+    assert.equal(r.nextSteps, 4);
+    return r;
+  });
   await step('wuerstchen: load', async () => {
     const r = await call('load', 'wuerstchen', 'wuerstchen');
     assert.equal(r.kind, 'wuerstchen');
@@ -233,6 +245,15 @@ try {
     const r = await call('loadError', '/tests/fixtures/sd1/', 'sd', { dtype: 'f32', maxTensorBytes: 193791 });
     assert.equal(r.code, 'out_of_memory', JSON.stringify(r));
     assert.ok(r.message.includes('token_embedding') && r.message.includes('193792'), JSON.stringify(r));
+    return r;
+  });
+  await step('typed error: an image whose activations exceed the binding limit', async () => {
+    // 193792 bytes holds every tensor of the tiny model, but not its VAE's last feature map at
+    // 64×64 (16 × 64 × 64 f32 = 262144 bytes): refused before the first step.
+    const r = await call('generateError', 'sd1', 193792, 64);
+    assert.equal(r.code, 'out_of_memory', JSON.stringify(r));
+    assert.equal(r.steps, 0);
+    assert.ok(r.message.includes('VAE decoder feature map') && r.message.includes('262144'), JSON.stringify(r));
     return r;
   });
   await step('npm pack: a scratch app installs the tarball, imports it and loads a model', async () => {

@@ -201,6 +201,56 @@ window.harness = {
     return { cancelled, stepsBeforeCancel: steps, nextSteps: next.timings.steps.length };
   },
 
+  /**
+   * A generator whose first generation finds its WebGPU device destroyed (see lost-worker.js):
+   * it must fail with `device_lost`, and the next one must succeed on a new worker and device,
+   * with the model loaded again from the browser cache. The recovered generator then serves the
+   * following steps (its new worker has compiled this model's kernels by then).
+   */
+  async deviceLost(fixture, kind) {
+    const { json } = await reference(fixture);
+    const g = await Generator.create({ workerUrl: new URL('./lost-worker.js', import.meta.url) });
+    await g.load({ baseUrl: `/tests/fixtures/${fixture}/`, kind });
+    const params = kind === 'sd'
+      ? { prompt: json.prompt, seed: 3, steps: 2, scheduler: 'ddim', gate: false }
+      : {
+        prompt: json.prompt, seed: 3, steps: 2, guidance: json.prior_guidance, decoderSteps: 2,
+        decoderGuidance: json.decoder_guidance, width: json.width, height: json.height, gate: false,
+      };
+    let lost = null;
+    let steps = 0;
+    await caches.open('tgate-test-device-lost'); // armed: the next generate request loses the device
+    const t0 = performance.now();
+    // A generation left hanging on the lost device fails the test here, not at the suite timeout.
+    const timeout = new Promise((_, reject) => setTimeout(() => reject(new Error('no answer within 300 s')), 300_000));
+    try {
+      await Promise.race([g.generate({ ...params, onStep: () => { steps += 1; } }), timeout]);
+    } catch (e) {
+      lost = errorInfo(e);
+    }
+    const lostMs = performance.now() - t0;
+    const disarmed = !(await caches.has('tgate-test-device-lost'));
+    const t1 = performance.now();
+    const next = await g.generate(params);
+    generator = g;
+    return {
+      lost, disarmed, stepsBeforeLoss: steps, lostMs, nextMs: performance.now() - t1, nextSteps: next.timings.steps.length,
+    };
+  },
+
+  /** Loads under `maxTensorBytes`, then reports the typed error of a generation at `size`². */
+  async generateError(fixture, maxTensorBytes, size) {
+    const g = await gen();
+    await g.load({ baseUrl: `/tests/fixtures/${fixture}/`, kind: 'sd', dtype: 'f32', maxTensorBytes });
+    let steps = 0;
+    try {
+      await g.generate({ prompt: 'x', steps: 2, seed: 1, width: size, height: size, onStep: () => { steps += 1; } });
+      return { code: 'none', steps };
+    } catch (e) {
+      return { ...errorInfo(e), steps };
+    }
+  },
+
   /** Loads from a URL and reports the typed error. */
   async loadError(baseUrl, kind = 'sd', options = {}) {
     try {

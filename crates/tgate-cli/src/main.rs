@@ -133,6 +133,11 @@ pub(crate) struct GenerateArgs {
     /// Compute dtype: f32, or f16 (weights and activations; norms and softmax in f32).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,
+    /// The largest buffer (bytes) one tensor may take on the device. On wgpu the adapter's
+    /// maxStorageBufferBindingSize always applies; this can lower it. Bigger weights, or an
+    /// image whose feature maps would not fit, are refused (attention is split to fit).
+    #[arg(long)]
+    max_tensor_bytes: Option<u64>,
 }
 
 mod wuerstchen;
@@ -178,13 +183,24 @@ fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
     Ok(())
 }
 
-pub(crate) fn device(backend: Backend) -> Result<Device, Error> {
+/// The device, and the largest buffer it binds: the wgpu adapter's storage-binding and buffer
+/// limits, lowered to `cap` if given.
+pub(crate) fn device(backend: Backend, cap: Option<u64>) -> Result<(Device, Option<u64>), Error> {
+    let lower = |limit: Option<u64>| match (limit, cap) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     match backend {
-        Backend::Cpu => Ok(Device::flex()),
+        Backend::Cpu => Ok((Device::flex(), lower(None))),
         #[cfg(feature = "wgpu")]
-        Backend::Wgpu => Device::wgpu_options()
-            .init()
-            .map_err(|e| Error::Device(format!("no usable wgpu adapter: {e:?}"))),
+        Backend::Wgpu => {
+            let (device, setup) = Device::wgpu_options()
+                .init_with_setup()
+                .map_err(|e| Error::Device(format!("no usable wgpu adapter: {e:?}")))?;
+            let l = setup.device.limits();
+            let limit = u64::from(l.max_storage_buffer_binding_size).min(l.max_buffer_size);
+            Ok((device, lower(Some(limit))))
+        }
         #[cfg(not(feature = "wgpu"))]
         Backend::Wgpu => Err(Error::Device(
             "this build has no wgpu support (build with --features wgpu)".into(),
@@ -257,7 +273,8 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         .as_deref()
         .map(str::parse::<SchedulerKind>)
         .transpose()?;
-    let device = device(a.backend)?;
+    let (device, limit) = device(a.backend, a.max_tensor_bytes)?;
+    let src = src.with_max_tensor_bytes(limit);
     eprintln!("loading {} ...", a.model.display());
     let model = StableDiffusion::load_as(&src, Variant::Auto, a.dtype.dtype(), &device)?;
     let size = model.default_size();

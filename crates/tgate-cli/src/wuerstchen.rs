@@ -92,8 +92,13 @@ pub fn generate(a: GenerateArgs, src: DirSource) -> Result<(), Error> {
             ));
         }
     }
-    let prior_src = a.prior.as_deref().map(model_dir).transpose()?;
-    let device = device(a.backend)?;
+    let (device, limit) = device(a.backend, a.max_tensor_bytes)?;
+    let src = src.with_max_tensor_bytes(limit);
+    let prior_src = a
+        .prior
+        .as_deref()
+        .map(|p| model_dir(p).map(|s| s.with_max_tensor_bytes(limit)))
+        .transpose()?;
     eprintln!("loading Würstchen from {} ...", a.model.display());
     let model = Wuerstchen::load_as(
         &src,

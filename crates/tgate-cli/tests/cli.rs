@@ -188,7 +188,7 @@ fn tokenize_prints_the_reference_ids() {
 fn impossible_parameters_fail_with_a_message() {
     let model = fixtures().join("sd1");
     let m = model.to_str().unwrap();
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["--steps", "0"], "steps"),
         (&["--steps", "100000"], "steps"),
         (&["--decoder-steps", "3"], "decoder-steps"),
@@ -197,6 +197,10 @@ fn impossible_parameters_fail_with_a_message() {
         (&["--scheduler", "lms"], "lms"),
         (&["--sp-interval", "0"], "sp_interval"),
         (&["--dtype", "bf16"], "dtype"),
+        // A buffer cap under CLIP's token embedding (193792 bytes), then one that holds every
+        // weight but not the VAE's last feature map at 64×64 (262144 bytes).
+        (&["--max-tensor-bytes", "193791"], "token_embedding"),
+        (&["--max-tensor-bytes", "193792"], "VAE decoder feature map"),
         (
             &["--noise", "/nonexistent/noise.safetensors"],
             "nonexistent",

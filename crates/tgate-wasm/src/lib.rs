@@ -39,7 +39,7 @@ fn code(e: &tgate::Error) -> &'static str {
         | ShapeMismatch { .. }
         | DtypeMismatch { .. }
         | Tokenizer(_) => "bad_weights",
-        TensorTooLarge { .. } => "out_of_memory",
+        TensorTooLarge { .. } | ActivationTooLarge { .. } => "out_of_memory",
         InvalidParameter { .. } | Input { .. } => "invalid_parameter",
         Device(msg) if is_out_of_memory(msg) => "out_of_memory",
         Device(_) => "device_lost",

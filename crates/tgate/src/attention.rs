@@ -40,6 +40,8 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    /// Score matrices bigger than this are split by query rows (the device's binding limit).
+    max_score_bytes: Option<u64>,
 }
 
 impl Attention {
@@ -60,6 +62,7 @@ impl Attention {
             to_v: Linear::load(&w.pp(keys.v), context_dim, inner, qkv_bias)?,
             to_out: Linear::load(&w.pp(keys.out), inner, query_dim, true)?,
             heads,
+            max_score_bytes: w.max_tensor_bytes(),
         })
     }
 
@@ -69,8 +72,15 @@ impl Attention {
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
         let v = self.to_v.forward(context);
-        self.to_out
-            .forward(multi_head_attention(q, k, v, self.heads, None, false))
+        self.to_out.forward(multi_head_attention(
+            q,
+            k,
+            v,
+            self.heads,
+            None,
+            false,
+            self.max_score_bytes,
+        ))
     }
 
     /// The query projection alone (for callers that share projections between attention calls).
@@ -88,8 +98,15 @@ impl Attention {
 
     /// Attention over already projected `q`, `k`, `v`, then the output projection.
     pub fn attend(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
-        self.to_out
-            .forward(multi_head_attention(q, k, v, self.heads, None, false))
+        self.to_out.forward(multi_head_attention(
+            q,
+            k,
+            v,
+            self.heads,
+            None,
+            false,
+            self.max_score_bytes,
+        ))
     }
 }
 

@@ -104,7 +104,7 @@ impl EncoderLayer {
             self.v_proj.forward(h),
         );
         // With a padding mask the causal part is folded into it; without one the kernel's causal mode is used.
-        let attn = multi_head_attention(q, k, v, heads, mask.clone(), mask.is_none());
+        let attn = multi_head_attention(q, k, v, heads, mask.clone(), mask.is_none(), None);
         let x = x + self.out_proj.forward(attn);
         let h = self
             .fc2

@@ -53,6 +53,17 @@ pub enum Error {
         limit: u64,
     },
 
+    /// An activation of a generation at the requested size would be bigger than the device can
+    /// bind as one buffer (attention scores are split to fit; feature maps are not).
+    #[error("a {width}×{height} image needs {what} of {bytes} bytes, over this device's limit of {limit} bytes per buffer: choose a smaller width/height")]
+    ActivationTooLarge {
+        width: usize,
+        height: usize,
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
+
     /// The tokenizer files could not be read or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -120,17 +120,31 @@ pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct DirSource {
     pub root: std::path::PathBuf,
+    /// See [`ModelSource::max_tensor_bytes`].
+    pub max_tensor_bytes: Option<u64>,
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 impl DirSource {
     pub fn new(root: impl Into<std::path::PathBuf>) -> Self {
-        DirSource { root: root.into() }
+        DirSource {
+            root: root.into(),
+            max_tensor_bytes: None,
+        }
+    }
+
+    /// The device binds at most `limit` bytes per buffer (see [`ModelSource::max_tensor_bytes`]).
+    pub fn with_max_tensor_bytes(mut self, limit: Option<u64>) -> Self {
+        self.max_tensor_bytes = limit;
+        self
     }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 impl ModelSource for DirSource {
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        self.max_tensor_bytes
+    }
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
         let full = self.root.join(path);
         match std::fs::read(&full) {

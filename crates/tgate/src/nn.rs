@@ -10,6 +10,13 @@ use crate::weights::Weights;
 
 std::thread_local! {
     static MACS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static SPLIT_BLOCKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Attention blocks this thread computed because a score matrix was split to fit the buffer
+/// limit (see [`multi_head_attention`]); for tests and benchmarks.
+pub fn split_attention_blocks() -> u64 {
+    SPLIT_BLOCKS.with(|m| m.get())
 }
 
 /// Multiply-accumulates issued by this thread's linear, convolution and attention layers since
@@ -25,6 +32,51 @@ pub fn reset_macs() {
 
 fn add_macs(n: usize) {
     MACS.with(|m| m.set(m.get().wrapping_add(n as u64)));
+}
+
+/// One large activation of a model at a given size: what it is and its bytes on the device.
+/// Models report their largest one (attention scores excepted: they are split to fit, see
+/// [`multi_head_attention`]) so a generation too big for the device's buffers is refused
+/// before it starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivationSize {
+    pub what: String,
+    pub bytes: u64,
+}
+
+impl ActivationSize {
+    /// `dims` elements of `bytes_per` bytes each.
+    pub fn new(what: impl Into<String>, dims: &[usize], bytes_per: usize) -> Self {
+        ActivationSize {
+            what: what.into(),
+            bytes: dims
+                .iter()
+                .fold(bytes_per as u64, |n, &d| n.saturating_mul(d as u64)),
+        }
+    }
+
+    /// The larger of the two (the first on ties).
+    pub fn max(self, other: ActivationSize) -> ActivationSize {
+        if other.bytes > self.bytes {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// [`Error::ActivationTooLarge`](crate::Error::ActivationTooLarge) when over `limit`.
+    pub fn check(self, limit: Option<u64>, width: usize, height: usize) -> Result<()> {
+        match limit {
+            Some(limit) if self.bytes > limit => Err(crate::Error::ActivationTooLarge {
+                width,
+                height,
+                what: self.what,
+                bytes: self.bytes,
+                limit,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `torch.nn.Linear`; the weight is kept transposed (`[in, out]`) for a plain matmul.
@@ -333,6 +385,12 @@ impl Activation {
 /// `mask` (`[b, 1, n_q, n_k]`-broadcastable, true = masked) and `causal` follow PyTorch's SDPA.
 /// Scores and softmax are computed in f32 whatever the activation dtype (burn's attention
 /// fallback would keep them in the input dtype).
+///
+/// `max_score_bytes`: when the f32 score matrix `[b, heads, n_q, n_k]` would be bigger than this
+/// (on WebGPU, the adapter's largest storage binding), the queries are split into row blocks whose
+/// scores fit, attended one block at a time and concatenated. Softmax runs along keys, so each
+/// row's result is the same as unsplit (diffusers' attention slicing, by bytes). Causal attention
+/// (CLIP's 77 tokens) is never split.
 pub fn multi_head_attention(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -340,6 +398,7 @@ pub fn multi_head_attention(
     heads: usize,
     mask: Option<Tensor<4, Bool>>,
     causal: bool,
+    max_score_bytes: Option<u64>,
 ) -> Tensor<3> {
     let [b, n_q, inner] = q.dims();
     let n_k = k.dims()[1];
@@ -355,8 +414,47 @@ pub fn multi_head_attention(
         softcap: None,
         is_causal: causal,
     };
-    let out = sdpa(q, k, v, mask, None, options);
+    let out = match attention_row_block(b * heads, n_q, n_k, max_score_bytes) {
+        Some(rows) if !causal => {
+            let blocks = (0..n_q)
+                .step_by(rows)
+                .map(|start| {
+                    let len = rows.min(n_q - start);
+                    SPLIT_BLOCKS.with(|n| n.set(n.get() + 1));
+                    let m = mask.clone().map(|m| m.narrow(2, start, len));
+                    sdpa(
+                        q.clone().narrow(2, start, len),
+                        k.clone(),
+                        v.clone(),
+                        m,
+                        None,
+                        options,
+                    )
+                })
+                .collect();
+            Tensor::cat(blocks, 2)
+        }
+        _ => sdpa(q, k, v, mask, None, options),
+    };
     out.swap_dims(1, 2).reshape([b, n_q, inner]).cast(dtype)
+}
+
+/// Query rows per block so that `[batch_heads, rows, n_k]` f32 scores fit in `max_score_bytes`;
+/// `None` when all `n_q` rows fit (or there is no limit). At least one row: a single row over
+/// the limit would need `n_k` in the millions (SD at 512² has 4096 keys, 2 × 8 × 4096 × 4 bytes
+/// a row), far past the sizes `validate` admits.
+pub fn attention_row_block(
+    batch_heads: usize,
+    n_q: usize,
+    n_k: usize,
+    max_score_bytes: Option<u64>,
+) -> Option<usize> {
+    let limit = max_score_bytes?;
+    let per_row = (batch_heads * n_k * 4) as u64;
+    if per_row * n_q as u64 <= limit {
+        return None;
+    }
+    Some(((limit / per_row.max(1)) as usize).clamp(1, n_q))
 }
 
 /// PyTorch's `interpolate(x, size, mode="bicubic", antialias=True, align_corners=True)`.

@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::nn::{
-    norm_over, pixel_shuffle, replication_pad1, Activation, Conv2d, ConvTranspose2d, Linear,
+    norm_over, pixel_shuffle, replication_pad1, Activation, ActivationSize, Conv2d,
+    ConvTranspose2d, Linear,
 };
 use crate::weights::Weights;
 
@@ -182,6 +183,31 @@ impl PaellaDecoder {
 
     pub fn config(&self) -> &PaellaConfig {
         &self.config
+    }
+
+    /// The largest activation of decoding one `[1, c, h, w]` latent: at each level's
+    /// resolution, the channel MLP's hidden layer (`4 × channels`, activation dtype) or the f32
+    /// channel-norm input.
+    pub fn largest_activation(&self, h: usize, w: usize) -> ActivationSize {
+        let c = self.config.c_levels();
+        let levels = self.config.levels;
+        let mut largest = ActivationSize::new("nothing", &[0], 0);
+        for i in 0..levels {
+            let ci = c[levels - 1 - i];
+            let (fh, fw) = (h << i, w << i);
+            largest = largest
+                .max(ActivationSize::new(
+                    format!("a Stage A channel MLP activation (1×{fh}×{fw}×{})", 4 * ci),
+                    &[fh, fw, 4 * ci],
+                    self.dtype.size(),
+                ))
+                .max(ActivationSize::new(
+                    format!("a Stage A feature map (1×{ci}×{fh}×{fw})"),
+                    &[ci, fh, fw],
+                    4,
+                ));
+        }
+        largest
     }
 
     /// `PaellaVQModel.decode(h, force_not_quantize=True)`: `[b, latent, h, w]` →

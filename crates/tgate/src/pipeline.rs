@@ -13,6 +13,7 @@ use web_time::Instant;
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
 use crate::loader::{check_dtype, load_weights, read_required, ModelSource, Variant};
+use crate::nn::ActivationSize;
 use crate::noise::randn;
 use crate::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
 use crate::tgate::{Gate, GateConfig, Phase};
@@ -81,6 +82,8 @@ pub struct StableDiffusion {
     pub vae: VaeDecoder,
     pub scheduler_config: SchedulerConfig,
     device: Device,
+    /// The device's largest buffer ([`ModelSource::max_tensor_bytes`]), if it has one.
+    max_tensor_bytes: Option<u64>,
 }
 
 impl StableDiffusion {
@@ -160,6 +163,7 @@ impl StableDiffusion {
             vae,
             scheduler_config,
             device: device.clone(),
+            max_tensor_bytes: src.max_tensor_bytes(),
         })
     }
 
@@ -197,7 +201,19 @@ impl StableDiffusion {
 
     /// Checks parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
-        validate(p)
+        validate(p)?;
+        self.largest_activation(p)
+            .check(self.max_tensor_bytes, p.width, p.height)
+    }
+
+    /// The largest activation (attention scores excepted, which are split to fit) of a
+    /// generation with `p`: in the UNet (batch 2 with guidance) or the VAE decoder.
+    pub fn largest_activation(&self, p: &GenerateParams) -> ActivationSize {
+        let (h, w) = (p.height / 8, p.width / 8);
+        let batch = if p.guidance > 1.0 { 2 } else { 1 };
+        self.unet
+            .largest_activation(batch, h, w)
+            .max(self.vae.largest_activation(h, w))
     }
 
     /// Runs the denoising loop. `on_step` is called after every iteration and may stop the run
@@ -207,7 +223,7 @@ impl StableDiffusion {
         p: &GenerateParams,
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<Latents> {
-        validate(p)?;
+        self.validate(p)?;
         let cond = self.encode_prompt(&p.prompt, p.clip_skip)?;
         let uncond = if p.guidance > 1.0 {
             Some(self.encode_prompt(&p.negative_prompt, p.clip_skip)?)
@@ -239,10 +255,10 @@ pub fn validate(p: &GenerateParams) -> Result<()> {
         ));
     }
     for (name, v) in [("width", p.width), ("height", p.height)] {
-        if v == 0 || v % 8 != 0 {
+        if v == 0 || v % 8 != 0 || v > 16384 {
             return Err(Error::param(
                 name,
-                format!("must be a positive multiple of 8, got {v}"),
+                format!("must be a positive multiple of 8 up to 16384, got {v}"),
             ));
         }
     }

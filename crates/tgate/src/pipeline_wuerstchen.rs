@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
 use crate::loader::{check_dtype, load_weights, read_required, ModelSource, Variant};
+use crate::nn::ActivationSize;
 use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
 use crate::pipeline::{run_blocking, EnqueuedStep, StepInfo, MAX_STEPS};
@@ -137,6 +138,8 @@ pub struct Wuerstchen {
     pub vqgan: PaellaDecoder,
     pub settings: WuerstchenSettings,
     device: Device,
+    /// The device's largest buffer ([`ModelSource::max_tensor_bytes`]), if it has one.
+    max_tensor_bytes: Option<u64>,
 }
 
 fn tokenizer(src: &dyn ModelSource, dir: &str) -> Result<ClipTokenizer> {
@@ -386,6 +389,10 @@ impl Wuerstchen {
             &vqgan_cfg,
             &weights(src, "vqgan", "diffusion_pytorch_model")?,
         )?;
+        let limits = match (src.max_tensor_bytes(), prior_src.max_tensor_bytes()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok(Wuerstchen {
             prior_tokenizer,
             prior_text_encoder,
@@ -398,6 +405,7 @@ impl Wuerstchen {
             vqgan,
             settings,
             device: device.clone(),
+            max_tensor_bytes: limits,
         })
     }
 
@@ -499,7 +507,23 @@ impl Wuerstchen {
                 decoder_shape,
             )?;
         }
-        Ok(())
+        self.largest_activation(p)
+            .check(self.max_tensor_bytes, p.width, p.height)
+    }
+
+    /// The largest activation (attention scores excepted, which are split to fit) of a
+    /// generation with `p`, over the three stages (batch 2 where a stage uses guidance).
+    pub fn largest_activation(&self, p: &WuerstchenParams) -> ActivationSize {
+        let batch = |g: f64| if g > 1.0 { 2 } else { 1 };
+        let [_, _, ph, pw] = self.prior_shape(p.width, p.height);
+        let [_, _, dh, dw] = self.decoder_shape(ph, pw);
+        self.prior
+            .largest_activation(batch(p.prior_guidance), ph, pw)
+            .max(
+                self.decoder
+                    .largest_activation(batch(p.decoder_guidance), dh, dw),
+            )
+            .max(self.vqgan.largest_activation(dh, dw))
     }
 
     fn encode(&self, tok: &ClipTokenizer, te: &ClipTextModel, text: &str) -> Result<Tensor<3>> {

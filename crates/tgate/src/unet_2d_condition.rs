@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::error::{Error, Result};
-use crate::nn::{Activation, Conv2d, GroupNorm};
+use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm};
 use crate::tgate::AttentionCache;
 use crate::unet_2d_blocks::{BlockCommon, CrossAttn, DownBlock, MidBlock, UpBlock};
 use crate::weights::Weights;
@@ -259,6 +259,43 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// The largest activation of a forward pass on `[batch, c, h, w]` latents (attention scores
+    /// excepted): the feed-forward's GEGLU projection (`8 × channels` per token) or an up-block
+    /// resnet's input (its channels plus the skip's), whichever is bigger. Group norms compute
+    /// in f32, so feature maps count 4 bytes per element.
+    pub fn largest_activation(&self, batch: usize, h: usize, w: usize) -> ActivationSize {
+        let c = &self.config.block_out_channels;
+        let n = c.len();
+        let dtype = self.dtype.size();
+        let mut largest = ActivationSize::new("nothing", &[0], 0);
+        let (mut lh, mut lw) = (h, w);
+        for l in 0..n {
+            let skip = c[(l + 1).min(n - 1)].max(c[l.saturating_sub(1)]);
+            let ch = c[l] + skip;
+            largest = largest.max(ActivationSize::new(
+                format!("a UNet up-block feature map ({batch}×{ch}×{lh}×{lw})"),
+                &[batch, ch, lh, lw],
+                4,
+            ));
+            let attention =
+                self.config.down_cross[l] || self.config.up_cross[n - 1 - l] || l == n - 1;
+            if attention {
+                let tokens = lh * lw;
+                largest = largest.max(ActivationSize::new(
+                    format!(
+                        "a UNet feed-forward projection ({batch}×{tokens}×{})",
+                        8 * c[l]
+                    ),
+                    &[batch, tokens, 8 * c[l]],
+                    dtype,
+                ));
+            }
+            // A stride-2 convolution with padding 1 rounds up.
+            (lh, lw) = (lh.div_ceil(2), lw.div_ceil(2));
+        }
+        largest
+    }
+
     /// Loads from `unet/diffusion_pytorch_model.safetensors`.
     pub fn load(config: &UNetConfig, w: &Weights) -> Result<Self> {
         let c = config;

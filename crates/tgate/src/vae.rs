@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::attention::{Attention, AttentionKeys};
 use crate::error::{Error, Result};
-use crate::nn::{Activation, Conv2d, GroupNorm};
+use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm};
 use crate::resnet::ResnetBlock2D;
 use crate::unet_2d_blocks::upsample_nearest;
 use crate::weights::Weights;
@@ -215,6 +215,30 @@ impl VaeDecoder {
 
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// The largest activation of decoding one `[1, c, h, w]` latent (the mid attention's
+    /// scores excepted): a feature map at the resolution of up block `j`, with that block's
+    /// channels or the channels coming up from the block before, in f32 (group norms).
+    pub fn largest_activation(&self, h: usize, w: usize) -> ActivationSize {
+        let rev: Vec<usize> = self
+            .config
+            .block_out_channels
+            .iter()
+            .rev()
+            .copied()
+            .collect();
+        let mut largest = ActivationSize::new("nothing", &[0], 0);
+        for j in 0..rev.len() {
+            let ch = rev[j].max(rev[j.saturating_sub(1)]);
+            let (fh, fw) = (h << j, w << j);
+            largest = largest.max(ActivationSize::new(
+                format!("a VAE decoder feature map (1×{ch}×{fh}×{fw})"),
+                &[ch, fh, fw],
+                4,
+            ));
+        }
+        largest
     }
 
     /// Decodes unscaled latents `z = latents / scaling_factor (+ shift)` `[b, 4, h, w]` to an

@@ -78,6 +78,12 @@ impl Weights {
         self.dtype
     }
 
+    /// The largest buffer, in bytes, one tensor may take on the device (see
+    /// [`Weights::with_max_tensor_bytes`]); attention layers split their score matrices to fit.
+    pub fn max_tensor_bytes(&self) -> Option<u64> {
+        self.max_tensor_bytes
+    }
+
     /// The view one level down: `pp("down_blocks").pp(0)` reads `down_blocks.0.*`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Weights {
         let mut w = self.clone();

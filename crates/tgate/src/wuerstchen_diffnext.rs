@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::nn::{
-    norm_over, pixel_shuffle, pixel_unshuffle, resize_bicubic_antialias, Conv2d, ConvTranspose2d,
-    Linear,
+    norm_over, pixel_shuffle, pixel_unshuffle, resize_bicubic_antialias, ActivationSize, Conv2d,
+    ConvTranspose2d, Linear,
 };
 use crate::tgate::AttentionCache;
 use crate::weights::Weights;
@@ -312,6 +312,27 @@ impl WuerstchenDiffNeXt {
             config: cfg.clone(),
             dtype: w.dtype(),
         })
+    }
+
+    /// The largest activation of a forward pass on `[batch, c_in, h, w]` latents (attention
+    /// scores excepted): a residual block's channel MLP hidden layer (`4 × channels`, in f32 for
+    /// the response norm's statistics) at each level's resolution.
+    pub fn largest_activation(&self, batch: usize, h: usize, w: usize) -> ActivationSize {
+        let cfg = &self.config;
+        let (mut lh, mut lw) = (h / cfg.patch_size, w / cfg.patch_size);
+        let mut largest = ActivationSize::new("nothing", &[0], 0);
+        for &c in &cfg.c_hidden {
+            largest = largest.max(ActivationSize::new(
+                format!(
+                    "a Stage B channel MLP activation ({batch}×{lh}×{lw}×{})",
+                    4 * c
+                ),
+                &[batch, lh, lw, 4 * c],
+                4,
+            ));
+            (lh, lw) = (lh / 2, lw / 2);
+        }
+        largest
     }
 
     pub fn config(&self) -> &DiffNeXtConfig {

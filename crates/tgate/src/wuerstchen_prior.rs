@@ -5,7 +5,7 @@ use burn::tensor::{activation, DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{Conv2d, Linear};
+use crate::nn::{ActivationSize, Conv2d, Linear};
 use crate::tgate::AttentionCache;
 use crate::weights::Weights;
 use crate::wuerstchen_common::{
@@ -102,6 +102,17 @@ impl WuerstchenPrior {
             config: config.clone(),
             dtype: w.dtype(),
         })
+    }
+
+    /// The largest activation of a forward pass on `[batch, c_in, h, w]` latents (attention
+    /// scores excepted): a residual block's channel MLP hidden layer, in f32 (response norm).
+    pub fn largest_activation(&self, batch: usize, h: usize, w: usize) -> ActivationSize {
+        let c4 = 4 * self.config.c;
+        ActivationSize::new(
+            format!("a Stage C channel MLP activation ({batch}×{h}×{w}×{c4})"),
+            &[batch, h, w, c4],
+            4,
+        )
     }
 
     pub fn config(&self) -> &PriorConfig {

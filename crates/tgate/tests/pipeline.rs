@@ -161,18 +161,6 @@ fn bad_weights_give_typed_errors() {
     assert!(files.read("nope").unwrap().is_none());
 }
 
-/// A folder whose device binds at most `limit` bytes per buffer.
-struct Capped(MemorySource, u64);
-
-impl ModelSource for Capped {
-    fn read(&self, path: &str) -> tgate::Result<Option<Vec<u8>>> {
-        self.0.read(path)
-    }
-    fn max_tensor_bytes(&self) -> Option<u64> {
-        Some(self.1)
-    }
-}
-
 #[test]
 fn tensors_over_the_binding_limit_are_refused_before_upload() {
     // The largest tensor of the tiny model is CLIP's token embedding: 1514 × 32 f32 = 193792 bytes.
@@ -186,6 +174,95 @@ fn tensors_over_the_binding_limit_are_refused_before_upload() {
         "{e}"
     );
     assert!(StableDiffusion::load(&Capped(sd1_files(), 193_792), Variant::Auto, &cpu()).is_ok());
+}
+
+#[test]
+fn attention_split_to_the_binding_limit_matches_unsplit() {
+    let device = cpu();
+    let whole = StableDiffusion::load(&sd1_files(), Variant::Auto, &device).unwrap();
+    let json = reference_json("sd1");
+    let p = GenerateParams {
+        width: 256,
+        height: 256,
+        steps: 3,
+        noise: Noise::Seed(5),
+        gate: Some(GateConfig::original(2)),
+        scheduler: Some(SchedulerKind::Ddim),
+        ..sd_params(&json, &reference("sd1"))
+    };
+    // At 256×256 the largest feature map is the VAE's last (16 channels at full size, 4 MiB);
+    // with the limit there, the UNet's first-level self-attention (2 × 4 heads × 1024² f32
+    // scores, 32 MiB) is split into blocks of 128 query rows (256 once gated: batch 1).
+    let limit = whole.largest_activation(&p).bytes;
+    assert_eq!(limit, 16 * 256 * 256 * 4);
+    assert_eq!(
+        tgate::nn::attention_row_block(8, 1024, 1024, Some(limit)),
+        Some(128)
+    );
+    assert_eq!(
+        tgate::nn::attention_row_block(4, 1024, 1024, Some(limit)),
+        Some(256)
+    );
+    let split = StableDiffusion::load(&Capped(sd1_files(), limit), Variant::Auto, &device).unwrap();
+    let run = |m: &StableDiffusion| {
+        let l = m
+            .generate_latents(&p, &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        let image = m.decode(l.latents.clone());
+        let v = |t: burn::tensor::Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+        (v(l.latents), v(image))
+    };
+    let blocks = tgate::nn::split_attention_blocks;
+    let before = blocks();
+    let a = run(&whole);
+    assert_eq!(blocks(), before, "nothing is split without a limit");
+    let b = run(&split);
+    // Only the first level's self-attentions split (2 transformers in its down block, 3 in its
+    // up block; level 1 has 2 MiB of scores, cross-attention 2.5 MB, the VAE's exactly 4 MiB):
+    // 5 × 8 blocks in each of the 2 planning steps, 5 × 4 in the gated step (batch 1); DDIM
+    // makes one UNet pass a step.
+    assert_eq!(blocks() - before, 2 * 5 * 8 + 5 * 4);
+    for (name, x, y) in [("latents", &a.0, &b.0), ("image", &a.1, &b.1)] {
+        let (err, scale) = compare(y, x);
+        eprintln!("split vs whole {name}: max abs err {err:.3e} (scale {scale:.3})");
+        assert!(err <= 1e-5 * scale, "{name}: {err}");
+    }
+}
+
+#[test]
+fn sizes_whose_activations_exceed_the_binding_limit_are_refused_before_any_step() {
+    // 193792 bytes (the token embedding) loads the tiny model; its VAE's last feature map at
+    // 64×64 is 16 × 64 × 64 f32 = 262144 bytes, and at 56×56 16 × 56 × 56 × 4 = 200704.
+    let model =
+        StableDiffusion::load(&Capped(sd1_files(), 193_792), Variant::Auto, &cpu()).unwrap();
+    let json = reference_json("sd1");
+    let base = GenerateParams {
+        noise: Noise::Seed(1),
+        steps: 2,
+        ..sd_params(&json, &reference("sd1"))
+    };
+    let e = refused_before_any_step(|on_step| model.generate_latents(&base, on_step));
+    assert!(
+        matches!(&e, Error::ActivationTooLarge { width: 64, height: 64, what, bytes: 262_144, limit: 193_792 }
+            if what.contains("VAE decoder feature map (1×16×64×64)")),
+        "{e}"
+    );
+    let small = GenerateParams {
+        width: 48,
+        height: 48,
+        ..base.clone()
+    };
+    assert!(model
+        .validate(&GenerateParams {
+            width: 56,
+            height: 56,
+            ..base
+        })
+        .is_err());
+    assert!(model.validate(&small).is_ok());
+    assert!(model
+        .generate_latents(&small, &mut |_| ControlFlow::Continue(()))
+        .is_ok());
 }
 
 #[test]

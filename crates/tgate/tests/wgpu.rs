@@ -94,6 +94,27 @@ fn check_wuerstchen(dtype: DType) {
     assert_close(image, &r, "pipe.image", image_rel);
 }
 
+/// Attention split by query rows (to fit the binding limit) on wgpu's attention kernels.
+fn check_split_attention() {
+    use burn::tensor::{Distribution, Tensor};
+    let device = gpu();
+    let t = |n: usize| Tensor::<3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device);
+    let (q, k, v) = (t(256), t(256), t(256));
+    let attend = |limit| {
+        tgate::nn::multi_head_attention(q.clone(), k.clone(), v.clone(), 4, None, false, limit)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        tgate::nn::attention_row_block(8, 256, 256, Some(100_000)),
+        Some(12)
+    );
+    let (err, scale) = compare(&attend(Some(100_000)), &attend(None));
+    eprintln!("wgpu split attention: max abs err {err:.3e} (scale {scale:.3})");
+    assert!(err <= 1e-5 * scale, "split attention differs: {err}");
+}
+
 /// One test, so kernels compiled for the first case serve the others.
 #[test]
 fn wgpu_pipelines_match_references() {
@@ -102,6 +123,7 @@ fn wgpu_pipelines_match_references() {
     check("sd2", "ddim", "tgate_sp", DType::F32);
     check("sd2", "euler-a", "tgate", DType::F32);
     check_wuerstchen(DType::F32);
+    check_split_attention();
     // The f16 kernels, where the adapter has `shader-f16` (lavapipe does on CPUs with F16C).
     if gpu().supports_dtype(DType::F16) {
         check("sd1", "pndm", "tgate", DType::F16);

@@ -348,3 +348,34 @@ fn step_wise_stages_match() {
     while d.step().unwrap().is_some() {}
     assert_close(d.latents().clone(), &r, "pipe.decoder_latents", 1e-5);
 }
+
+#[test]
+fn sizes_whose_activations_exceed_the_binding_limit_are_refused() {
+    // The tiny model's largest activation at 128×256 is Stage A's channel MLP at half the image
+    // size: 128 × 64 × 32 f32 = 1 MiB. Under exactly that limit the reference size runs; twice
+    // the size is refused before any step, naming the tensor.
+    let p = wuerstchen_params();
+    let largest = load(&source(FIX), None).largest_activation(&p);
+    assert_eq!(largest.bytes, 128 * 64 * 32 * 4, "{largest:?}");
+    let device = cpu();
+    let model = Wuerstchen::load(
+        &Capped(memory(FIX), largest.bytes),
+        None,
+        Variant::Auto,
+        &device,
+    )
+    .expect("loads under the limit");
+    assert!(model.validate(&p).is_ok());
+    let big = WuerstchenParams {
+        width: 256,
+        height: 512,
+        noise: WuerstchenNoise::Seed(1),
+        ..wuerstchen_params()
+    };
+    let e = refused_before_any_step(|on_step| model.generate_prior(&big, on_step));
+    assert!(
+        matches!(&e, Error::ActivationTooLarge { width: 256, height: 512, what, bytes: 4_194_304, limit: 1_048_576 }
+            if what.contains("Stage A channel MLP")),
+        "{e}"
+    );
+}

@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use tgate::loader::DirSource;
+use tgate::loader::{DirSource, MemorySource, ModelSource};
+use tgate::pipeline::StepInfo;
 use tgate::pipeline::{GenerateParams, Noise};
 use tgate::pipeline_wuerstchen::{WuerstchenNoise, WuerstchenParams};
 use tgate::safetensors::{HostTensor, SafeTensors};
@@ -147,4 +148,32 @@ pub fn wuerstchen_params() -> WuerstchenParams {
     p.decoder_steps = json["decoder_steps"].as_u64().unwrap() as usize;
     p.decoder_guidance = json["decoder_guidance"].as_f64().unwrap();
     p
+}
+
+/// A folder whose device binds at most `limit` bytes per buffer.
+pub struct Capped(pub MemorySource, pub u64);
+
+impl ModelSource for Capped {
+    fn read(&self, path: &str) -> tgate::Result<Option<Vec<u8>>> {
+        self.0.read(path)
+    }
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        Some(self.1)
+    }
+}
+
+/// Runs a generation that must be refused before its first step, and returns the error.
+pub fn refused_before_any_step<T>(
+    run: impl FnOnce(&mut dyn FnMut(&StepInfo) -> std::ops::ControlFlow<()>) -> tgate::Result<T>,
+) -> tgate::Error {
+    let mut steps = 0;
+    let result = run(&mut |_| {
+        steps += 1;
+        std::ops::ControlFlow::Continue(())
+    });
+    assert_eq!(steps, 0, "a step ran before the refusal");
+    match result {
+        Ok(_) => panic!("expected a refusal"),
+        Err(e) => e,
+    }
 }
