@@ -440,9 +440,10 @@ pub fn multi_head_attention(
 }
 
 /// Query rows per block so that `[batch_heads, rows, n_k]` f32 scores fit in `max_score_bytes`;
-/// `None` when all `n_q` rows fit (or there is no limit). At least one row: a single row over
-/// the limit would need `n_k` in the millions (SD at 512² has 4096 keys, 2 × 8 × 4096 × 4 bytes
-/// a row), far past the sizes `validate` admits.
+/// `None` when all `n_q` rows fit (or there is no limit). At least one row: a single row
+/// (`2 × heads × n_k × 4` bytes; 262144 for SD at 512²) is always far smaller than the feature
+/// maps of the same generation (SD 1.5's VAE holds about a thousand times as many values), so
+/// a size where one row does not fit is refused by `validate` before attention runs.
 pub fn attention_row_block(
     batch_heads: usize,
     n_q: usize,
