@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use burn::tensor::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use tgate::loader::{DirSource, ModelSource, Variant};
+use tgate::loader::{tighter_limit, DirSource, ModelSource, Variant};
 use tgate::pipeline::{to_rgb8, GenerateParams, Noise, StableDiffusion, StepInfo};
 use tgate::pipeline_wuerstchen::WuerstchenLayout;
 use tgate::safetensors::{write_f32, SafeTensors};
@@ -186,12 +186,8 @@ fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
 /// The device, and the largest buffer it binds: the wgpu adapter's storage-binding and buffer
 /// limits, lowered to `cap` if given.
 pub(crate) fn device(backend: Backend, cap: Option<u64>) -> Result<(Device, Option<u64>), Error> {
-    let lower = |limit: Option<u64>| match (limit, cap) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
     match backend {
-        Backend::Cpu => Ok((Device::flex(), lower(None))),
+        Backend::Cpu => Ok((Device::flex(), cap)),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let (device, setup) = Device::wgpu_options()
@@ -199,7 +195,7 @@ pub(crate) fn device(backend: Backend, cap: Option<u64>) -> Result<(Device, Opti
                 .map_err(|e| Error::Device(format!("no usable wgpu adapter: {e:?}")))?;
             let l = setup.device.limits();
             let limit = u64::from(l.max_storage_buffer_binding_size).min(l.max_buffer_size);
-            Ok((device, lower(Some(limit))))
+            Ok((device, tighter_limit(Some(limit), cap)))
         }
         #[cfg(not(feature = "wgpu"))]
         Backend::Wgpu => Err(Error::Device(

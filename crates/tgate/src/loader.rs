@@ -115,6 +115,14 @@ pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
     }
 }
 
+/// The tighter of two buffer limits (`None`: no limit).
+pub fn tighter_limit(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// A model folder on the local filesystem (native builds only).
 #[cfg(not(target_arch = "wasm32"))]
 #[derive(Debug, Clone)]

@@ -16,7 +16,9 @@ use serde_json::Value;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
-use crate::loader::{check_dtype, load_weights, read_required, ModelSource, Variant};
+use crate::loader::{
+    check_dtype, load_weights, read_required, tighter_limit, ModelSource, Variant,
+};
 use crate::nn::ActivationSize;
 use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
@@ -389,10 +391,7 @@ impl Wuerstchen {
             &vqgan_cfg,
             &weights(src, "vqgan", "diffusion_pytorch_model")?,
         )?;
-        let limits = match (src.max_tensor_bytes(), prior_src.max_tensor_bytes()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let limits = tighter_limit(src.max_tensor_bytes(), prior_src.max_tensor_bytes());
         Ok(Wuerstchen {
             prior_tokenizer,
             prior_text_encoder,
