@@ -69,18 +69,8 @@ impl Attention {
     /// `x: [b, n, query_dim]`, `context: [b, m, context_dim]` (self-attention when `None`).
     pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>) -> Tensor<3> {
         let context = context.cloned().unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(context.clone());
-        let v = self.to_v.forward(context);
-        self.to_out.forward(multi_head_attention(
-            q,
-            k,
-            v,
-            self.heads,
-            None,
-            false,
-            self.max_score_bytes,
-        ))
+        let (k, v) = self.key_value(context);
+        self.attend(self.to_q.forward(x), k, v)
     }
 
     /// The query projection alone (for callers that share projections between attention calls).
