@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Every test: the Rust workspace (CPU and native wgpu), then the browser package built for wasm32
-# and tested in Chromium (WebGPU on SwiftShader). Needs: Rust with the wasm32-unknown-unknown
-# target, wasm-bindgen-cli 0.2.130, node + npm, and Debian's chromium (CHROMIUM overrides the
-# path); .ci/run installs all of them on a clean Debian machine.
+# Every test, on a machine with Rust (rustup) and Node.js: installs what is missing
+# (tests/setup.sh test: the wasm32 target, wasm-bindgen-cli, web/'s npm packages, Debian's
+# chromium, Mesa's software Vulkan driver), then runs the Rust workspace's tests (CPU and native
+# wgpu), builds the browser package for wasm32 and runs the browser tests in Chromium (WebGPU on
+# SwiftShader). CHROMIUM overrides the browser's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo test --workspace
+bash tests/setup.sh test
 
-for tool in wasm-bindgen node npm; do
-  command -v "$tool" >/dev/null || { echo "tests/all.sh: '$tool' is missing (see .ci/run)" >&2; exit 1; }
-done
-[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || { echo "tests/all.sh: no chromium at ${CHROMIUM:-/usr/bin/chromium}" >&2; exit 1; }
-[ -d web/node_modules/playwright-core ] || npm --prefix web ci --no-audit --no-fund
+# Kernels are compiled and tuned on first use; keep tuning short on the software rasterisers.
+export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
+
+cargo test --workspace
 npm --prefix web run build
 npm --prefix web test

@@ -25,15 +25,31 @@ export type ModelFiles =
   | Map<string, Blob | Uint8Array | ArrayBuffer>
   | Record<string, Blob | Uint8Array | ArrayBuffer>;
 
+/** Which weight files a model part uses, and why that variant. */
+export interface WeightChoice {
+  /** The part's folder: `unet`, `text_encoder`, `prior_prior`, ... */
+  part: string;
+  /** One file, or the shards of a sharded checkpoint. */
+  files: string[];
+  /** e.g. "f16 compute: the fp16 variant is preferred". */
+  reason: string;
+  /** In `LoadResult.files`: bytes of tensor data. */
+  bytes?: number;
+}
+
 export interface LoadProgress {
-  /** `download`: files fetched (network or browser cache); `upload`: weights sent to the GPU. */
-  phase: 'download' | 'upload';
+  /** `select`: a weight variant was chosen (`part`, `files`, `reason`); `download`: files
+   * fetched (network or browser cache); `upload`: weights sent to the GPU. */
+  phase: 'select' | 'download' | 'upload';
   /** Bytes so far in this phase. */
   loaded: number;
   /** `upload`: bytes of all weight files. */
   total?: number;
   file?: string;
   fileTotal?: number;
+  part?: string;
+  files?: string[];
+  reason?: string;
 }
 
 export interface LoadOptions {
@@ -48,6 +64,10 @@ export interface LoadOptions {
   /** 'auto' (default): f16 weights and activations when the adapter has `shader-f16` (norms and
    * softmax in f32), f32 otherwise. 'f16' fails with `invalid_parameter` without `shader-f16`. */
   dtype?: 'auto' | 'f16' | 'f32';
+  /** Which weight files to prefer (diffusers' `variant=`): 'auto' (default: `fp16` files when
+   * computing in f16, else full precision), 'fp32', 'fp16' or 'bf16'; the others are used when
+   * the preferred one is absent. Sharded checkpoints (`*.safetensors.index.json`) load too. */
+  variant?: 'auto' | 'fp32' | 'fp16' | 'bf16';
   /** Refuse tensors over this many bytes on the GPU (`out_of_memory`); the adapter's
    * `maxStorageBufferBindingSize` (and `maxBufferSize`) always applies. Weights are checked at
    * load; activations at `generate` (attention is split to fit; a feature map that cannot fit
@@ -71,6 +91,10 @@ export interface LoadResult {
   weightBytes: number;
   /** The largest single read of a weight file (one tensor: files are never read whole). */
   largestReadBytes: number;
+  /** The weight files each part was built from, and why. */
+  files: WeightChoice[];
+  /** The download choices (loads from `baseUrl` only). */
+  selected?: WeightChoice[];
   ms: number;
 }
 

@@ -40,14 +40,37 @@ export async function purgeCache() {
   if (globalThis.caches) await caches.delete(CACHE);
 }
 
-// The files of each diffusers layout. `weights`: a safetensors stem, tried plain, then fp16.
+// The files of each diffusers layout. `tokenizer`: a tokenizer folder (`tokenizer.json` as
+// transformers 5 saves it, else `vocab.json` + `merges.txt`); `weights`: a safetensors stem, in
+// the variant order of `variantOrder`, each as one file or as the shards of an index.
 const TOKENIZER = (dir) => [
-  [`${dir}/vocab.json`], [`${dir}/merges.txt`],
+  [dir, { tokenizer: true }],
   [`${dir}/tokenizer_config.json`, { optional: true }],
   [`${dir}/special_tokens_map.json`, { optional: true }],
 ];
 const TEXT_ENCODER = (dir) => [[`${dir}/config.json`], [`${dir}/model`, { weights: true }]];
 const MODEL = (dir) => [[`${dir}/config.json`], [`${dir}/diffusion_pytorch_model`, { weights: true }]];
+
+/**
+ * Weight variants to try, best first ('' is the plain file), and why the first: the order of
+ * the Rust loader (`Variant::order`). 'auto' follows the compute dtype: f16 downloads the
+ * `fp16` files (half the bytes) when the folder has them.
+ */
+export function variantOrder(variant, f16) {
+  switch (variant) {
+    case 'fp32': return [['', 'fp16', 'bf16'], 'variant fp32 requested'];
+    case 'fp16': return [['fp16', '', 'bf16'], 'variant fp16 requested'];
+    case 'bf16': return [['bf16', '', 'fp16'], 'variant bf16 requested'];
+    default: return f16
+      ? [['fp16', '', 'bf16'], 'f16 compute: the fp16 variant is preferred']
+      : [['', 'fp16', 'bf16'], 'f32 compute: the full-precision file is preferred'];
+  }
+}
+
+/** The single-file and sharded-index names of checkpoint `stem` in variant `v`, as diffusers names them. */
+const checkpointNames = (stem, v) => (v
+  ? [`${stem}.${v}.safetensors`, `${stem}.safetensors.index.${v}.json`]
+  : [`${stem}.safetensors`, `${stem}.safetensors.index.json`]);
 
 const SD_FILES = [
   ...TOKENIZER('tokenizer'), ['scheduler/scheduler_config.json'],
@@ -127,22 +150,64 @@ async function fetchCached(url, signal, onBytes) {
   return { blob, fromCache: false };
 }
 
-/** Downloads `list` below `base` into `map` (keys prefixed with `keyPrefix`). */
-async function fetchFolder(base, list, map, stats, signal, report) {
+/** Downloads `list` below `base` into `map` (see TOKENIZER / MODEL for the entry kinds). */
+async function fetchFolder(base, list, map, ctx) {
   const root = base.endsWith('/') ? base : `${base}/`;
+  const take = async (path) => {
+    const got = await fetchCached(root + path, ctx.signal, ctx.report);
+    if (!got) return null;
+    map.set(path, got.blob);
+    if (got.fromCache) ctx.stats.fromCache += 1; else ctx.stats.fromNetwork += 1;
+    return got.blob;
+  };
+  const missing = (paths) => new TGateError('network', `HTTP 404 (not found): ${paths.map((p) => root + p).join(' or ')}`);
   for (const [name, opts = {}] of list) {
-    const candidates = opts.weights ? [`${name}.safetensors`, `${name}.fp16.safetensors`] : [name];
-    let got = null;
-    for (const path of candidates) {
-      got = await fetchCached(root + path, signal, report);
-      if (got) { map.set(path, got.blob); break; }
-    }
-    if (got) {
-      if (got.fromCache) stats.fromCache += 1; else stats.fromNetwork += 1;
-    } else if (!opts.optional) {
-      throw new TGateError('network', `HTTP 404 (not found): ${root}${candidates.join(' or ')}`);
+    if (opts.tokenizer) {
+      if (await take(`${name}/tokenizer.json`)) continue;
+      for (const f of ['vocab.json', 'merges.txt']) {
+        if (!await take(`${name}/${f}`)) throw missing([`${name}/tokenizer.json`, `${name}/${f}`]);
+      }
+    } else if (opts.weights) {
+      await fetchWeights(name, take, ctx, missing);
+    } else if (!await take(name) && !opts.optional) {
+      throw missing([name]);
     }
   }
+}
+
+/** Downloads checkpoint `stem` in the first variant present: one file, or an index and its shards. */
+async function fetchWeights(stem, take, ctx, missing) {
+  const [order, why] = ctx.variants;
+  const part = stem.slice(0, stem.lastIndexOf('/'));
+  const tried = [];
+  for (const [i, v] of order.entries()) {
+    const reason = i === 0 ? why : `${why}, but only this variant is present`;
+    const [file, index] = checkpointNames(stem, v);
+    if (await take(file)) {
+      ctx.select({ part, files: [file], reason });
+      return;
+    }
+    const blob = await take(index);
+    if (blob) {
+      let shards;
+      try {
+        shards = [...new Set(Object.values(JSON.parse(await blob.text()).weight_map))];
+      } catch (e) {
+        throw new TGateError('bad_weights', `${index}: not a sharded-checkpoint index (${e.message})`);
+      }
+      // Shards lie beside the index (the Rust loader refuses anything else too).
+      const bad = shards.find((f) => typeof f !== 'string' || !f || /[\\/]/.test(f) || f === '.' || f === '..');
+      if (bad !== undefined || !shards.length) {
+        throw new TGateError('bad_weights', `${index}: \`${bad}\` is not a shard file beside the index`);
+      }
+      const files = shards.map((f) => `${part}/${f}`);
+      ctx.select({ part, files, reason });
+      for (const f of files) if (!await take(f)) throw missing([f]);
+      return;
+    }
+    tried.push(file, index);
+  }
+  throw missing(tried);
 }
 
 // User files: Blobs (a picked File is one) are handed to the worker as they are and read there
@@ -235,16 +300,23 @@ export class Generator {
    * `files` (a Map or object of path → Blob / File / Uint8Array). `kind`: 'sd' or 'wuerstchen'.
    * For Würstchen, `baseUrl`/`files` is a combined folder, or the decoder pipeline with the prior
    * pipeline in `priorBaseUrl`/`priorFiles`. Weights go to the GPU tensor by tensor; `onProgress`
-   * gets `{ phase: 'download', loaded, file, fileTotal }` then `{ phase: 'upload', loaded, total }`.
-   * A tensor bigger than the adapter's largest storage binding (or than `maxTensorBytes`) is
+   * gets `{ phase: 'select', part, files, reason }` when a weight file (or the shards of a sharded
+   * checkpoint) is chosen, `{ phase: 'download', loaded, file, fileTotal }`, then `{ phase: 'upload',
+   * loaded, total }`. Tokenizers load from `tokenizer.json` (as transformers 5 saves them) or
+   * `vocab.json` + `merges.txt`. `variant`: 'auto' (the `fp16` files when computing in f16, else the
+   * full-precision ones), 'fp32', 'fp16' or 'bf16' (diffusers' `variant=`); the others are used
+   * when the preferred one is absent. A tensor bigger than the adapter's largest storage binding (or than `maxTensorBytes`) is
    * refused with `out_of_memory` before it is read. `dtype`: 'auto' (f16 weights and activations
    * when the adapter has `shader-f16`, norms and softmax in f32; f32 otherwise), 'f16' or 'f32'.
    * Resolves to `{ kind, width, height, dtype, bytes, fromCache, fromNetwork, weightBytes,
-   * largestReadBytes, ms }`.
+   * largestReadBytes, files, selected, ms }`: `files` lists, per model part, the weight files the
+   * model was built from and why that variant (`[{ part, files, bytes, reason }]`); `selected`
+   * the download choices (from `baseUrl` only).
    */
   async load(options = {}) {
     const {
-      baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', dtype = 'auto', maxTensorBytes, onProgress, signal,
+      baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', dtype = 'auto', variant = 'auto', maxTensorBytes,
+      onProgress, signal,
     } = options;
     // Options first: a refused call leaves the worker and any pending reload as they were.
     if (kind !== 'sd' && kind !== 'wuerstchen') {
@@ -252,6 +324,9 @@ export class Generator {
     }
     if (!['auto', 'f16', 'f32'].includes(dtype)) {
       throw new TGateError('invalid_parameter', `dtype must be 'auto', 'f16' or 'f32', got '${dtype}'`);
+    }
+    if (!['auto', 'fp32', 'fp16', 'bf16'].includes(variant)) {
+      throw new TGateError('invalid_parameter', `variant must be 'auto', 'fp32', 'fp16' or 'bf16', got '${variant}'`);
     }
     if (maxTensorBytes !== undefined && !(typeof maxTensorBytes === 'number' && maxTensorBytes >= 1)) {
       throw new TGateError('invalid_parameter', `maxTensorBytes must be a positive number, got ${maxTensorBytes}`);
@@ -272,20 +347,31 @@ export class Generator {
         stats.bytes += n;
         onProgress && onProgress({ phase: 'download', loaded: stats.bytes, file: url, fileTotal });
       };
+      // The compute dtype decides which weight variant to download ('auto': f16 where the
+      // adapter has shader-f16, as the worker decides).
+      const f16 = dtype === 'f16' || (dtype === 'auto' && (await detect()).shaderF16);
+      const selected = [];
+      const ctx = {
+        stats, signal, report, variants: variantOrder(variant, f16),
+        select: (s) => { selected.push(s); onProgress && onProgress({ phase: 'select', ...s }); },
+      };
       if (kind === 'sd') {
-        await fetchFolder(baseUrl, SD_FILES, map, stats, signal, report);
+        await fetchFolder(baseUrl, SD_FILES, map, ctx);
       } else if (priorBaseUrl) {
-        await fetchFolder(baseUrl, WUERSTCHEN_DECODER, map, stats, signal, report);
+        await fetchFolder(baseUrl, WUERSTCHEN_DECODER, map, ctx);
         priorMap = new Map();
-        await fetchFolder(priorBaseUrl, [['model_index.json'], ...WUERSTCHEN_PRIOR('')], priorMap, stats, signal, report);
+        await fetchFolder(priorBaseUrl, [['model_index.json'], ...WUERSTCHEN_PRIOR('')], priorMap, ctx);
       } else {
-        await fetchFolder(baseUrl, [...WUERSTCHEN_DECODER, ...WUERSTCHEN_PRIOR('prior_')], map, stats, signal, report);
+        await fetchFolder(baseUrl, [...WUERSTCHEN_DECODER, ...WUERSTCHEN_PRIOR('prior_')], map, ctx);
       }
+      stats.selected = selected;
     }
     const upload = onProgress && ((r) => onProgress({ phase: 'upload', loaded: r.loaded, total: r.total }));
-    const info = await this.#request({ type: 'load', kind, files: map, priorFiles: priorMap, dtype, maxTensorBytes }, [], upload);
+    const info = await this.#request({
+      type: 'load', kind, files: map, priorFiles: priorMap, dtype, variant, maxTensorBytes,
+    }, [], upload);
     // Reloading after a worker replacement goes through the cache (URLs) or the caller's files.
-    this.#lastLoad = { baseUrl, files, priorBaseUrl, priorFiles, kind, dtype, maxTensorBytes };
+    this.#lastLoad = { baseUrl, files, priorBaseUrl, priorFiles, kind, dtype, variant, maxTensorBytes };
     return { ...info, ...stats, ms: performance.now() - t0 };
   }
 

@@ -105,7 +105,7 @@ self.onmessage = async (event) => {
           if (now - last < 50 && loaded < total) return;
           last = now;
           self.postMessage({ id, type: 'progress', report: { loaded, total } });
-        }, limits.length ? Math.min(...limits) : undefined, msg.dtype);
+        }, limits.length ? Math.min(...limits) : undefined, msg.dtype, msg.variant);
         self.postMessage({ id, ok: true, result: info });
       } finally {
         busy = false;

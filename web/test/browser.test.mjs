@@ -29,8 +29,62 @@ function broken(kind, rel) {
   return body;
 }
 
+/** Splits a safetensors file into `parts` shards (tensors round-robin by name, bytes as they are). */
+function splitSafetensors(buf, parts) {
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString());
+  const names = Object.keys(header).filter((k) => k !== '__metadata__').sort();
+  const shards = [];
+  for (let i = 0; i < parts; i++) {
+    const mine = names.filter((_, j) => j % parts === i);
+    const head = {};
+    const chunks = [];
+    let offset = 0;
+    for (const name of mine) {
+      const [a, b] = header[name].data_offsets;
+      head[name] = { ...header[name], data_offsets: [offset, offset + b - a] };
+      chunks.push(buf.subarray(8 + n + a, 8 + n + b));
+      offset += b - a;
+    }
+    let json = JSON.stringify(head);
+    while ((json.length + 8) % 8) json += ' ';
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+    shards.push({ names: mine, body: Buffer.concat([len, Buffer.from(json), ...chunks]) });
+  }
+  return shards;
+}
+
+// /today/sd1/... serves the sd1 fixture as a folder saved today looks: the tokenizer as
+// transformers 5's save_pretrained writes it (tokenizer.json, no vocab.json / merges.txt) and the
+// UNet as a sharded checkpoint (diffusers' index and shard names).
+const todayFiles = (() => {
+  const files = new Map();
+  const saved = path.join(root, 'tests/fixtures/saved-today/sd1/tokenizer');
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) files.set(`tokenizer/${f}`, fs.readFileSync(path.join(saved, f)));
+  for (const f of ['vocab.json', 'merges.txt', 'special_tokens_map.json']) files.set(`tokenizer/${f}`, null);
+  const unet = fs.readFileSync(path.join(root, 'tests/fixtures/sd1/unet/diffusion_pytorch_model.safetensors'));
+  const weightMap = {};
+  splitSafetensors(unet, 2).forEach((shard, i) => {
+    const name = `diffusion_pytorch_model-0000${i + 1}-of-00002.safetensors`;
+    for (const t of shard.names) weightMap[t] = name;
+    files.set(`unet/${name}`, shard.body);
+  });
+  files.set('unet/diffusion_pytorch_model.safetensors', null);
+  files.set('unet/diffusion_pytorch_model.safetensors.index.json',
+    Buffer.from(JSON.stringify({ metadata: { total_size: unet.length }, weight_map: weightMap })));
+  return files;
+})();
+
 const server = await serve({
   route(p, res) {
+    const t = p.match(/^\/today\/sd1\/(.*)$/);
+    if (t) {
+      const file = path.join(root, 'tests/fixtures/sd1', t[1]);
+      const body = todayFiles.has(t[1]) ? todayFiles.get(t[1]) : (fs.existsSync(file) ? fs.readFileSync(file) : null);
+      if (body) send(res, 200, body, typeOf(p)); else send(res, 404, Buffer.from('not found'));
+      return true;
+    }
     const m = p.match(/^\/broken\/([a-z0-9]+)\/(.*)$/);
     if (!m) return false;
     const body = broken(m[1], m[2]);
@@ -146,8 +200,20 @@ try {
     ['sd: pndm ungated', false, 'pipe.pndm.full'],
     // Loaded from Blobs (the user-picked files path) for the gated case.
     ['sd: pndm gated', { step: 3 }, 'pipe.pndm.tgate'],
+    // A folder as saved today: tokenizer.json, sharded UNet.
+    ['sd: pndm gated, folder saved today', { step: 3 }, 'pipe.pndm.tgate'],
   ]) {
-    if (gate) {
+    if (label.includes('saved today')) {
+      await step('load a folder saved today (tokenizer.json, sharded UNet)', async () => {
+        const r = await call('loadUrl', '/today/sd1/');
+        const unet = r.files.find((f) => f.part === 'unet');
+        assert.deepEqual(unet.files, ['unet/diffusion_pytorch_model-00001-of-00002.safetensors',
+          'unet/diffusion_pytorch_model-00002-of-00002.safetensors'], JSON.stringify(r.files));
+        assert.ok(r.selected.some((s) => s.part === 'unet' && s.files.length === 2 && /compute/.test(s.reason)), JSON.stringify(r.selected));
+        assert.ok(r.progress.includes('select'), JSON.stringify(r.progress));
+        return { files: r.files, selected: r.selected };
+      });
+    } else if (gate) {
       await step('load from Blobs (picked files)', async () => {
         const r = await call('loadBlobs', 'sd1');
         assert.equal(r.kind, 'sd');

@@ -97,6 +97,13 @@ window.harness = {
     return { ...r, upload };
   },
 
+  /** Loads an SD folder from any URL; also returns the progress phases seen. */
+  async loadUrl(baseUrl) {
+    const progress = new Set();
+    const r = await (await gen()).load({ baseUrl, kind: 'sd', onProgress: (p) => progress.add(p.phase) });
+    return { ...r, progress: [...progress] };
+  },
+
   /** Loads the SD fixture from Blobs, as a page does with user-picked files. */
   async loadBlobs(fixture) {
     const files = new Map();

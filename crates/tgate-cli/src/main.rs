@@ -133,6 +133,10 @@ pub(crate) struct GenerateArgs {
     /// Compute dtype: f32, or f16 (weights and activations; norms and softmax in f32).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,
+    /// Which weight files to prefer: auto (fp16 files for --dtype f16, else full precision),
+    /// fp32, fp16 or bf16 (diffusers' `variant=`); the others are used when it is absent.
+    #[arg(long, default_value = "auto")]
+    variant: String,
     /// The largest buffer (bytes) one tensor may take on the device. On wgpu the adapter's
     /// maxStorageBufferBindingSize always applies; this can lower it. Bigger weights, or an
     /// image whose feature maps would not fit, are refused (attention is split to fit).
@@ -169,15 +173,7 @@ fn model_dir(path: &Path) -> Result<DirSource, Error> {
 
 fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
     let src = model_dir(model)?;
-    let read = |p: &str| src.read(p);
-    let need =
-        |p: &str| read(p)?.ok_or_else(|| Error::MissingFile(format!("{}/{p}", model.display())));
-    let tok = ClipTokenizer::from_files(
-        &need("tokenizer/vocab.json")?,
-        &need("tokenizer/merges.txt")?,
-        read("tokenizer/tokenizer_config.json")?.as_deref(),
-        read("tokenizer/special_tokens_map.json")?.as_deref(),
-    )?;
+    let tok = ClipTokenizer::from_folder(&src, "tokenizer")?;
     let ids = tok.encode(prompt)?;
     println!("{}", serde_json::to_string(&ids).unwrap_or_default());
     Ok(())
@@ -272,7 +268,10 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     let (device, limit) = device(a.backend, a.max_tensor_bytes)?;
     let src = src.with_max_tensor_bytes(limit);
     eprintln!("loading {} ...", a.model.display());
-    let model = StableDiffusion::load_as(&src, Variant::Auto, a.dtype.dtype(), &device)?;
+    let model = StableDiffusion::load_as(&src, Variant::parse(&a.variant)?, a.dtype.dtype(), &device)?;
+    for part in &model.loaded {
+        eprintln!("  {part}");
+    }
     let size = model.default_size();
     let gate = if a.no_gate {
         None

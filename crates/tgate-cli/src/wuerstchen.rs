@@ -103,10 +103,13 @@ pub fn generate(a: GenerateArgs, src: DirSource) -> Result<(), Error> {
     let model = Wuerstchen::load_as(
         &src,
         prior_src.as_ref().map(|p| p as &dyn ModelSource),
-        Variant::Auto,
+        Variant::parse(&a.variant)?,
         a.dtype.dtype(),
         &device,
     )?;
+    for part in &model.loaded {
+        eprintln!("  {part}");
+    }
 
     let (noise, seed_note) = match a.seed {
         Some(seed) => (WuerstchenNoise::Seed(seed), format!("seed {seed}")),

@@ -501,7 +501,9 @@ impl Engine {
     /// or less) refuses, before reading it, any tensor bigger than one binding. `dtype`: `auto`
     /// (the default: f16 when the device has `shader-f16`, else f32), `f16` or `f32`. Resolves
     /// to `{ kind, width, height, weightBytes, largestReadBytes, dtype }` (the model's default
-    /// image size; the largest single read shows that no file was read whole).
+    /// image size; the largest single read shows that no file was read whole) and `files`: per
+    /// model part, `{ part, files, bytes, reason }` (which weight files, and why that variant).
+    /// `variant`: `auto`, `fp32`, `fp16` or `bf16` (which weight files to prefer).
     pub fn load(
         &mut self,
         kind: &str,
@@ -510,7 +512,9 @@ impl Engine {
         on_progress: Option<Function>,
         max_tensor_bytes: Option<f64>,
         dtype: Option<String>,
+        variant: Option<String>,
     ) -> Result<JsValue, JsValue> {
+        let variant = Variant::parse(variant.as_deref().unwrap_or("auto")).map_err(to_js)?;
         let dtype = match dtype.as_deref().unwrap_or("auto") {
             "auto" if self.device.supports_dtype(DType::F16) => DType::F16,
             "auto" | "f32" => DType::F32,
@@ -556,7 +560,7 @@ impl Engine {
                         "a prior only goes with kind 'wuerstchen'",
                     ));
                 }
-                let sd = StableDiffusion::load_as(&src, Variant::Auto, dtype, &self.device)
+                let sd = StableDiffusion::load_as(&src, variant, dtype, &self.device)
                     .map_err(to_js)?;
                 let size = sd.default_size();
                 (Model::Sd(Rc::new(sd)), (size, size))
@@ -565,7 +569,7 @@ impl Engine {
                 let w = Wuerstchen::load_as(
                     &src,
                     prior.as_ref().map(|p| p as &dyn ModelSource),
-                    Variant::Auto,
+                    variant,
                     dtype,
                     &self.device,
                 )
@@ -579,8 +583,23 @@ impl Engine {
                 ))
             }
         };
+        let loaded = match &model {
+            Model::Sd(sd) => &sd.loaded,
+            Model::Wuerstchen(w) => &w.loaded,
+        };
+        let files = js_sys::Array::new();
+        for l in loaded {
+            let o = js_sys::Object::new();
+            js_sys::Reflect::set(&o, &"part".into(), &l.part.as_str().into())?;
+            let names: js_sys::Array = l.files.iter().map(|f| JsValue::from(f.as_str())).collect();
+            js_sys::Reflect::set(&o, &"files".into(), &names)?;
+            js_sys::Reflect::set(&o, &"bytes".into(), &(l.bytes as f64).into())?;
+            js_sys::Reflect::set(&o, &"reason".into(), &l.reason.as_str().into())?;
+            files.push(&o);
+        }
         self.model = Some(model);
         let out = js_sys::Object::new();
+        js_sys::Reflect::set(&out, &"files".into(), &files)?;
         js_sys::Reflect::set(&out, &"kind".into(), &kind.into())?;
         js_sys::Reflect::set(&out, &"width".into(), &size.0.into())?;
         js_sys::Reflect::set(&out, &"height".into(), &size.1.into())?;

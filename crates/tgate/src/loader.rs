@@ -7,7 +7,7 @@ use burn::tensor::{DType, Device};
 
 use crate::error::{Error, Result};
 use crate::safetensors::{ByteSource, SafeTensors};
-use crate::weights::Weights;
+use crate::weights::{Checkpoint, Weights};
 
 /// Where the files of a model folder come from. Paths are `/`-separated and relative to the
 /// folder (`unet/config.json`).
@@ -51,17 +51,73 @@ pub fn read_required(src: &dyn ModelSource, path: &str) -> Result<Vec<u8>> {
         .ok_or_else(|| Error::MissingFile(format!("{} ({})", path, src.describe())))
 }
 
-/// Which weight variant to prefer when several are present.
+/// Which weight variant to prefer when several are present (diffusers' `variant=`). Whatever is
+/// preferred, the others are tried next, so a folder holding only one variant always loads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Variant {
-    /// The plain file if present, else `fp16`, else `bf16`.
+    /// By compute dtype: for f16 the `fp16` files first (half the download, no rounding at
+    /// load), for f32 the full-precision ones; then the rest.
     #[default]
     Auto,
+    /// The plain (usually f32) files first.
+    Fp32,
     /// `*.fp16.safetensors` first.
     Fp16,
+    /// `*.bf16.safetensors` first.
+    Bf16,
 }
 
-/// Loads `{dir}/{stem}.safetensors` (or its `.fp16` / `.bf16` variant) onto `device`.
+impl Variant {
+    /// Parses a variant name as diffusers writes it (`fp16`, `bf16`; `fp32` or `auto`).
+    pub fn parse(name: &str) -> Result<Variant> {
+        match name {
+            "auto" => Ok(Variant::Auto),
+            "fp32" | "f32" => Ok(Variant::Fp32),
+            "fp16" | "f16" => Ok(Variant::Fp16),
+            "bf16" => Ok(Variant::Bf16),
+            other => Err(Error::param(
+                "variant",
+                format!("unknown variant `{other}`; use auto, fp32, fp16 or bf16"),
+            )),
+        }
+    }
+
+    /// The file-name suffixes to try, best first (`""`: the plain file), and why the first.
+    pub fn order(self, dtype: DType) -> ([&'static str; 3], &'static str) {
+        match (self, dtype) {
+            (Variant::Auto, DType::F16) => (
+                ["fp16", "", "bf16"],
+                "f16 compute: the fp16 variant is preferred",
+            ),
+            (Variant::Auto, _) => (
+                ["", "fp16", "bf16"],
+                "f32 compute: the full-precision file is preferred",
+            ),
+            (Variant::Fp32, _) => (["", "fp16", "bf16"], "variant fp32 requested"),
+            (Variant::Fp16, _) => (["fp16", "", "bf16"], "variant fp16 requested"),
+            (Variant::Bf16, _) => (["bf16", "", "fp16"], "variant bf16 requested"),
+        }
+    }
+}
+
+/// The two file names of a checkpoint `stem` in a variant (`""`: none), as diffusers and
+/// transformers name them: `{stem}.fp16.safetensors`, and for a sharded one the index
+/// `{stem}.safetensors.index.fp16.json`.
+pub fn checkpoint_names(dir: &str, stem: &str, variant: &str) -> (String, String) {
+    if variant.is_empty() {
+        (
+            format!("{dir}/{stem}.safetensors"),
+            format!("{dir}/{stem}.safetensors.index.json"),
+        )
+    } else {
+        (
+            format!("{dir}/{stem}.{variant}.safetensors"),
+            format!("{dir}/{stem}.safetensors.index.{variant}.json"),
+        )
+    }
+}
+
+/// Loads the checkpoint `{dir}/{stem}` onto `device` in f32 (see [`load_weights_as`]).
 pub fn load_weights(
     src: &dyn ModelSource,
     dir: &str,
@@ -69,33 +125,147 @@ pub fn load_weights(
     variant: Variant,
     device: &Device,
 ) -> Result<Weights> {
-    let plain = format!("{dir}/{stem}.safetensors");
-    let fp16 = format!("{dir}/{stem}.fp16.safetensors");
-    let bf16 = format!("{dir}/{stem}.bf16.safetensors");
-    let order = match variant {
-        Variant::Auto => [plain, fp16, bf16],
-        Variant::Fp16 => [fp16, plain, bf16],
-    };
-    for path in &order {
-        if let Some(data) = src.open(path)? {
-            return Ok(Weights::new(SafeTensors::open(path.clone(), data)?, device)
-                .with_max_tensor_bytes(src.max_tensor_bytes()));
-        }
-    }
-    let sharded = format!("{dir}/{stem}.safetensors.index.json");
-    if src.read(&sharded)?.is_some() {
-        return Err(Error::config(
-            sharded,
-            "sharded checkpoints are not supported; merge the shards into one file",
-        ));
+    load_weights_as(src, dir, stem, variant, DType::F32, device)
+}
+
+/// Loads the checkpoint `{dir}/{stem}` for computing in `dtype`: the first of its variants
+/// ([`Variant::order`]) that exists, as one `.safetensors` file or as shards listed by a
+/// `.safetensors.index.json`. [`Weights::checkpoint`] tells which files were read, and
+/// [`Checkpoint::reason`] why.
+pub fn load_weights_as(
+    src: &dyn ModelSource,
+    dir: &str,
+    stem: &str,
+    variant: Variant,
+    dtype: DType,
+    device: &Device,
+) -> Result<Weights> {
+    let (order, why) = variant.order(dtype);
+    let mut tried = Vec::new();
+    for (i, v) in order.iter().enumerate() {
+        let reason = if i == 0 {
+            why.to_string()
+        } else {
+            format!("{why}, but only this variant is present")
+        };
+        let (file, index) = checkpoint_names(dir, stem, v);
+        let checkpoint = if let Some(data) = src.open(&file)? {
+            Checkpoint::single(SafeTensors::open(file, data)?)
+        } else if let Some(json) = src.read(&index)? {
+            open_shards(src, dir, &index, &json)?
+        } else {
+            tried.push(file);
+            tried.push(index);
+            continue;
+        };
+        return Ok(Weights::from_checkpoint(checkpoint.with_reason(reason), device)
+            .with_dtype(dtype)
+            .with_max_tensor_bytes(src.max_tensor_bytes()));
     }
     Err(Error::MissingFile(format!(
-        "{} (also tried {} and {}) in {}",
-        order[0],
-        order[1],
-        order[2],
+        "{} (also tried {}) in {}",
+        tried[0],
+        tried[1..].join(", "),
         src.describe()
     )))
+}
+
+/// The shard files a sharded checkpoint's index names, in order of first appearance. The index
+/// is `{"metadata": {...}, "weight_map": {tensor: shard file}}`; shard files lie beside it.
+pub fn shard_files(index: &str, json: &[u8]) -> Result<Vec<(String, Vec<String>)>> {
+    let doc: serde_json::Value = serde_json::from_slice(json)
+        .map_err(|e| Error::config(index, format!("invalid JSON: {e}")))?;
+    let map = doc
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::config(index, "no `weight_map` object"))?;
+    let mut shards: Vec<(String, Vec<String>)> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::config(index, format!("`weight_map.{tensor}` is not a file name")))?;
+        // Shards lie beside the index: no paths, so an index cannot point outside the folder.
+        if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
+            return Err(Error::config(
+                index,
+                format!("`weight_map.{tensor}`: `{file}` is not a file name beside the index"),
+            ));
+        }
+        match shards.iter_mut().find(|(f, _)| f == file) {
+            Some((_, tensors)) => tensors.push(tensor.clone()),
+            None => shards.push((file.to_string(), vec![tensor.clone()])),
+        }
+    }
+    if shards.is_empty() {
+        return Err(Error::config(index, "`weight_map` is empty"));
+    }
+    Ok(shards)
+}
+
+/// Opens every shard an index names and checks each holds the tensors the index puts there.
+fn open_shards(src: &dyn ModelSource, dir: &str, index: &str, json: &[u8]) -> Result<Checkpoint> {
+    let mut files = Vec::new();
+    for (file, tensors) in shard_files(index, json)? {
+        let path = format!("{dir}/{file}");
+        let data = src.open(&path)?.ok_or_else(|| {
+            Error::MissingFile(format!("{path} (a shard named by {index}) in {}", src.describe()))
+        })?;
+        let shard = SafeTensors::open(path.clone(), data)?;
+        if let Some(t) = tensors.iter().find(|t| !shard.contains(t)) {
+            return Err(Error::CorruptWeights {
+                file: path,
+                message: format!("{index} puts tensor `{t}` in this shard, which lacks it"),
+            });
+        }
+        files.push(shard);
+    }
+    Checkpoint::sharded(index.to_string(), files)
+}
+
+/// Which files a model part was read from, and why that variant (shown while loading and in
+/// load results).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedFiles {
+    /// The model part's folder (`unet`, `prior_text_encoder`, ...).
+    pub part: String,
+    /// The safetensors files read (several for a sharded checkpoint).
+    pub files: Vec<String>,
+    /// Bytes of tensor data in them.
+    pub bytes: u64,
+    /// Why this variant (e.g. "f16 compute: the fp16 variant is preferred").
+    pub reason: String,
+}
+
+impl LoadedFiles {
+    pub fn of(part: &str, w: &Weights) -> Self {
+        let (files, bytes, reason) = match w.checkpoint() {
+            Some(c) => (
+                c.files().map(str::to_string).collect(),
+                c.data_len(),
+                c.reason().to_string(),
+            ),
+            None => (Vec::new(), 0, "random parameters".to_string()),
+        };
+        LoadedFiles {
+            part: part.to_string(),
+            files,
+            bytes,
+            reason,
+        }
+    }
+}
+
+impl std::fmt::Display for LoadedFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} ({:.1} MB; {})",
+            self.part,
+            self.files.join(" + "),
+            self.bytes as f64 / 1e6,
+            self.reason
+        )
+    }
 }
 
 /// Refuses a compute dtype the models cannot use on `device`: `F32` always works, `F16` needs

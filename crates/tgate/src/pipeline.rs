@@ -12,7 +12,7 @@ use web_time::Instant;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
-use crate::loader::{check_dtype, load_weights, read_required, ModelSource, Variant};
+use crate::loader::{check_dtype, load_weights_as, read_required, LoadedFiles, ModelSource, Variant};
 use crate::nn::ActivationSize;
 use crate::noise::randn;
 use crate::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
@@ -84,6 +84,8 @@ pub struct StableDiffusion {
     device: Device,
     /// The device's largest buffer ([`ModelSource::max_tensor_bytes`]), if it has one.
     max_tensor_bytes: Option<u64>,
+    /// Which weight files each part was read from, and why.
+    pub loaded: Vec<LoadedFiles>,
 }
 
 impl StableDiffusion {
@@ -103,16 +105,13 @@ impl StableDiffusion {
         device: &Device,
     ) -> Result<Self> {
         check_dtype(dtype, device)?;
-        let weights = |dir: &str, stem: &str| -> Result<Weights> {
-            Ok(load_weights(src, dir, stem, variant, device)?.with_dtype(dtype))
+        let mut loaded = Vec::new();
+        let mut weights = |dir: &str, stem: &str| -> Result<Weights> {
+            let w = load_weights_as(src, dir, stem, variant, dtype, device)?;
+            loaded.push(LoadedFiles::of(dir, &w));
+            Ok(w)
         };
-        let opt = |p: &str| src.read(p);
-        let tokenizer = ClipTokenizer::from_files(
-            &read_required(src, "tokenizer/vocab.json")?,
-            &read_required(src, "tokenizer/merges.txt")?,
-            opt("tokenizer/tokenizer_config.json")?.as_deref(),
-            opt("tokenizer/special_tokens_map.json")?.as_deref(),
-        )?;
+        let tokenizer = ClipTokenizer::from_folder(src, "tokenizer")?;
         // Every config first: inconsistent folders fail before gigabytes of weights are read.
         let text_cfg = ClipTextConfig::from_json(
             "text_encoder/config.json",
@@ -164,6 +163,7 @@ impl StableDiffusion {
             scheduler_config,
             device: device.clone(),
             max_tensor_bytes: src.max_tensor_bytes(),
+            loaded,
         })
     }
 

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
 use crate::loader::{
-    check_dtype, load_weights, read_required, tighter_limit, ModelSource, Variant,
+    check_dtype, load_weights_as, read_required, tighter_limit, LoadedFiles, ModelSource, Variant,
 };
 use crate::nn::ActivationSize;
 use crate::noise::randn;
@@ -142,17 +142,8 @@ pub struct Wuerstchen {
     device: Device,
     /// The device's largest buffer ([`ModelSource::max_tensor_bytes`]), if it has one.
     max_tensor_bytes: Option<u64>,
-}
-
-fn tokenizer(src: &dyn ModelSource, dir: &str) -> Result<ClipTokenizer> {
-    ClipTokenizer::from_files(
-        &read_required(src, &format!("{dir}/vocab.json"))?,
-        &read_required(src, &format!("{dir}/merges.txt"))?,
-        src.read(&format!("{dir}/tokenizer_config.json"))?
-            .as_deref(),
-        src.read(&format!("{dir}/special_tokens_map.json"))?
-            .as_deref(),
-    )
+    /// Which weight files each part was read from, and why.
+    pub loaded: Vec<LoadedFiles>,
 }
 
 fn model_index(src: &dyn ModelSource) -> Result<Option<Value>> {
@@ -228,8 +219,11 @@ impl Wuerstchen {
         device: &Device,
     ) -> Result<Self> {
         check_dtype(dtype, device)?;
-        let weights = |s: &dyn ModelSource, dir: &str, stem: &str| -> Result<Weights> {
-            Ok(load_weights(s, dir, stem, variant, device)?.with_dtype(dtype))
+        let mut loaded = Vec::new();
+        let mut weights = |s: &dyn ModelSource, dir: &str, stem: &str| -> Result<Weights> {
+            let w = load_weights_as(s, dir, stem, variant, dtype, device)?;
+            loaded.push(LoadedFiles::of(dir, &w));
+            Ok(w)
         };
         let layout = WuerstchenLayout::detect(src)?;
         let (prior_src, prefix, prior_dir): (&dyn ModelSource, &str, &str) = match (layout, prior) {
@@ -371,8 +365,8 @@ impl Wuerstchen {
             ));
         }
 
-        let prior_tokenizer = tokenizer(prior_src, &p("tokenizer"))?;
-        let decoder_tokenizer = tokenizer(src, "tokenizer")?;
+        let prior_tokenizer = ClipTokenizer::from_folder(prior_src, &p("tokenizer"))?;
+        let decoder_tokenizer = ClipTokenizer::from_folder(src, "tokenizer")?;
         // Weights, one component at a time.
         let prior_text_encoder = ClipTextModel::load(
             &prior_text_cfg,
@@ -405,6 +399,7 @@ impl Wuerstchen {
             settings,
             device: device.clone(),
             max_tensor_bytes: limits,
+            loaded,
         })
     }
 

@@ -10,9 +10,18 @@
 //! * model: BPE with the `</w>` end-of-word suffix, unknown token `<|endoftext|>`;
 //! * post-processing: `BOS + first (max_length - 2) tokens + EOS`, right-padded with the pad token.
 //!
+//! Two folder layouts exist, and transformers reads both the same way:
+//! * `vocab.json` + `merges.txt` (the released SD / Würstchen repositories);
+//! * `tokenizer.json` (what `save_pretrained` writes since transformers 5). transformers 5's
+//!   `CLIPTokenizer` takes only the BPE vocabulary and merges out of it and rebuilds the rest of
+//!   the pipeline from its own class definition, with the special tokens from
+//!   `tokenizer_config.json` (its `added_tokens_decoder`); so does [`ClipTokenizer::from_tokenizer_json`].
+//!   When both layouts are present, `tokenizer.json` wins, as in transformers.
+//!
 //! Loading takes bytes, so this works on `wasm32-unknown-unknown` too.
 
 use crate::error::{Error, Result};
+use crate::loader::ModelSource;
 use serde_json::{Map, Value};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::{self, Lowercase, Replace, NFC};
@@ -68,6 +77,52 @@ impl ClipTokenizer {
     pub fn from_files(
         vocab_json: &[u8],
         merges_txt: &[u8],
+        tokenizer_config_json: Option<&[u8]>,
+        special_tokens_map_json: Option<&[u8]>,
+    ) -> Result<Self> {
+        let vocab: Vocab = serde_json::from_slice(vocab_json)
+            .map_err(|e| Error::config("vocab.json", format!("invalid vocabulary: {e}")))?;
+        let merges = parse_merges_txt(merges_txt)?;
+        Self::from_parts(vocab, merges, tokenizer_config_json, special_tokens_map_json)
+    }
+
+    /// From a `tokenizer.json` (the `tokenizers` library's own format, written by transformers 5's
+    /// `save_pretrained`) and the optional configs beside it. Like transformers 5's `CLIPTokenizer`,
+    /// only the BPE vocabulary and merges are taken from the file; the special tokens come from
+    /// `tokenizer_config.json` / `special_tokens_map.json`.
+    pub fn from_tokenizer_json(
+        tokenizer_json: &[u8],
+        tokenizer_config_json: Option<&[u8]>,
+        special_tokens_map_json: Option<&[u8]>,
+    ) -> Result<Self> {
+        let (vocab, merges) = parse_tokenizer_json(tokenizer_json)?;
+        Self::from_parts(vocab, merges, tokenizer_config_json, special_tokens_map_json)
+    }
+
+    /// From the tokenizer folder `dir` of a model source: `tokenizer.json` when present (as
+    /// transformers prefers it), else `vocab.json` + `merges.txt`; the configs beside them when
+    /// present.
+    pub fn from_folder(src: &dyn ModelSource, dir: &str) -> Result<Self> {
+        let config = src.read(&format!("{dir}/tokenizer_config.json"))?;
+        let map = src.read(&format!("{dir}/special_tokens_map.json"))?;
+        if let Some(json) = src.read(&format!("{dir}/tokenizer.json"))? {
+            return Self::from_tokenizer_json(&json, config.as_deref(), map.as_deref());
+        }
+        let vocab = src.read(&format!("{dir}/vocab.json"))?;
+        let merges = src.read(&format!("{dir}/merges.txt"))?;
+        match (vocab, merges) {
+            (Some(v), Some(m)) => Self::from_files(&v, &m, config.as_deref(), map.as_deref()),
+            (v, _) => Err(Error::MissingFile(format!(
+                "{dir}/{} ({}): a tokenizer needs {dir}/tokenizer.json, or {dir}/vocab.json and {dir}/merges.txt",
+                if v.is_none() { "vocab.json" } else { "merges.txt" },
+                src.describe()
+            ))),
+        }
+    }
+
+    fn from_parts(
+        vocab: Vocab,
+        merges: Vec<(String, String)>,
         tokenizer_config_json: Option<&[u8]>,
         special_tokens_map_json: Option<&[u8]>,
     ) -> Result<Self> {
@@ -172,7 +227,7 @@ impl ClipTokenizer {
             },
         };
 
-        let model = build_bpe(vocab_json, merges_txt, named[2].content())?;
+        let model = build_bpe(vocab, merges, named[2].content())?;
         let mut tokenizer = Tokenizer::new(model);
         let normalizer = normalizers::Sequence::new(vec![
             NFC.into(),
@@ -305,11 +360,8 @@ fn parse_spec(file: &str, key: &str, v: &Value, force_special: bool) -> Result<O
     Ok(Some(Spec::Token(token)))
 }
 
-/// Builds the BPE model from vocab.json (token -> id) and merges.txt (`#version` line, then one
-/// `left right` pair per line, best first).
-fn build_bpe(vocab_json: &[u8], merges_txt: &[u8], unk: &str) -> Result<BPE> {
-    let vocab: Vocab = serde_json::from_slice(vocab_json)
-        .map_err(|e| Error::config("vocab.json", format!("invalid vocabulary: {e}")))?;
+/// Reads merges.txt: a `#version` line, then one `left right` pair per line, best first.
+fn parse_merges_txt(merges_txt: &[u8]) -> Result<Vec<(String, String)>> {
     let text = std::str::from_utf8(merges_txt)
         .map_err(|e| Error::config("merges.txt", format!("not UTF-8: {e}")))?;
     let mut merges = Vec::new();
@@ -317,9 +369,9 @@ fn build_bpe(vocab_json: &[u8], merges_txt: &[u8], unk: &str) -> Result<BPE> {
         if line.starts_with("#version") || line.is_empty() {
             continue;
         }
-        match line.split(' ').collect::<Vec<_>>()[..] {
-            [a, b] if !a.is_empty() && !b.is_empty() => merges.push((a.to_string(), b.to_string())),
-            _ => {
+        match split_merge(line) {
+            Some(pair) => merges.push(pair),
+            None => {
                 return Err(Error::config(
                     "merges.txt",
                     format!("line {}: expected `left right`", n + 1),
@@ -327,6 +379,69 @@ fn build_bpe(vocab_json: &[u8], merges_txt: &[u8], unk: &str) -> Result<BPE> {
             }
         }
     }
+    Ok(merges)
+}
+
+/// `"left right"` -> `(left, right)`; `None` unless exactly two non-empty parts.
+fn split_merge(line: &str) -> Option<(String, String)> {
+    match line.split(' ').collect::<Vec<_>>()[..] {
+        [a, b] if !a.is_empty() && !b.is_empty() => Some((a.to_string(), b.to_string())),
+        _ => None,
+    }
+}
+
+/// The BPE vocabulary and merges of a `tokenizer.json`. Merges are written as `"left right"`
+/// strings by older `tokenizers` versions and as `["left", "right"]` pairs by newer ones.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<(Vocab, Vec<(String, String)>)> {
+    const FILE: &str = "tokenizer.json";
+    let root: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::config(FILE, format!("invalid JSON: {e}")))?;
+    let model = root
+        .get("model")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::config(FILE, "no `model` object"))?;
+    match model.get("type").and_then(Value::as_str) {
+        Some("BPE") | None => {}
+        Some(other) => {
+            return Err(Error::config(
+                FILE,
+                format!("model type `{other}` is not a CLIP tokenizer (expected BPE)"),
+            ))
+        }
+    }
+    let vocab: Vocab = match model.get("vocab") {
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| Error::config(FILE, format!("`model.vocab`: {e}")))?,
+        None => return Err(Error::config(FILE, "no `model.vocab`")),
+    };
+    let list = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::config(FILE, "no `model.merges` list"))?;
+    let mut merges = Vec::with_capacity(list.len());
+    for (n, m) in list.iter().enumerate() {
+        let pair = match m {
+            Value::String(s) => split_merge(s),
+            Value::Array(parts) => match &parts[..] {
+                [Value::String(a), Value::String(b)] if !a.is_empty() && !b.is_empty() => {
+                    Some((a.clone(), b.clone()))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        merges.push(pair.ok_or_else(|| {
+            Error::config(
+                FILE,
+                format!("`model.merges[{n}]` is not a pair of tokens"),
+            )
+        })?);
+    }
+    Ok((vocab, merges))
+}
+
+/// Builds CLIP's BPE model from a vocabulary (token -> id) and merges (best first).
+fn build_bpe(vocab: Vocab, merges: Vec<(String, String)>, unk: &str) -> Result<BPE> {
     BPE::builder()
         .vocab_and_merges(vocab, merges)
         .unk_token(unk.to_string())

@@ -1,23 +1,101 @@
 //! Binds checkpoint tensors to model parts by their diffusers key names.
 //!
-//! A [`Weights`] is a view of one safetensors file under a key prefix. Every read names the
+//! A [`Weights`] is a view of one checkpoint (a safetensors file, or the shards of a sharded one)
+//! under a key prefix. Every read names the
 //! expected shape, so a missing tensor, a wrong shape or an unusable dtype is a typed error
 //! naming the file, the tensor and what was expected. Reads are recorded, so tests can check
 //! that a model consumed every tensor of its checkpoint.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::safetensors::SafeTensors;
+
+/// One checkpoint: a single safetensors file, or the shards named by a
+/// `*.safetensors.index.json` (each tensor in exactly one shard).
+pub struct Checkpoint {
+    /// What messages call the checkpoint: the file, or the index file of a sharded one.
+    name: String,
+    shards: Vec<SafeTensors>,
+    /// Tensor name -> shard holding it.
+    index: HashMap<String, usize>,
+    /// Why this variant of the checkpoint was chosen (see [`crate::loader::load_weights_as`]).
+    reason: String,
+}
+
+impl Checkpoint {
+    /// A checkpoint in one file.
+    pub fn single(file: SafeTensors) -> Self {
+        Self::sharded(file.file().to_string(), vec![file])
+            .expect("one file cannot hold a tensor twice")
+    }
+
+    /// A checkpoint split over `shards`, called `name` (its index file) in messages. A tensor
+    /// found in two shards is refused: which copy the model would read would be arbitrary.
+    pub fn sharded(name: String, shards: Vec<SafeTensors>) -> Result<Self> {
+        let mut index = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for tensor in shard.names() {
+                if let Some(j) = index.insert(tensor.to_string(), i) {
+                    return Err(Error::CorruptWeights {
+                        file: name.clone(),
+                        message: format!(
+                            "tensor `{tensor}` is in both `{}` and `{}`",
+                            shards[j].file(),
+                            shard.file()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Checkpoint {
+            name,
+            shards,
+            index,
+            reason: String::new(),
+        })
+    }
+
+    /// Records why this file (variant) was chosen.
+    pub fn with_reason(mut self, reason: String) -> Self {
+        self.reason = reason;
+        self
+    }
+
+    /// Why this file (variant) was chosen; empty when it was given directly.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// The shard holding `tensor`.
+    fn find(&self, tensor: &str) -> Option<&SafeTensors> {
+        self.index.get(tensor).map(|&i| &self.shards[i])
+    }
+
+    /// What messages call it: the file, or the index of a sharded checkpoint.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file names of its shards (one for a single file).
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        self.shards.iter().map(|s| s.file())
+    }
+
+    /// Bytes of tensor data in all shards.
+    pub fn data_len(&self) -> u64 {
+        self.shards.iter().map(|s| s.data_len()).sum()
+    }
+}
 
 /// Where parameters come from.
 #[derive(Clone)]
 enum Store {
-    File(Rc<SafeTensors>),
+    File(Rc<Checkpoint>),
     /// Seeded random values for benchmarks: N(0, 1/fan_in) for weights, 1 ± 0.1 for norm scales.
     Random(u64),
 }
@@ -36,8 +114,13 @@ pub struct Weights {
 impl Weights {
     /// All tensors of `file`, placed on `device` as f32.
     pub fn new(file: SafeTensors, device: &Device) -> Self {
+        Self::from_checkpoint(Checkpoint::single(file), device)
+    }
+
+    /// All tensors of a (possibly sharded) checkpoint, placed on `device` as f32.
+    pub fn from_checkpoint(checkpoint: Checkpoint, device: &Device) -> Self {
         Weights {
-            store: Store::File(Rc::new(file)),
+            store: Store::File(Rc::new(checkpoint)),
             prefix: String::new(),
             device: device.clone(),
             dtype: DType::F32,
@@ -71,6 +154,14 @@ impl Weights {
     pub fn with_max_tensor_bytes(mut self, limit: Option<u64>) -> Self {
         self.max_tensor_bytes = limit;
         self
+    }
+
+    /// The checkpoint these weights are read from (`None` for random parameters).
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        match &self.store {
+            Store::File(f) => Some(f),
+            Store::Random(_) => None,
+        }
     }
 
     /// The dtype parameters are stored in (and models compute in).
@@ -110,7 +201,7 @@ impl Weights {
     /// Whether `name` exists under this prefix.
     pub fn contains(&self, name: &str) -> bool {
         match &self.store {
-            Store::File(f) => f.contains(&self.key(name)),
+            Store::File(f) => f.find(&self.key(name)).is_some(),
             // Random parameters exist under every name; loaders then pick the current key names.
             Store::Random(_) => true,
         }
@@ -119,7 +210,10 @@ impl Weights {
     /// Shape of `name` under this prefix, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         match &self.store {
-            Store::File(f) => f.shape(&self.key(name)).map(|s| s.to_vec()),
+            Store::File(f) => {
+                let key = self.key(name);
+                f.find(&key).and_then(|s| s.shape(&key)).map(|s| s.to_vec())
+            }
             Store::Random(_) => None,
         }
     }
@@ -137,7 +231,7 @@ impl Weights {
             let bytes = shape.iter().product::<usize>() as u64 * self.dtype.size() as u64;
             if bytes > limit {
                 let file = match &self.store {
-                    Store::File(f) => f.file().to_string(),
+                    Store::File(f) => f.find(&key).map_or(f.name(), |s| s.file()).to_string(),
                     Store::Random(_) => "random parameters".to_string(),
                 };
                 return Err(crate::Error::TensorTooLarge {
@@ -150,7 +244,12 @@ impl Weights {
         }
         match &self.store {
             Store::File(f) => {
-                let host = f.read_f32(&key, shape)?;
+                let shard = f.find(&key).ok_or_else(|| Error::MissingTensor {
+                    file: f.name().to_string(),
+                    tensor: key.clone(),
+                    expected: shape.to_vec(),
+                })?;
+                let host = shard.read_f32(&key, shape)?;
                 self.used.borrow_mut().insert(key);
                 Ok(host.data)
             }
@@ -168,11 +267,16 @@ impl Weights {
     pub fn unused_keys(&self) -> Vec<String> {
         let used = self.used.borrow();
         match &self.store {
-            Store::File(f) => f
-                .names()
-                .filter(|k| !used.contains(*k))
-                .map(|k| k.to_string())
-                .collect(),
+            Store::File(f) => {
+                let mut keys: Vec<String> = f
+                    .index
+                    .keys()
+                    .filter(|k| !used.contains(*k))
+                    .cloned()
+                    .collect();
+                keys.sort();
+                keys
+            }
             Store::Random(_) => Vec::new(),
         }
     }

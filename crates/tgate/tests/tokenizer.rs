@@ -188,3 +188,78 @@ fn bad_input_is_an_error_not_a_panic() {
         [1, 0, 2, 2]
     );
 }
+
+/// A tokenizer folder as transformers 5's `save_pretrained` writes it today (`tokenizer.json` +
+/// `tokenizer_config.json`, no vocab.json / merges.txt): the ids transformers gives for it, and
+/// the same ids as the vocab.json / merges.txt layout of the same tokenizer.
+#[test]
+fn tokenizer_json_layout_matches_transformers_and_the_other_layout() {
+    use tgate::loader::DirSource;
+    let folders = [
+        ("sd1", "tokenizer"),
+        ("sd2", "tokenizer"),
+        ("wuerstchen", "tokenizer"),
+        ("wuerstchen", "prior_tokenizer"),
+    ];
+    for (name, folder) in folders {
+        let saved = fixtures().join("saved-today").join(name);
+        assert!(
+            !saved.join(folder).join("vocab.json").exists(),
+            "the fixture must hold tokenizer.json only"
+        );
+        let from_json =
+            ClipTokenizer::from_folder(&DirSource::new(&saved), folder).expect("loads");
+        let cases = json(&saved.join(folder).join("cases.json"));
+        let cases = cases["cases"].as_array().expect("case list");
+        assert!(check_cases(name, &from_json, cases) > 0, "no cases");
+        let classic = load(&fixtures().join(name).join(folder));
+        for case in cases {
+            let prompt = case["prompt"].as_str().expect("prompt");
+            assert_eq!(
+                from_json.encode_with_mask(prompt).expect("encode"),
+                classic.encode_with_mask(prompt).expect("encode"),
+                "{name}: layouts differ on {prompt:?}"
+            );
+        }
+        assert_eq!(from_json.pad_id(), classic.pad_id());
+    }
+}
+
+/// Old `tokenizers` versions write merges as "left right" strings, new ones as pairs.
+#[test]
+fn tokenizer_json_merges_in_either_form() {
+    let path = fixtures().join("saved-today/sd1/tokenizer/tokenizer.json");
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+    let pairs = ClipTokenizer::from_tokenizer_json(doc.to_string().as_bytes(), None, None)
+        .expect("pairs");
+    let merges = doc["model"]["merges"].as_array_mut().expect("merges");
+    for m in merges.iter_mut() {
+        let parts: Vec<&str> = m.as_array().expect("pair").iter().map(|p| p.as_str().expect("str")).collect();
+        *m = Value::String(parts.join(" "));
+    }
+    let strings = ClipTokenizer::from_tokenizer_json(doc.to_string().as_bytes(), None, None)
+        .expect("strings");
+    for prompt in ["a photo of an astronaut", "Hello, WORLD!!  é ü 42"] {
+        assert_eq!(pairs.encode(prompt).expect("encode"), strings.encode(prompt).expect("encode"));
+    }
+}
+
+#[test]
+fn bad_tokenizer_json_is_a_named_error() {
+    use tgate::loader::MemorySource;
+    let msg = |bytes: &[u8]| match ClipTokenizer::from_tokenizer_json(bytes, None, None) {
+        Ok(_) => panic!("accepted {:?}", String::from_utf8_lossy(bytes)),
+        Err(e) => e.to_string(),
+    };
+    assert!(msg(b"{").contains("tokenizer.json"));
+    assert!(msg(br#"{"model": {"type": "Unigram", "vocab": []}}"#).contains("Unigram"));
+    assert!(msg(br#"{"model": {"type": "BPE", "merges": []}}"#).contains("model.vocab"));
+    let bad_merge = br#"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a"]]}}"#;
+    assert!(msg(bad_merge).contains("merges[0]"));
+    // A folder with neither layout names both.
+    let err = ClipTokenizer::from_folder(&MemorySource::default(), "tokenizer")
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("tokenizer/tokenizer.json") && err.contains("tokenizer/merges.txt"), "{err}");
+}
