@@ -105,6 +105,9 @@ export interface StepReport {
   timestep: number;
   phase: 'semantics-planning' | 'fidelity-improving';
   ms: number;
+  /** GPU kernels the step launched (fused ones counted once), and the distinct compiled kernels among them. */
+  launches: number;
+  kernels: number;
   /** With `preview: true`: the latents' first channels as a small RGBA image. */
   preview?: { rgba: Uint8ClampedArray; width: number; height: number };
 }

@@ -21,6 +21,9 @@ function broken(kind, rel) {
   if (kind === 'truncated' && rel === 'unet/diffusion_pytorch_model.safetensors') {
     body = body.subarray(0, body.length >> 1);
   }
+  if (kind === 'gray' && rel === 'vae/config.json') {
+    body = Buffer.from(JSON.stringify({ ...JSON.parse(body.toString()), out_channels: 1 }));
+  }
   if (kind === 'shape' && rel === 'vae/config.json') {
     const cfg = JSON.parse(body.toString());
     cfg.block_out_channels = cfg.block_out_channels.map((c, i) => (i === cfg.block_out_channels.length - 1 ? c * 2 : c));
@@ -139,12 +142,15 @@ try {
 
   await step('demo page: load the tiny model, generate, chart', async () => {
     await demo.selectOption('#model', 'tiny-sd');
+    // Time to first image in a fresh worker: load, kernel compilation and 5 steps, as a user sees it.
+    const t0 = Date.now();
     await demo.click('#load');
     await demo.waitForSelector('#generate:not([disabled])', { timeout: 120_000 });
     await demo.fill('#steps', '5');
     await demo.fill('#gateStep', '2');
     await demo.click('#generate');
     await demo.waitForSelector('body[data-generated="1"]', { timeout: 600_000 });
+    const firstImageS = (Date.now() - t0) / 1e3;
     const state = await demo.evaluate(() => {
       const lit = (id) => {
         const c = document.getElementById(id);
@@ -166,7 +172,7 @@ try {
     assert.ok(state.chartPixels > 1000 && state.imagePixels > 1000, JSON.stringify(state));
     assert.match(state.summary, /T-GATE saved/);
     assert.deepEqual(pageErrors.filter((e) => e.startsWith('pageerror')), []);
-    return state;
+    return { ...state, firstImageS };
   });
   await page.addScriptTag({ type: 'module', url: '/web/test/harness.js' });
   await page.waitForFunction(() => window.harnessReady === true);
@@ -290,11 +296,16 @@ try {
       };
     });
   }
-  for (const [kind, code] of [['404', 'network'], ['truncated', 'bad_weights'], ['shape', 'bad_weights']]) {
+  for (const [kind, code, text] of [
+    ['404', 'network'], ['truncated', 'bad_weights'], ['shape', 'bad_weights'],
+    // A decoder that is not RGB is refused at load, before it could trap the module.
+    ['gray', 'bad_weights', /out_channels 1/],
+  ]) {
     await step(`typed error: ${kind}`, async () => {
       await call('purgeCache');
       const r = await call('loadError', `/broken/${kind}/`);
       assert.equal(r.code, code, JSON.stringify(r));
+      if (text) assert.match(r.message, text, JSON.stringify(r));
       return r;
     });
   }

@@ -71,10 +71,14 @@ function compare(actual, expected) {
 function phases(steps, stage) {
   const own = steps.filter((t) => t.stage === stage);
   const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[(s.length - 1) >> 1]; };
-  const sp = own.filter((t) => t.phase === 'semantics-planning').map((t) => t.ms);
-  const fi = own.filter((t) => t.phase === 'fidelity-improving').slice(1).map((t) => t.ms);
-  if (!fi.length) return { spMs: median(sp) };
-  return { spMs: median(sp), fiMs: median(fi), ratio: median(fi) / median(sp) };
+  const sp = own.filter((t) => t.phase === 'semantics-planning');
+  const fi = own.filter((t) => t.phase === 'fidelity-improving').slice(1);
+  const ms = (xs) => median(xs.map((t) => t.ms));
+  // Kernel launches of a warm step (the last of its phase: no compilation or caching in it).
+  const launches = (xs) => (xs.length ? xs[xs.length - 1].launches : undefined);
+  const out = { spMs: ms(sp), spLaunches: launches(sp) };
+  if (!fi.length) return out;
+  return { ...out, fiMs: ms(fi), fiLaunches: launches(fi), ratio: ms(fi) / ms(sp) };
 }
 
 function errorInfo(e) {

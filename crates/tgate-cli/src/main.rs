@@ -179,6 +179,26 @@ fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Refuses an output path that cannot be written: its folder must exist and take a new file
+/// (tried with a probe file, removed at once; an existing output is left untouched).
+fn check_writable(flag: &str, path: &Path) -> Result<(), Error> {
+    let refuse = |why: String| Error::param(flag, format!("cannot write {}: {why}", path.display()));
+    if path.is_dir() {
+        return Err(refuse("it is a folder".into()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(refuse(format!("no folder {}", dir.display())));
+    }
+    let probe = dir.join(format!(".tgate-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| refuse(e.to_string()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// The device, and the largest buffer it binds: the wgpu adapter's storage-binding and buffer
 /// limits, lowered to `cap` if given.
 pub(crate) fn device(backend: Backend, cap: Option<u64>) -> Result<(Device, Option<u64>), Error> {
@@ -234,6 +254,11 @@ fn read_noise(path: &Path, steps: usize) -> Result<(Noise, Vec<usize>), Error> {
 }
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
+    // Where the results go is checked first: minutes of generation must not end in a write error.
+    check_writable("out", &a.out)?;
+    if let Some(p) = &a.save_latents {
+        check_writable("save-latents", p)?;
+    }
     let src = model_dir(&a.model)?;
     if WuerstchenLayout::detect(&src)?.is_some() {
         return wuerstchen::generate(a, src);

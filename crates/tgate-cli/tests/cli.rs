@@ -188,7 +188,11 @@ fn tokenize_prints_the_reference_ids() {
 fn impossible_parameters_fail_with_a_message() {
     let model = fixtures().join("sd1");
     let m = model.to_str().unwrap();
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 14] = [
+        // Output paths are checked before anything is loaded or generated.
+        (&["--out", "/nonexistent/dir/x.png"], "cannot write /nonexistent/dir/x.png: no folder"),
+        (&["--save-latents", "/nonexistent/l.safetensors"], "save-latents"),
+        (&["--variant", "fp8"], "variant"),
         (&["--steps", "0"], "steps"),
         (&["--steps", "100000"], "steps"),
         (&["--decoder-steps", "3"], "decoder-steps"),
@@ -217,6 +221,9 @@ fn impossible_parameters_fail_with_a_message() {
             "{extra:?}: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+        if extra[0] == "--out" || extra[0] == "--save-latents" {
+            assert!(!stderr.contains("loading"), "{extra:?}: refused only after loading: {stderr}");
+        }
     }
     // A noise file whose shape does not fit the requested size.
     let r = reference();

@@ -14,6 +14,7 @@ use burn::tensor::{DType, Device, Tensor};
 use js_sys::{Function, Map, Uint8Array};
 use serde::{Deserialize, Serialize};
 use tgate::loader::{ModelSource, Variant};
+use tgate::profile::{LaunchCounter, Launches, Timing};
 use tgate::pipeline::{Denoiser, EnqueuedStep, GenerateParams, Noise, StableDiffusion, StepInfo};
 use tgate::pipeline_wuerstchen::{Wuerstchen, WuerstchenNoise, WuerstchenParams};
 use tgate::safetensors::{ByteSource, SafeTensors};
@@ -356,10 +357,13 @@ struct StepReport {
     timestep: f64,
     phase: &'static str,
     ms: f64,
+    /// GPU kernels the step launched, and how many distinct compiled kernels that was.
+    launches: usize,
+    kernels: usize,
 }
 
 impl StepReport {
-    fn new(stage: &'static str, s: &StepInfo) -> Self {
+    fn new(stage: &'static str, s: &StepInfo, launches: &Launches) -> Self {
         StepReport {
             stage,
             step: s.index,
@@ -367,6 +371,8 @@ impl StepReport {
             timestep: s.timestep,
             phase: s.phase.name(),
             ms: s.seconds * 1e3,
+            launches: launches.total(),
+            kernels: launches.distinct,
         }
     }
 }
@@ -431,6 +437,8 @@ async fn drive_stage(
 ) -> Result<(), JsValue> {
     loop {
         let started = Instant::now();
+        // Counts the step's launches, up to its readback (the fused kernels run there).
+        let counter = LaunchCounter::start(Timing::Off);
         let Some((enqueued, latents)) = step().map_err(to_js)? else {
             return Ok(());
         };
@@ -444,7 +452,7 @@ async fn drive_stage(
             None
         };
         let info = enqueued.finish(started.elapsed().as_secs_f64());
-        let report = StepReport::new(stage, &info);
+        let report = StepReport::new(stage, &info, &counter.finish());
         let js = serde_wasm_bindgen::to_value(&report)?;
         if let Some((rgba, w, h)) = preview {
             let p = js_sys::Object::new();

@@ -2,19 +2,25 @@
 //!
 //! ```text
 //! cargo run -p tgate --example bench_gate [--features wgpu] -- [--backend cpu|wgpu]
-//!     [--model sd15|small|both] [--size PIXELS] [--steps N] [--gate-step K]
+//!     [--model sd15|small|both] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
+//!     [--no-kernels] [--memory-only]
 //! ```
 //! Prints per-phase step times, the gated / ungated ratio for the whole loop (both measured in
 //! the same run), and the MACs per step of each phase (counted from the layers actually run).
+//! On wgpu it first accounts for the kernels (`tgate::profile`): launches per UNet forward
+//! (planning batch 2, gated batch 1), distinct kernels compiled by a cold run, device time per op
+//! class (each kernel timed alone), the kernels each attention shape launches (flash or the
+//! fallback that builds the score matrix), and the device memory reserved.
 
 use std::ops::ControlFlow;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use tgate::nn::{macs, reset_macs};
 use tgate::noise::randn;
 use tgate::pipeline::{denoise, GenerateParams, Noise, StepInfo};
 use tgate::schedulers::SchedulerConfig;
-use tgate::tgate::{GateConfig, Phase};
+use tgate::profile::{class_of, device_memory, observe, Launches, Timing};
+use tgate::tgate::{AttentionCache, CacheMode, GateConfig, Phase};
 use tgate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
 use tgate::weights::Weights;
 
@@ -41,6 +47,9 @@ struct Args {
     size: Option<usize>,
     steps: usize,
     gate_step: Option<usize>,
+    kernels: bool,
+    dtype: DType,
+    memory_only: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -50,6 +59,9 @@ fn parse_args() -> Result<Args, String> {
         size: None,
         steps: 10,
         gate_step: None,
+        kernels: true,
+        dtype: DType::F32,
+        memory_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,19 +74,33 @@ fn parse_args() -> Result<Args, String> {
             "--gate-step" => {
                 a.gate_step = Some(val()?.parse().map_err(|e| format!("--gate-step: {e}"))?)
             }
+            "--no-kernels" => a.kernels = false,
+            "--memory-only" => a.memory_only = true,
+            "--dtype" => {
+                a.dtype = match val()?.as_str() {
+                    "f32" => DType::F32,
+                    "f16" => DType::F16,
+                    other => return Err(format!("--dtype: f32 or f16, not {other}")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
     Ok(a)
 }
 
-fn device(backend: &str) -> Result<Device, String> {
+/// The device and its largest buffer (attention scores are split to fit, as in generation).
+fn device(backend: &str) -> Result<(Device, Option<u64>), String> {
     match backend {
-        "cpu" => Ok(Device::flex()),
+        "cpu" => Ok((Device::flex(), None)),
         #[cfg(feature = "wgpu")]
-        "wgpu" => Device::wgpu_options()
-            .init()
-            .map_err(|e| format!("wgpu: {e:?}")),
+        "wgpu" => {
+            let (device, setup) = Device::wgpu_options()
+                .init_with_setup()
+                .map_err(|e| format!("wgpu: {e:?}"))?;
+            let l = setup.device.limits();
+            Ok((device, Some(u64::from(l.max_storage_buffer_binding_size).min(l.max_buffer_size))))
+        }
         other => Err(format!("backend {other} is not available in this build")),
     }
 }
@@ -123,12 +149,146 @@ fn run(
     Ok(Run { steps })
 }
 
-fn bench(name: &str, config_json: &str, a: &Args, device: &Device) -> Result<(), String> {
+/// One UNet forward at batch `b` with the cache in the given modes, waited for.
+fn forward(
+    unet: &UNet2DConditionModel,
+    cache: &mut AttentionCache,
+    b: usize,
+    side: usize,
+    cond: &Tensor<3>,
+    modes: (CacheMode, CacheMode),
+) {
+    let device = cond.device();
+    let sample = Tensor::<4>::from_data(
+        TensorData::new(randn(3, 0, b * 4 * side * side), [b, 4, side, side]),
+        &device,
+    );
+    let context = Tensor::cat(vec![cond.clone(); b], 0);
+    cache.begin(modes.0, modes.1);
+    let _ = unet.forward(sample, 500.0, &context, cache).into_data();
+}
+
+fn print_launches(label: &str, l: &Launches) {
+    println!("  {label:<34}: {:>5} launches ({})", l.total(), l.class_summary());
+}
+
+/// Kernel accounting on cubecl devices (see the module docs).
+fn kernels(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Option<u64>) {
+    let (compute, store, reuse) = (
+        (CacheMode::Compute, CacheMode::Compute),
+        (CacheMode::StoreMean, CacheMode::Compute),
+        (CacheMode::Reuse, CacheMode::Compute),
+    );
+    let mut cache = AttentionCache::new();
+    let t0 = std::time::Instant::now();
+    let ((), cold) = observe(Timing::Off, || {
+        forward(unet, &mut cache, 2, side, cond, compute);
+        forward(unet, &mut cache, 2, side, cond, store);
+        forward(unet, &mut cache, 1, side, cond, reuse);
+    });
+    println!(
+        "  cold (planning, gate, gated forward): {} distinct kernels compiled, {} launches, {:.1} s",
+        cold.distinct,
+        cold.total(),
+        t0.elapsed().as_secs_f64()
+    );
+    let ((), planning) = observe(Timing::Off, || forward(unet, &mut cache, 2, side, cond, compute));
+    print_launches("planning forward (batch 2)", &planning);
+    let ((), gated) = observe(Timing::Off, || forward(unet, &mut cache, 1, side, cond, reuse));
+    print_launches("gated forward (batch 1)", &gated);
+    let ((), timed) = observe(Timing::PerKernel, || forward(unet, &mut cache, 2, side, cond, compute));
+    let total: f64 = timed.kernels.values().map(|s| s.seconds).sum();
+    println!("  device time by op class, planning forward (kernels timed one at a time, {:.1} ms in all):", total * 1e3);
+    for (class, s) in timed.by_class() {
+        if s.launches > 0 {
+            println!(
+                "    {class:<12} {:>5} launches {:>9.2} ms ({:>4.1} %)",
+                s.launches,
+                s.seconds * 1e3,
+                100.0 * s.seconds / total.max(1e-12)
+            );
+        }
+    }
+    let mut top: Vec<_> = timed.kernels.iter().collect();
+    top.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+    let others: Vec<String> = timed
+        .kernels
+        .iter()
+        .filter(|(n, _)| class_of(n) == "other")
+        .map(|(n, s)| format!("{}x {}", s.launches, short(n)))
+        .collect();
+    if !others.is_empty() {
+        println!("    other: {}", others.join(", "));
+    }
+    println!("    top kernels:");
+    for (name, s) in top.iter().take(8) {
+        println!("      {:>8.2} ms {:>4}x {}", s.seconds * 1e3, s.launches, short(name));
+    }
+    attention_shapes(unet, side, cond, limit);
+    if let Some((reserved, in_use)) = device_memory(&cond.device()) {
+        println!(
+            "  device memory: {:.1} MiB reserved (high-water mark of the pools), {:.1} MiB in use after the runs",
+            reserved as f64 / 1048576.0,
+            in_use as f64 / 1048576.0
+        );
+    }
+}
+
+fn short(name: &str) -> String {
+    tgate::profile::short_name(name)
+}
+
+/// The kernels one attention call launches at each shape this UNet uses at `side` (latent side):
+/// a flash kernel, or the fallback's separate score / softmax / value kernels.
+fn attention_shapes(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Option<u64>) {
+    let cfg = unet.config();
+    let device = cond.device();
+    println!("  attention kernels by shape (batch 2; autotuned on first use):");
+    let levels = cfg.block_out_channels.len();
+    let mut seen = std::collections::BTreeSet::new();
+    // The transformer levels (down blocks with cross-attention), then the mid block.
+    let mut at: Vec<usize> = (0..levels).filter(|&l| cfg.down_cross[l]).collect();
+    at.push(levels - 1);
+    for level in at {
+        let ch = cfg.block_out_channels[level];
+        let s = side >> level;
+        let heads = cfg.heads[level];
+        for (kind, n_k) in [("self", s * s), ("cross", 77)] {
+            let key = (s * s, n_k, ch, heads);
+            if !seen.insert(key) {
+                continue;
+            }
+            let rnd = |n: usize, c: usize, seed: u64| {
+                Tensor::<3>::from_data(TensorData::new(randn(seed, 0, 2 * n * c), [2, n, c]), &device)
+            };
+            let (q, k, v) = (rnd(s * s, ch, 5), rnd(n_k, ch, 6), rnd(n_k, ch, 7));
+            let run = || {
+                let _ = tgate::nn::multi_head_attention(q.clone(), k.clone(), v.clone(), heads, None, false, limit)
+                    .into_data();
+            };
+            run(); // tune first
+            let ((), l) = observe(Timing::Off, run);
+            let names: Vec<String> = l.kernels.iter().map(|(n, s)| format!("{}x {}", s.launches, short(n))).collect();
+            println!(
+                "    {kind:<5} q {:>5} k {:>5} heads {heads} d {:>3}: {}",
+                s * s,
+                n_k,
+                ch / heads,
+                names.join(" | ")
+            );
+        }
+    }
+}
+
+fn bench(name: &str, config_json: &str, a: &Args, device: &Device, limit: Option<u64>) -> Result<(), String> {
     let cfg = UNetConfig::from_json(name, config_json.as_bytes()).map_err(|e| e.to_string())?;
     let size = a.size.unwrap_or(cfg.sample_size * 8);
     let t0 = std::time::Instant::now();
-    let unet =
-        UNet2DConditionModel::load(&cfg, &Weights::random(1, device)).map_err(|e| e.to_string())?;
+    let weights = Weights::random(1, device)
+        .with_dtype(a.dtype)
+        .with_max_tensor_bytes(limit);
+    let unet = UNet2DConditionModel::load(&cfg, &weights)
+        .map_err(|e| e.to_string())?;
     let sched = SchedulerConfig::from_json("scheduler", SD15_SCHEDULER.as_bytes())
         .map_err(|e| e.to_string())?;
     let d = cfg.cross_attention_dim;
@@ -149,6 +309,25 @@ fn bench(name: &str, config_json: &str, a: &Args, device: &Device) -> Result<(),
         clip_skip: 0,
     };
     println!("== {name}: {size}x{size} px, {} steps, gate_step {gate_step}, random weights (built in {:.1} s)", a.steps, t0.elapsed().as_secs_f64());
+    if a.memory_only {
+        // One planning forward and one gated forward; the pools keep their high-water mark.
+        let mut cache = AttentionCache::new();
+        forward(&unet, &mut cache, 2, size / 8, &cond, (CacheMode::StoreMean, CacheMode::Compute));
+        forward(&unet, &mut cache, 1, size / 8, &cond, (CacheMode::Reuse, CacheMode::Compute));
+        match device_memory(device) {
+            Some((reserved, in_use)) => println!(
+                "  device memory ({:?}): {:.1} MiB reserved (high-water mark), {:.1} MiB in use (weights and gate cache)",
+                a.dtype,
+                reserved as f64 / 1048576.0,
+                in_use as f64 / 1048576.0
+            ),
+            None => println!("  device memory: not reported by this backend"),
+        }
+        return Ok(());
+    }
+    if a.kernels && a.backend != "cpu" {
+        kernels(&unet, size / 8, &cond, limit);
+    }
     // Warm-up: kernel compilation and autotuning on wgpu, allocator growth on CPU.
     run(
         &unet,
@@ -197,13 +376,13 @@ fn bench(name: &str, config_json: &str, a: &Args, device: &Device) -> Result<(),
 
 fn main() {
     let result = parse_args().and_then(|a| {
-        let device = device(&a.backend)?;
+        let (device, limit) = device(&a.backend)?;
         println!("backend {} ({device:?})", a.backend);
         if a.model == "small" || a.model == "both" {
-            bench("small", SMALL_UNET, &a, &device)?;
+            bench("small", SMALL_UNET, &a, &device, limit)?;
         }
         if a.model == "sd15" || a.model == "both" {
-            bench("sd15", SD15_UNET, &a, &device)?;
+            bench("sd15", SD15_UNET, &a, &device, limit)?;
         }
         Ok(())
     });

@@ -8,7 +8,9 @@
 //! `production` has the shape of `warp-ai/wuerstchen-prior` (c 1536, depth 32, 24 heads,
 //! c_cond 1280); `--latent 12` is a 512×512 image, 24 is 1024×1024. Prints per-phase step times
 //! and MACs per step (counted from the layers actually run), and the gated / ungated ratios of
-//! the whole loop, both runs measured in the same process.
+//! the whole loop, both runs measured in the same process. On wgpu also the kernels
+//! (`tgate::profile`): distinct kernels compiled by the cold warm-up run, launches per planning
+//! and per gated step, and the device memory reserved.
 
 use std::ops::ControlFlow;
 
@@ -17,6 +19,7 @@ use tgate::nn::{macs, reset_macs};
 use tgate::noise::randn;
 use tgate::pipeline::StepInfo;
 use tgate::pipeline_wuerstchen::{denoise_prior, WuerstchenNoise, WuerstchenParams};
+use tgate::profile::{device_memory, observe, LaunchCounter, Launches, Timing};
 use tgate::schedulers::ddpm_wuerstchen::DdpmWuerstchenConfig;
 use tgate::tgate::{GateConfig, Phase};
 use tgate::weights::Weights;
@@ -68,6 +71,31 @@ fn device(backend: &str) -> Result<Device, String> {
     }
 }
 
+/// Runs the prior loop; `each` sees every step when it is done.
+fn run_with(
+    prior: &WuerstchenPrior,
+    p: &WuerstchenParams,
+    shape: [usize; 4],
+    cond: &Tensor<3>,
+    uncond: &Tensor<3>,
+    each: &mut dyn FnMut(&StepInfo),
+) -> Result<(), String> {
+    denoise_prior(
+        prior,
+        DdpmWuerstchenConfig::default(),
+        p,
+        shape,
+        cond.clone(),
+        Some(uncond.clone()),
+        &mut |s: &StepInfo| {
+            each(s);
+            ControlFlow::Continue(())
+        },
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
 /// (phase, seconds, MACs) per step.
 fn run(
     prior: &WuerstchenPrior,
@@ -78,21 +106,31 @@ fn run(
 ) -> Result<Vec<(Phase, f64, u64)>, String> {
     let mut steps = Vec::new();
     reset_macs();
-    denoise_prior(
-        prior,
-        DdpmWuerstchenConfig::default(),
-        p,
-        shape,
-        cond.clone(),
-        Some(uncond.clone()),
-        &mut |s: &StepInfo| {
-            steps.push((s.phase, s.seconds, macs()));
-            reset_macs();
-            ControlFlow::Continue(())
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    run_with(prior, p, shape, cond, uncond, &mut |s| {
+        steps.push((s.phase, s.seconds, macs()));
+        reset_macs();
+    })?;
     Ok(steps)
+}
+
+/// The launches of every step of a run (each step's count ends when the step is done).
+fn launches_per_step(
+    prior: &WuerstchenPrior,
+    p: &WuerstchenParams,
+    shape: [usize; 4],
+    cond: &Tensor<3>,
+    uncond: &Tensor<3>,
+) -> Result<Vec<(Phase, Launches)>, String> {
+    let mut out = Vec::new();
+    let mut counter = Some(LaunchCounter::start(Timing::Off));
+    run_with(prior, p, shape, cond, uncond, &mut |s| {
+        if let Some(c) = counter.take() {
+            out.push((s.phase, c.finish()));
+        }
+        counter = Some(LaunchCounter::start(Timing::Off));
+    })?;
+    drop(counter);
+    Ok(out)
 }
 
 fn summary(steps: &[(Phase, f64, u64)], phase: Phase) -> Option<(usize, f64, f64)> {
@@ -135,7 +173,25 @@ fn bench(name: &str, json: &str, a: &Args, device: &Device) -> Result<(), String
     let mut warm = p.clone();
     warm.prior_steps = 2;
     warm.gate_step = Some(1);
-    run(&prior, &warm, shape, &cond, &uncond)?;
+    let (warmed, cold) = observe(Timing::Off, || run(&prior, &warm, shape, &cond, &uncond));
+    warmed?;
+    if a.backend != "cpu" {
+        println!("  cold (2 steps, gate at 1): {} distinct kernels compiled, {} launches", cold.distinct, cold.total());
+        let mut k = p.clone();
+        k.prior_steps = 4;
+        k.gate_step = Some(2);
+        // Steps 0 and 1 plan (1 also fills the gate's cache), 2 and 3 are gated.
+        for (i, (phase, l)) in launches_per_step(&prior, &k, shape, &cond, &uncond)?.iter().enumerate() {
+            println!("  step {i} {:<19}: {:>5} launches ({})", phase.name(), l.total(), l.class_summary());
+        }
+        if let Some((reserved, in_use)) = device_memory(device) {
+            println!(
+                "  device memory: {:.1} MiB reserved (high-water mark), {:.1} MiB in use",
+                reserved as f64 / 1048576.0,
+                in_use as f64 / 1048576.0
+            );
+        }
+    }
 
     let ungated = run(&prior, &p, shape, &cond, &uncond)?;
     p.gate_step = Some(gate_step);

@@ -11,6 +11,7 @@ pub mod noise;
 pub mod paella_vq_model;
 pub mod pipeline;
 pub mod pipeline_wuerstchen;
+pub mod profile;
 pub mod resnet;
 pub mod safetensors;
 pub mod schedulers;

@@ -74,6 +74,15 @@ impl VaeConfig {
                 ),
             ));
         }
+        if cfg.out_channels != 3 {
+            return Err(Error::config(
+                file,
+                format!(
+                    "out_channels {}: the pipeline makes RGB images and needs a 3-channel decoder",
+                    cfg.out_channels
+                ),
+            ));
+        }
         if cfg.act_fn != "silu" {
             return Err(Error::config(
                 file,

@@ -16,23 +16,8 @@ use tgate::safetensors::{write_f32, SafeTensors};
 use tgate::schedulers::SchedulerKind;
 use tgate::Error;
 
-/// Every file below `root`, under its `/`-separated relative path.
 fn memory(root: &std::path::Path) -> MemorySource {
-    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut MemorySource) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else {
-                let rel = path.strip_prefix(root).unwrap();
-                let rel = rel.to_string_lossy().replace('\\', "/");
-                out.files.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let mut m = MemorySource::default();
-    walk(root, root, &mut m);
-    m
+    memory_of(root)
 }
 
 /// Replaces the tokenizer folder `dir` by the one transformers 5's `save_pretrained` wrote.

@@ -93,6 +93,22 @@ fn load_err(files: &MemorySource) -> Error {
     }
 }
 
+/// The pipelines make RGB images: a decoder with another channel count is refused at load
+/// (it would otherwise trap the browser module when the image is shaped).
+#[test]
+fn non_rgb_decoders_are_refused_at_load() {
+    let mut files = sd1_files();
+    let cfg = String::from_utf8(files.files["vae/config.json"].clone()).unwrap();
+    assert!(cfg.contains("\"out_channels\": 3"));
+    let cfg = cfg.replace("\"out_channels\": 3", "\"out_channels\": 1");
+    files.files.insert("vae/config.json".into(), cfg.into_bytes());
+    let e = load_err(&files);
+    assert!(
+        matches!(&e, Error::Config { file, message } if file == "vae/config.json" && message.contains("out_channels 1")),
+        "{e}"
+    );
+}
+
 #[test]
 fn bad_weights_give_typed_errors() {
     let unet = "unet/diffusion_pytorch_model.safetensors";

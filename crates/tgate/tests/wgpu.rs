@@ -132,3 +132,19 @@ fn wgpu_pipelines_match_references() {
         eprintln!("this adapter has no shader-f16: the f16 path is checked on the CPU only");
     }
 }
+
+/// The launch counter behind the benchmark's and the browser's launch counts sees wgpu's kernels
+/// (other tests of this process may add to the counts: lower bounds only).
+#[test]
+fn launch_counter_sees_wgpu_kernels() {
+    use burn::tensor::Tensor;
+    use tgate::profile::{observe, Timing};
+    let device = gpu();
+    let a = Tensor::<2>::ones([64, 64], &device);
+    let ((), l) = observe(Timing::Off, || {
+        let _ = a.clone().matmul(a.clone()).into_data();
+    });
+    assert!(l.total() >= 1 && l.distinct >= 1, "{l:?}");
+    let matmuls = l.by_class().into_iter().find(|(c, _)| *c == "matmul").unwrap().1;
+    assert!(matmuls.launches >= 1, "{:?}", l.kernels.keys());
+}

@@ -25,25 +25,7 @@ fn load(src: &dyn ModelSource, prior: Option<&dyn ModelSource>) -> Wuerstchen {
 
 /// Every file of a fixture folder, under its relative path.
 fn memory(name: &str) -> MemorySource {
-    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut MemorySource) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else {
-                let rel = path
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_string_lossy()
-                    .replace('\\', "/");
-                out.files.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let root = fixture_dir(name);
-    let mut m = MemorySource::default();
-    walk(&root, &root, &mut m);
-    m
+    memory_of(&fixture_dir(name))
 }
 
 /// The two-repository layout (`warp-ai/wuerstchen` + `warp-ai/wuerstchen-prior`) made from the

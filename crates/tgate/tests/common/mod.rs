@@ -177,3 +177,22 @@ pub fn refused_before_any_step<T>(
         Err(e) => e,
     }
 }
+
+/// Every file below `root`, in memory under its `/`-separated relative path.
+pub fn memory_of(root: &std::path::Path) -> MemorySource {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut MemorySource) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap();
+                let rel = rel.to_string_lossy().replace('\\', "/");
+                out.files.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut m = MemorySource::default();
+    walk(root, root, &mut m);
+    m
+}
