@@ -384,14 +384,20 @@ export class Generator {
   async generate({ signal, onStep, noise, output = 'imagedata', ...params } = {}) {
     if (signal && signal.aborted) throw new TGateError('cancelled', 'cancelled');
     if (typeof noise === 'string') {
+      // An abort while the noise downloads is a cancellation, not a network failure.
+      const failed = (e) => (signal && signal.aborted ? cancelled() : new TGateError('network', `${noise}: ${e.message}`));
       let r;
       try {
         r = await fetch(noise, { signal });
       } catch (e) {
-        throw new TGateError('network', `${noise}: ${e.message}`);
+        throw failed(e);
       }
       if (!r.ok) throw new TGateError('network', `${noise}: HTTP ${r.status}`);
-      noise = new Uint8Array(await r.arrayBuffer());
+      try {
+        noise = new Uint8Array(await r.arrayBuffer());
+      } catch (e) {
+        throw failed(e);
+      }
     }
     await this.#ready();
     const id = this.#next; // the id #request is about to use

@@ -81,6 +81,11 @@ const todayFiles = (() => {
 
 const server = await serve({
   route(p, res) {
+    // A noise file that arrives only after 5 s (to abort its download).
+    if (p === '/slow/noise.safetensors') {
+      setTimeout(() => send(res, 404, Buffer.from('too late')), 5000);
+      return true;
+    }
     const t = p.match(/^\/today\/sd1\/(.*)$/);
     if (t) {
       const file = path.join(root, 'tests/fixtures/sd1', t[1]);
@@ -252,6 +257,11 @@ try {
     const r = await call('load', 'sd1');
     assert.equal(weightHits.length, before, 'weights were downloaded again');
     assert.ok(r.fromCache >= 3, JSON.stringify(r));
+    return r;
+  });
+  await step('cancel while the noise downloads', async () => {
+    const r = await call('abortNoiseDownload', '/slow/noise.safetensors');
+    assert.equal(r.code, 'cancelled', JSON.stringify(r));
     return r;
   });
   await step('cancel, then generate', async () => {

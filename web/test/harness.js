@@ -108,6 +108,19 @@ window.harness = {
     return { ...r, progress: [...progress] };
   },
 
+  /** Starts a generation whose noise file downloads slowly and aborts it meanwhile. */
+  async abortNoiseDownload(url) {
+    const controller = new AbortController();
+    const running = (await gen()).generate({ prompt: 'x', steps: 2, noise: url, signal: controller.signal });
+    setTimeout(() => controller.abort(), 300);
+    try {
+      await running;
+      return { code: 'none' };
+    } catch (e) {
+      return errorInfo(e);
+    }
+  },
+
   /** Loads the SD fixture from Blobs, as a page does with user-picked files. */
   async loadBlobs(fixture) {
     const files = new Map();

@@ -182,7 +182,8 @@ fn tokenize(model: &Path, prompt: &str) -> Result<(), Error> {
 /// Refuses an output path that cannot be written: its folder must exist and take a new file
 /// (tried with a probe file, removed at once; an existing output is left untouched).
 fn check_writable(flag: &str, path: &Path) -> Result<(), Error> {
-    let refuse = |why: String| Error::param(flag, format!("cannot write {}: {why}", path.display()));
+    let refuse =
+        |why: String| Error::param(flag, format!("cannot write {}: {why}", path.display()));
     if path.is_dir() {
         return Err(refuse("it is a folder".into()));
     }
@@ -293,7 +294,8 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     let (device, limit) = device(a.backend, a.max_tensor_bytes)?;
     let src = src.with_max_tensor_bytes(limit);
     eprintln!("loading {} ...", a.model.display());
-    let model = StableDiffusion::load_as(&src, Variant::parse(&a.variant)?, a.dtype.dtype(), &device)?;
+    let model =
+        StableDiffusion::load_as(&src, Variant::parse(&a.variant)?, a.dtype.dtype(), &device)?;
     for part in &model.loaded {
         eprintln!("  {part}");
     }

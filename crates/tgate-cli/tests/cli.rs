@@ -190,8 +190,14 @@ fn impossible_parameters_fail_with_a_message() {
     let m = model.to_str().unwrap();
     let cases: [(&[&str], &str); 14] = [
         // Output paths are checked before anything is loaded or generated.
-        (&["--out", "/nonexistent/dir/x.png"], "cannot write /nonexistent/dir/x.png: no folder"),
-        (&["--save-latents", "/nonexistent/l.safetensors"], "save-latents"),
+        (
+            &["--out", "/nonexistent/dir/x.png"],
+            "cannot write /nonexistent/dir/x.png: no folder",
+        ),
+        (
+            &["--save-latents", "/nonexistent/l.safetensors"],
+            "save-latents",
+        ),
         (&["--variant", "fp8"], "variant"),
         (&["--steps", "0"], "steps"),
         (&["--steps", "100000"], "steps"),
@@ -222,7 +228,10 @@ fn impossible_parameters_fail_with_a_message() {
         );
         assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
         if extra[0] == "--out" || extra[0] == "--save-latents" {
-            assert!(!stderr.contains("loading"), "{extra:?}: refused only after loading: {stderr}");
+            assert!(
+                !stderr.contains("loading"),
+                "{extra:?}: refused only after loading: {stderr}"
+            );
         }
     }
     // A noise file whose shape does not fit the requested size.

@@ -14,9 +14,9 @@ use burn::tensor::{DType, Device, Tensor};
 use js_sys::{Function, Map, Uint8Array};
 use serde::{Deserialize, Serialize};
 use tgate::loader::{ModelSource, Variant};
-use tgate::profile::{LaunchCounter, Launches, Timing};
 use tgate::pipeline::{Denoiser, EnqueuedStep, GenerateParams, Noise, StableDiffusion, StepInfo};
 use tgate::pipeline_wuerstchen::{Wuerstchen, WuerstchenNoise, WuerstchenParams};
+use tgate::profile::{LaunchCounter, Launches, Timing};
 use tgate::safetensors::{ByteSource, SafeTensors};
 use tgate::tgate::GateConfig;
 use wasm_bindgen::prelude::*;
@@ -568,8 +568,8 @@ impl Engine {
                         "a prior only goes with kind 'wuerstchen'",
                     ));
                 }
-                let sd = StableDiffusion::load_as(&src, variant, dtype, &self.device)
-                    .map_err(to_js)?;
+                let sd =
+                    StableDiffusion::load_as(&src, variant, dtype, &self.device).map_err(to_js)?;
                 let size = sd.default_size();
                 (Model::Sd(Rc::new(sd)), (size, size))
             }

@@ -18,8 +18,8 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use tgate::nn::{macs, reset_macs};
 use tgate::noise::randn;
 use tgate::pipeline::{denoise, GenerateParams, Noise, StepInfo};
-use tgate::schedulers::SchedulerConfig;
 use tgate::profile::{class_of, device_memory, observe, Launches, Timing};
+use tgate::schedulers::SchedulerConfig;
 use tgate::tgate::{AttentionCache, CacheMode, GateConfig, Phase};
 use tgate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
 use tgate::weights::Weights;
@@ -99,7 +99,10 @@ fn device(backend: &str) -> Result<(Device, Option<u64>), String> {
                 .init_with_setup()
                 .map_err(|e| format!("wgpu: {e:?}"))?;
             let l = setup.device.limits();
-            Ok((device, Some(u64::from(l.max_storage_buffer_binding_size).min(l.max_buffer_size))))
+            Ok((
+                device,
+                Some(u64::from(l.max_storage_buffer_binding_size).min(l.max_buffer_size)),
+            ))
         }
         other => Err(format!("backend {other} is not available in this build")),
     }
@@ -169,7 +172,11 @@ fn forward(
 }
 
 fn print_launches(label: &str, l: &Launches) {
-    println!("  {label:<34}: {:>5} launches ({})", l.total(), l.class_summary());
+    println!(
+        "  {label:<34}: {:>5} launches ({})",
+        l.total(),
+        l.class_summary()
+    );
 }
 
 /// Kernel accounting on cubecl devices (see the module docs).
@@ -192,11 +199,17 @@ fn kernels(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Op
         cold.total(),
         t0.elapsed().as_secs_f64()
     );
-    let ((), planning) = observe(Timing::Off, || forward(unet, &mut cache, 2, side, cond, compute));
+    let ((), planning) = observe(Timing::Off, || {
+        forward(unet, &mut cache, 2, side, cond, compute)
+    });
     print_launches("planning forward (batch 2)", &planning);
-    let ((), gated) = observe(Timing::Off, || forward(unet, &mut cache, 1, side, cond, reuse));
+    let ((), gated) = observe(Timing::Off, || {
+        forward(unet, &mut cache, 1, side, cond, reuse)
+    });
     print_launches("gated forward (batch 1)", &gated);
-    let ((), timed) = observe(Timing::PerKernel, || forward(unet, &mut cache, 2, side, cond, compute));
+    let ((), timed) = observe(Timing::PerKernel, || {
+        forward(unet, &mut cache, 2, side, cond, compute)
+    });
     let total: f64 = timed.kernels.values().map(|s| s.seconds).sum();
     println!("  device time by op class, planning forward (kernels timed one at a time, {:.1} ms in all):", total * 1e3);
     for (class, s) in timed.by_class() {
@@ -222,7 +235,12 @@ fn kernels(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Op
     }
     println!("    top kernels:");
     for (name, s) in top.iter().take(8) {
-        println!("      {:>8.2} ms {:>4}x {}", s.seconds * 1e3, s.launches, short(name));
+        println!(
+            "      {:>8.2} ms {:>4}x {}",
+            s.seconds * 1e3,
+            s.launches,
+            short(name)
+        );
     }
     attention_shapes(unet, side, cond, limit);
     if let Some((reserved, in_use)) = device_memory(&cond.device()) {
@@ -240,7 +258,12 @@ fn short(name: &str) -> String {
 
 /// The kernels one attention call launches at each shape this UNet uses at `side` (latent side):
 /// a flash kernel, or the fallback's separate score / softmax / value kernels.
-fn attention_shapes(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Option<u64>) {
+fn attention_shapes(
+    unet: &UNet2DConditionModel,
+    side: usize,
+    cond: &Tensor<3>,
+    limit: Option<u64>,
+) {
     let cfg = unet.config();
     let device = cond.device();
     println!("  attention kernels by shape (batch 2; autotuned on first use):");
@@ -259,16 +282,31 @@ fn attention_shapes(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, 
                 continue;
             }
             let rnd = |n: usize, c: usize, seed: u64| {
-                Tensor::<3>::from_data(TensorData::new(randn(seed, 0, 2 * n * c), [2, n, c]), &device)
+                Tensor::<3>::from_data(
+                    TensorData::new(randn(seed, 0, 2 * n * c), [2, n, c]),
+                    &device,
+                )
             };
             let (q, k, v) = (rnd(s * s, ch, 5), rnd(n_k, ch, 6), rnd(n_k, ch, 7));
             let run = || {
-                let _ = tgate::nn::multi_head_attention(q.clone(), k.clone(), v.clone(), heads, None, false, limit)
-                    .into_data();
+                let _ = tgate::nn::multi_head_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    heads,
+                    None,
+                    false,
+                    limit,
+                )
+                .into_data();
             };
             run(); // tune first
             let ((), l) = observe(Timing::Off, run);
-            let names: Vec<String> = l.kernels.iter().map(|(n, s)| format!("{}x {}", s.launches, short(n))).collect();
+            let names: Vec<String> = l
+                .kernels
+                .iter()
+                .map(|(n, s)| format!("{}x {}", s.launches, short(n)))
+                .collect();
             println!(
                 "    {kind:<5} q {:>5} k {:>5} heads {heads} d {:>3}: {}",
                 s * s,
@@ -280,15 +318,20 @@ fn attention_shapes(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, 
     }
 }
 
-fn bench(name: &str, config_json: &str, a: &Args, device: &Device, limit: Option<u64>) -> Result<(), String> {
+fn bench(
+    name: &str,
+    config_json: &str,
+    a: &Args,
+    device: &Device,
+    limit: Option<u64>,
+) -> Result<(), String> {
     let cfg = UNetConfig::from_json(name, config_json.as_bytes()).map_err(|e| e.to_string())?;
     let size = a.size.unwrap_or(cfg.sample_size * 8);
     let t0 = std::time::Instant::now();
     let weights = Weights::random(1, device)
         .with_dtype(a.dtype)
         .with_max_tensor_bytes(limit);
-    let unet = UNet2DConditionModel::load(&cfg, &weights)
-        .map_err(|e| e.to_string())?;
+    let unet = UNet2DConditionModel::load(&cfg, &weights).map_err(|e| e.to_string())?;
     let sched = SchedulerConfig::from_json("scheduler", SD15_SCHEDULER.as_bytes())
         .map_err(|e| e.to_string())?;
     let d = cfg.cross_attention_dim;
@@ -312,8 +355,22 @@ fn bench(name: &str, config_json: &str, a: &Args, device: &Device, limit: Option
     if a.memory_only {
         // One planning forward and one gated forward; the pools keep their high-water mark.
         let mut cache = AttentionCache::new();
-        forward(&unet, &mut cache, 2, size / 8, &cond, (CacheMode::StoreMean, CacheMode::Compute));
-        forward(&unet, &mut cache, 1, size / 8, &cond, (CacheMode::Reuse, CacheMode::Compute));
+        forward(
+            &unet,
+            &mut cache,
+            2,
+            size / 8,
+            &cond,
+            (CacheMode::StoreMean, CacheMode::Compute),
+        );
+        forward(
+            &unet,
+            &mut cache,
+            1,
+            size / 8,
+            &cond,
+            (CacheMode::Reuse, CacheMode::Compute),
+        );
         match device_memory(device) {
             Some((reserved, in_use)) => println!(
                 "  device memory ({:?}): {:.1} MiB reserved (high-water mark), {:.1} MiB in use (weights and gate cache)",

@@ -176,13 +176,25 @@ fn bench(name: &str, json: &str, a: &Args, device: &Device) -> Result<(), String
     let (warmed, cold) = observe(Timing::Off, || run(&prior, &warm, shape, &cond, &uncond));
     warmed?;
     if a.backend != "cpu" {
-        println!("  cold (2 steps, gate at 1): {} distinct kernels compiled, {} launches", cold.distinct, cold.total());
+        println!(
+            "  cold (2 steps, gate at 1): {} distinct kernels compiled, {} launches",
+            cold.distinct,
+            cold.total()
+        );
         let mut k = p.clone();
         k.prior_steps = 4;
         k.gate_step = Some(2);
         // Steps 0 and 1 plan (1 also fills the gate's cache), 2 and 3 are gated.
-        for (i, (phase, l)) in launches_per_step(&prior, &k, shape, &cond, &uncond)?.iter().enumerate() {
-            println!("  step {i} {:<19}: {:>5} launches ({})", phase.name(), l.total(), l.class_summary());
+        for (i, (phase, l)) in launches_per_step(&prior, &k, shape, &cond, &uncond)?
+            .iter()
+            .enumerate()
+        {
+            println!(
+                "  step {i} {:<19}: {:>5} launches ({})",
+                phase.name(),
+                l.total(),
+                l.class_summary()
+            );
         }
         if let Some((reserved, in_use)) = device_memory(device) {
             println!(

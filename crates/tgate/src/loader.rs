@@ -158,9 +158,11 @@ pub fn load_weights_as(
             tried.push(index);
             continue;
         };
-        return Ok(Weights::from_checkpoint(checkpoint.with_reason(reason), device)
-            .with_dtype(dtype)
-            .with_max_tensor_bytes(src.max_tensor_bytes()));
+        return Ok(
+            Weights::from_checkpoint(checkpoint.with_reason(reason), device)
+                .with_dtype(dtype)
+                .with_max_tensor_bytes(src.max_tensor_bytes()),
+        );
     }
     Err(Error::MissingFile(format!(
         "{} (also tried {}) in {}",
@@ -181,9 +183,9 @@ pub fn shard_files(index: &str, json: &[u8]) -> Result<Vec<(String, Vec<String>)
         .ok_or_else(|| Error::config(index, "no `weight_map` object"))?;
     let mut shards: Vec<(String, Vec<String>)> = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::config(index, format!("`weight_map.{tensor}` is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::config(index, format!("`weight_map.{tensor}` is not a file name"))
+        })?;
         // Shards lie beside the index: no paths, so an index cannot point outside the folder.
         if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
             return Err(Error::config(
@@ -208,7 +210,10 @@ fn open_shards(src: &dyn ModelSource, dir: &str, index: &str, json: &[u8]) -> Re
     for (file, tensors) in shard_files(index, json)? {
         let path = format!("{dir}/{file}");
         let data = src.open(&path)?.ok_or_else(|| {
-            Error::MissingFile(format!("{path} (a shard named by {index}) in {}", src.describe()))
+            Error::MissingFile(format!(
+                "{path} (a shard named by {index}) in {}",
+                src.describe()
+            ))
         })?;
         let shard = SafeTensors::open(path.clone(), data)?;
         if let Some(t) = tensors.iter().find(|t| !shard.contains(t)) {

@@ -54,15 +54,7 @@ impl PaellaConfig {
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
         let cfg: PaellaConfig =
             serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
-        if cfg.out_channels != 3 {
-            return Err(Error::config(
-                file,
-                format!(
-                    "out_channels {}: the pipeline makes RGB images and needs a 3-channel decoder",
-                    cfg.out_channels
-                ),
-            ));
-        }
+        crate::vae::check_rgb(file, cfg.out_channels)?;
         if !(1..=8).contains(&cfg.levels) || !(1..=16).contains(&cfg.up_down_scale_factor) {
             return Err(Error::config(
                 file,

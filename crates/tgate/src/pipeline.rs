@@ -12,7 +12,9 @@ use web_time::Instant;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
-use crate::loader::{check_dtype, load_weights_as, read_required, LoadedFiles, ModelSource, Variant};
+use crate::loader::{
+    check_dtype, load_weights_as, read_required, LoadedFiles, ModelSource, Variant,
+};
 use crate::nn::ActivationSize;
 use crate::noise::randn;
 use crate::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};

@@ -37,7 +37,11 @@ pub const CLASSES: [&str; 7] = [
 /// The op class of a kernel, from its name (cubecl names kernels by their Rust type; the first
 /// ` | `-separated part is the kernel, the rest its arguments).
 pub fn class_of(kernel: &str) -> &'static str {
-    let k = kernel.split(" | ").next().unwrap_or(kernel).to_ascii_lowercase();
+    let k = kernel
+        .split(" | ")
+        .next()
+        .unwrap_or(kernel)
+        .to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| k.contains(w));
     if has(&["attention", "flash"]) {
         "attention"
@@ -48,7 +52,16 @@ pub fn class_of(kernel: &str) -> &'static str {
     } else if has(&["norm", "reduce", "sum", "mean", "argmax", "softmax", "var"]) {
         "norm/reduce"
     } else if has(&[
-        "elemwise", "fuse", "unary", "binop", "binary", "scalar", "cast", "clamp", "mask", "cmp",
+        "elemwise",
+        "fuse",
+        "unary",
+        "binop",
+        "binary",
+        "scalar",
+        "cast",
+        "clamp",
+        "mask",
+        "cmp",
         "activation",
     ]) {
         "elementwise"
@@ -108,8 +121,10 @@ impl Launches {
 
     /// Launches and seconds per op class, in [`CLASSES`] order.
     pub fn by_class(&self) -> Vec<(&'static str, KernelStat)> {
-        let mut out: Vec<(&'static str, KernelStat)> =
-            CLASSES.iter().map(|c| (*c, KernelStat::default())).collect();
+        let mut out: Vec<(&'static str, KernelStat)> = CLASSES
+            .iter()
+            .map(|c| (*c, KernelStat::default()))
+            .collect();
         for (name, s) in &self.kernels {
             let slot = &mut out
                 .iter_mut()
@@ -205,7 +220,12 @@ impl LaunchCounter {
         drop(self.watching);
         let distinct = self.compiled.finish().len();
         let mut kernels: BTreeMap<String, KernelStat> = BTreeMap::new();
-        let stats = self.counter.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        let stats = self
+            .counter
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         for (name, s) in stats {
             let slot = kernels
                 .entry(type_name_format(name, TypeNameFormatLevel::Balanced))
@@ -259,13 +279,20 @@ mod tests {
             assert_eq!(class_of(name), class, "{name}");
         }
         assert_eq!(short_name("KernelBinop | AddOp"), "KernelBinop AddOp");
-        assert_eq!(short_name("MatmulEntry | TensorArgs | DynamicScalar"), "MatmulEntry");
+        assert_eq!(
+            short_name("MatmulEntry | TensorArgs | DynamicScalar"),
+            "MatmulEntry"
+        );
     }
 
     #[test]
     fn launches_add_up_by_class() {
         let mut l = Launches::default();
-        for (name, n) in [("MatmulEntry", 3), ("KernelBinop | AddOp", 2), ("CopyKernel", 1)] {
+        for (name, n) in [
+            ("MatmulEntry", 3),
+            ("KernelBinop | AddOp", 2),
+            ("CopyKernel", 1),
+        ] {
             l.kernels.insert(
                 name.into(),
                 KernelStat {

@@ -83,7 +83,12 @@ impl ClipTokenizer {
         let vocab: Vocab = serde_json::from_slice(vocab_json)
             .map_err(|e| Error::config("vocab.json", format!("invalid vocabulary: {e}")))?;
         let merges = parse_merges_txt(merges_txt)?;
-        Self::from_parts(vocab, merges, tokenizer_config_json, special_tokens_map_json)
+        Self::from_parts(
+            vocab,
+            merges,
+            tokenizer_config_json,
+            special_tokens_map_json,
+        )
     }
 
     /// From a `tokenizer.json` (the `tokenizers` library's own format, written by transformers 5's
@@ -96,7 +101,12 @@ impl ClipTokenizer {
         special_tokens_map_json: Option<&[u8]>,
     ) -> Result<Self> {
         let (vocab, merges) = parse_tokenizer_json(tokenizer_json)?;
-        Self::from_parts(vocab, merges, tokenizer_config_json, special_tokens_map_json)
+        Self::from_parts(
+            vocab,
+            merges,
+            tokenizer_config_json,
+            special_tokens_map_json,
+        )
     }
 
     /// From the tokenizer folder `dir` of a model source: `tokenizer.json` when present (as
@@ -431,10 +441,7 @@ fn parse_tokenizer_json(bytes: &[u8]) -> Result<(Vocab, Vec<(String, String)>)> 
             _ => None,
         };
         merges.push(pair.ok_or_else(|| {
-            Error::config(
-                FILE,
-                format!("`model.merges[{n}]` is not a pair of tokens"),
-            )
+            Error::config(FILE, format!("`model.merges[{n}]` is not a pair of tokens"))
         })?);
     }
     Ok((vocab, merges))

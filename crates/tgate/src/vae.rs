@@ -58,6 +58,18 @@ fn yes() -> bool {
     true
 }
 
+/// Refuses an image decoder whose output is not RGB (`out_channels` ≠ 3): the pipelines shape
+/// its output into RGB pixels (SD's VAE and Würstchen's Stage A alike).
+pub fn check_rgb(file: &str, out_channels: usize) -> Result<()> {
+    if out_channels == 3 {
+        return Ok(());
+    }
+    Err(Error::config(
+        file,
+        format!("out_channels {out_channels}: the pipeline makes RGB images and needs a 3-channel decoder"),
+    ))
+}
+
 impl VaeConfig {
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
         let cfg: VaeConfig =
@@ -74,15 +86,7 @@ impl VaeConfig {
                 ),
             ));
         }
-        if cfg.out_channels != 3 {
-            return Err(Error::config(
-                file,
-                format!(
-                    "out_channels {}: the pipeline makes RGB images and needs a 3-channel decoder",
-                    cfg.out_channels
-                ),
-            ));
-        }
+        check_rgb(file, cfg.out_channels)?;
         if cfg.act_fn != "silu" {
             return Err(Error::config(
                 file,

@@ -22,7 +22,9 @@ fn memory(root: &std::path::Path) -> MemorySource {
 
 /// Replaces the tokenizer folder `dir` by the one transformers 5's `save_pretrained` wrote.
 fn tokenizer_saved_today(files: &mut MemorySource, name: &str, dir: &str) {
-    files.files.retain(|k, _| !k.starts_with(&format!("{dir}/")));
+    files
+        .files
+        .retain(|k, _| !k.starts_with(&format!("{dir}/")));
     let saved = fixture_dir("saved-today").join(name).join(dir);
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         let bytes = std::fs::read(saved.join(file)).unwrap();
@@ -33,7 +35,13 @@ fn tokenizer_saved_today(files: &mut MemorySource, name: &str, dir: &str) {
 /// Splits `{dir}/{stem}[.variant].safetensors` into `parts` shards named as `save_pretrained`
 /// names them (`{stem}[.variant]-00001-of-0000N.safetensors`) plus the index
 /// `{stem}.safetensors.index[.variant].json`; tensors go round-robin by name. Returns the shard names.
-fn shard(files: &mut MemorySource, dir: &str, stem: &str, variant: &str, parts: usize) -> Vec<String> {
+fn shard(
+    files: &mut MemorySource,
+    dir: &str,
+    stem: &str,
+    variant: &str,
+    parts: usize,
+) -> Vec<String> {
     let base = if variant.is_empty() {
         stem.to_string()
     } else {
@@ -43,7 +51,10 @@ fn shard(files: &mut MemorySource, dir: &str, stem: &str, variant: &str, parts: 
     let bytes = files.files.remove(&whole).expect("the single file exists");
     let st = SafeTensors::parse(whole, bytes).unwrap();
     let names: Vec<String> = st.names().map(str::to_string).collect();
-    let tensors: Vec<_> = names.iter().map(|n| (n.clone(), st.read_f32_any(n).unwrap())).collect();
+    let tensors: Vec<_> = names
+        .iter()
+        .map(|n| (n.clone(), st.read_f32_any(n).unwrap()))
+        .collect();
     let shard_names: Vec<String> = (1..=parts)
         .map(|i| format!("{base}-{i:05}-of-{parts:05}.safetensors"))
         .collect();
@@ -59,15 +70,20 @@ fn shard(files: &mut MemorySource, dir: &str, stem: &str, variant: &str, parts: 
             weight_map.insert(n.clone(), shard_name.clone().into());
             total += t.data.len() * 4;
         }
-        files.files.insert(format!("{dir}/{shard_name}"), write_f32(&list));
+        files
+            .files
+            .insert(format!("{dir}/{shard_name}"), write_f32(&list));
     }
-    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let index =
+        serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     let index_name = if variant.is_empty() {
         format!("{dir}/{stem}.safetensors.index.json")
     } else {
         format!("{dir}/{stem}.safetensors.index.{variant}.json")
     };
-    files.files.insert(index_name, index.to_string().into_bytes());
+    files
+        .files
+        .insert(index_name, index.to_string().into_bytes());
     shard_names
 }
 
@@ -99,10 +115,17 @@ fn sd1_saved_today_with_sharded_weights_matches_diffusers() {
     shard(&mut files, "text_encoder", "model", "", 3);
     assert!(!files.files.contains_key("tokenizer/vocab.json"));
     let model = StableDiffusion::load(&files, Variant::Auto, &cpu()).expect("loads");
-    let unet = model.loaded.iter().find(|l| l.part == "unet").expect("unet listed");
+    let unet = model
+        .loaded
+        .iter()
+        .find(|l| l.part == "unet")
+        .expect("unet listed");
     assert_eq!(
         unet.files,
-        unet_shards.iter().map(|s| format!("unet/{s}")).collect::<Vec<_>>()
+        unet_shards
+            .iter()
+            .map(|s| format!("unet/{s}"))
+            .collect::<Vec<_>>()
     );
     assert!(unet.reason.contains("f32 compute"), "{}", unet.reason);
     matches_reference("sd1", &model);
@@ -117,7 +140,11 @@ fn sd2_saved_today_with_sharded_fp16_variant_matches_diffusers() {
     shard(&mut files, "unet", "diffusion_pytorch_model", "fp16", 2);
     shard(&mut files, "vae", "diffusion_pytorch_model", "fp16", 2);
     let model = StableDiffusion::load(&files, Variant::Auto, &cpu()).expect("loads");
-    let vae = model.loaded.iter().find(|l| l.part == "vae").expect("vae listed");
+    let vae = model
+        .loaded
+        .iter()
+        .find(|l| l.part == "vae")
+        .expect("vae listed");
     assert_eq!(vae.files.len(), 2);
     assert!(vae.reason.contains("only this variant"), "{}", vae.reason);
     matches_reference("sd2", &model);
@@ -134,10 +161,19 @@ fn wuerstchen_saved_today_tokenizers_load() {
     let device = cpu();
     let a = Wuerstchen::load(&classic, None, Variant::Auto, &device).expect("classic loads");
     let b = Wuerstchen::load(&files, None, Variant::Auto, &device).expect("saved-today loads");
-    let prompt = reference_json("wuerstchen")["prompt"].as_str().unwrap().to_string();
+    let prompt = reference_json("wuerstchen")["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for p in [prompt.as_str(), "A, b!  c's  naïve 🦊 12"] {
-        assert_eq!(a.prior_tokenizer.encode(p).unwrap(), b.prior_tokenizer.encode(p).unwrap());
-        assert_eq!(a.tokenizer.encode(p).unwrap(), b.tokenizer.encode(p).unwrap());
+        assert_eq!(
+            a.prior_tokenizer.encode(p).unwrap(),
+            b.prior_tokenizer.encode(p).unwrap()
+        );
+        assert_eq!(
+            a.tokenizer.encode(p).unwrap(),
+            b.tokenizer.encode(p).unwrap()
+        );
     }
 }
 
@@ -146,11 +182,15 @@ fn wuerstchen_saved_today_tokenizers_load() {
 #[test]
 fn variant_follows_dtype_and_request() {
     let device = cpu();
-    let unet = std::fs::read(fixture_dir("sd1").join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let unet =
+        std::fs::read(fixture_dir("sd1").join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     let with = |names: &[&str]| {
         let mut m = MemorySource::default();
         for n in names {
-            m.files.insert(format!("unet/diffusion_pytorch_model{n}.safetensors"), unet.clone());
+            m.files.insert(
+                format!("unet/diffusion_pytorch_model{n}.safetensors"),
+                unet.clone(),
+            );
         }
         m
     };
@@ -161,10 +201,16 @@ fn variant_follows_dtype_and_request() {
     };
     let all = with(&["", ".fp16", ".bf16"]);
     let (f, why, dt) = chosen(&all, Variant::Auto, DType::F32);
-    assert_eq!((f.as_str(), dt), ("unet/diffusion_pytorch_model.safetensors", DType::F32));
+    assert_eq!(
+        (f.as_str(), dt),
+        ("unet/diffusion_pytorch_model.safetensors", DType::F32)
+    );
     assert!(why.contains("f32 compute"), "{why}");
     let (f, why, dt) = chosen(&all, Variant::Auto, DType::F16);
-    assert_eq!((f.as_str(), dt), ("unet/diffusion_pytorch_model.fp16.safetensors", DType::F16));
+    assert_eq!(
+        (f.as_str(), dt),
+        ("unet/diffusion_pytorch_model.fp16.safetensors", DType::F16)
+    );
     assert!(why.contains("f16 compute"), "{why}");
     let (f, _, _) = chosen(&all, Variant::Bf16, DType::F32);
     assert_eq!(f, "unet/diffusion_pytorch_model.bf16.safetensors");
@@ -175,14 +221,33 @@ fn variant_follows_dtype_and_request() {
     assert_eq!(f, "unet/diffusion_pytorch_model.bf16.safetensors");
     assert!(why.contains("only this variant"), "{why}");
     // Nothing there: every name tried is listed.
-    let err = load_weights_as(&MemorySource::default(), "unet", "diffusion_pytorch_model", Variant::Auto, DType::F32, &device)
-        .err()
-        .unwrap()
-        .to_string();
-    for n in [".safetensors", ".fp16.safetensors", ".bf16.safetensors", ".safetensors.index.json", ".safetensors.index.fp16.json"] {
-        assert!(err.contains(&format!("diffusion_pytorch_model{n}")), "{err}");
+    let err = load_weights_as(
+        &MemorySource::default(),
+        "unet",
+        "diffusion_pytorch_model",
+        Variant::Auto,
+        DType::F32,
+        &device,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    for n in [
+        ".safetensors",
+        ".fp16.safetensors",
+        ".bf16.safetensors",
+        ".safetensors.index.json",
+        ".safetensors.index.fp16.json",
+    ] {
+        assert!(
+            err.contains(&format!("diffusion_pytorch_model{n}")),
+            "{err}"
+        );
     }
-    assert!(matches!(Variant::parse("fp8"), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        Variant::parse("fp8"),
+        Err(Error::InvalidParameter { .. })
+    ));
 }
 
 /// A broken sharded checkpoint is a typed error naming the index or the shard.
@@ -208,48 +273,73 @@ fn broken_shards_give_typed_errors() {
         let mut files = base.clone();
         let mut doc: serde_json::Value = serde_json::from_slice(&files.files[index]).unwrap();
         f(&mut doc);
-        files.files.insert(index.into(), doc.to_string().into_bytes());
+        files
+            .files
+            .insert(index.into(), doc.to_string().into_bytes());
         files
     };
     // A shard is missing.
     let mut files = base.clone();
     files.files.remove(shard2);
     let e = load(&files);
-    assert!(matches!(&e, Error::MissingFile(m) if m.contains(shard2) && m.contains("index")), "{e}");
+    assert!(
+        matches!(&e, Error::MissingFile(m) if m.contains(shard2) && m.contains("index")),
+        "{e}"
+    );
     // The index puts a tensor in a shard that lacks it.
     let files = edit_index(&|doc| {
         let map = doc["weight_map"].as_object_mut().unwrap();
-        let (k, _) = map.iter().find(|(_, v)| v.as_str().unwrap().contains("-00002-of")).unwrap();
+        let (k, _) = map
+            .iter()
+            .find(|(_, v)| v.as_str().unwrap().contains("-00002-of"))
+            .unwrap();
         let k = k.clone();
-        map.insert(k, "diffusion_pytorch_model-00001-of-00002.safetensors".into());
+        map.insert(
+            k,
+            "diffusion_pytorch_model-00001-of-00002.safetensors".into(),
+        );
     });
     let e = load(&files);
-    assert!(matches!(&e, Error::CorruptWeights { file, message } if file == shard1 && message.contains("lacks")), "{e}");
+    assert!(
+        matches!(&e, Error::CorruptWeights { file, message } if file == shard1 && message.contains("lacks")),
+        "{e}"
+    );
     // A tensor in both shards.
     let mut files = base.clone();
     let one = SafeTensors::parse("1", files.files[shard1].clone()).unwrap();
     let two = SafeTensors::parse("2", files.files[shard2].clone()).unwrap();
     let dup = one.names().next().unwrap().to_string();
-    let mut all: Vec<(String, tgate::safetensors::HostTensor)> =
-        two.names().map(|n| (n.to_string(), two.read_f32_any(n).unwrap())).collect();
+    let mut all: Vec<(String, tgate::safetensors::HostTensor)> = two
+        .names()
+        .map(|n| (n.to_string(), two.read_f32_any(n).unwrap()))
+        .collect();
     all.push((dup.clone(), one.read_f32_any(&dup).unwrap()));
-    let list: Vec<(&str, &[usize], &[f32])> =
-        all.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice())).collect();
+    let list: Vec<(&str, &[usize], &[f32])> = all
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice()))
+        .collect();
     files.files.insert(shard2.into(), write_f32(&list));
     let e = load(&files);
-    assert!(matches!(&e, Error::CorruptWeights { file, message } if file == index && message.contains(&dup)), "{e}");
+    assert!(
+        matches!(&e, Error::CorruptWeights { file, message } if file == index && message.contains(&dup)),
+        "{e}"
+    );
     // A shard path outside the folder, a non-object map, invalid JSON.
     let files = edit_index(&|doc| {
         let map = doc["weight_map"].as_object_mut().unwrap();
         let k = map.keys().next().unwrap().clone();
         map.insert(k, "../vae/diffusion_pytorch_model.safetensors".into());
     });
-    assert!(matches!(load(&files), Error::Config { file, message } if file == index && message.contains("beside")));
+    assert!(
+        matches!(load(&files), Error::Config { file, message } if file == index && message.contains("beside"))
+    );
     let files = edit_index(&|doc| doc["weight_map"] = serde_json::json!([1, 2]));
     assert!(matches!(load(&files), Error::Config { file, .. } if file == index));
     let mut files = base.clone();
     files.files.insert(index.into(), b"{".to_vec());
-    assert!(matches!(load(&files), Error::Config { file, message } if file == index && message.contains("JSON")));
+    assert!(
+        matches!(load(&files), Error::Config { file, message } if file == index && message.contains("JSON"))
+    );
 }
 
 /// A source must never be asked for paths outside its folder because of an index.
@@ -266,9 +356,17 @@ fn shard_names_stay_in_the_folder() {
     shard(&mut files, "unet", "diffusion_pytorch_model", "", 2);
     let index = "unet/diffusion_pytorch_model.safetensors.index.json";
     let mut doc: serde_json::Value = serde_json::from_slice(&files.files[index]).unwrap();
-    let k = doc["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+    let k = doc["weight_map"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
     doc["weight_map"][&k] = "/etc/passwd".into();
-    files.files.insert(index.into(), doc.to_string().into_bytes());
+    files
+        .files
+        .insert(index.into(), doc.to_string().into_bytes());
     let watch = Watch(files, Default::default());
     assert!(StableDiffusion::load(&watch, Variant::Auto, &cpu()).is_err());
     assert!(watch.1.borrow().iter().all(|p| !p.contains("passwd")));

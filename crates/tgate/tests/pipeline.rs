@@ -101,7 +101,9 @@ fn non_rgb_decoders_are_refused_at_load() {
     let cfg = String::from_utf8(files.files["vae/config.json"].clone()).unwrap();
     assert!(cfg.contains("\"out_channels\": 3"));
     let cfg = cfg.replace("\"out_channels\": 3", "\"out_channels\": 1");
-    files.files.insert("vae/config.json".into(), cfg.into_bytes());
+    files
+        .files
+        .insert("vae/config.json".into(), cfg.into_bytes());
     let e = load_err(&files);
     assert!(
         matches!(&e, Error::Config { file, message } if file == "vae/config.json" && message.contains("out_channels 1")),

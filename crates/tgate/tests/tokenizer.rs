@@ -207,8 +207,7 @@ fn tokenizer_json_layout_matches_transformers_and_the_other_layout() {
             !saved.join(folder).join("vocab.json").exists(),
             "the fixture must hold tokenizer.json only"
         );
-        let from_json =
-            ClipTokenizer::from_folder(&DirSource::new(&saved), folder).expect("loads");
+        let from_json = ClipTokenizer::from_folder(&DirSource::new(&saved), folder).expect("loads");
         let cases = json(&saved.join(folder).join("cases.json"));
         let cases = cases["cases"].as_array().expect("case list");
         assert!(check_cases(name, &from_json, cases) > 0, "no cases");
@@ -230,17 +229,25 @@ fn tokenizer_json_layout_matches_transformers_and_the_other_layout() {
 fn tokenizer_json_merges_in_either_form() {
     let path = fixtures().join("saved-today/sd1/tokenizer/tokenizer.json");
     let mut doc: Value = serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
-    let pairs = ClipTokenizer::from_tokenizer_json(doc.to_string().as_bytes(), None, None)
-        .expect("pairs");
+    let pairs =
+        ClipTokenizer::from_tokenizer_json(doc.to_string().as_bytes(), None, None).expect("pairs");
     let merges = doc["model"]["merges"].as_array_mut().expect("merges");
     for m in merges.iter_mut() {
-        let parts: Vec<&str> = m.as_array().expect("pair").iter().map(|p| p.as_str().expect("str")).collect();
+        let parts: Vec<&str> = m
+            .as_array()
+            .expect("pair")
+            .iter()
+            .map(|p| p.as_str().expect("str"))
+            .collect();
         *m = Value::String(parts.join(" "));
     }
     let strings = ClipTokenizer::from_tokenizer_json(doc.to_string().as_bytes(), None, None)
         .expect("strings");
     for prompt in ["a photo of an astronaut", "Hello, WORLD!!  é ü 42"] {
-        assert_eq!(pairs.encode(prompt).expect("encode"), strings.encode(prompt).expect("encode"));
+        assert_eq!(
+            pairs.encode(prompt).expect("encode"),
+            strings.encode(prompt).expect("encode")
+        );
     }
 }
 
@@ -261,5 +268,8 @@ fn bad_tokenizer_json_is_a_named_error() {
         .err()
         .expect("refused")
         .to_string();
-    assert!(err.contains("tokenizer/tokenizer.json") && err.contains("tokenizer/merges.txt"), "{err}");
+    assert!(
+        err.contains("tokenizer/tokenizer.json") && err.contains("tokenizer/merges.txt"),
+        "{err}"
+    );
 }

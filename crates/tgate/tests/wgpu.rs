@@ -145,6 +145,11 @@ fn launch_counter_sees_wgpu_kernels() {
         let _ = a.clone().matmul(a.clone()).into_data();
     });
     assert!(l.total() >= 1 && l.distinct >= 1, "{l:?}");
-    let matmuls = l.by_class().into_iter().find(|(c, _)| *c == "matmul").unwrap().1;
+    let matmuls = l
+        .by_class()
+        .into_iter()
+        .find(|(c, _)| *c == "matmul")
+        .unwrap()
+        .1;
     assert!(matmuls.launches >= 1, "{:?}", l.kernels.keys());
 }
