@@ -56,7 +56,7 @@ const MODEL = (dir) => [[`${dir}/config.json`], [`${dir}/diffusion_pytorch_model
  * the Rust loader (`Variant::order`). 'auto' follows the compute dtype: f16 downloads the
  * `fp16` files (half the bytes) when the folder has them.
  */
-export function variantOrder(variant, f16) {
+function variantOrder(variant, f16) {
   switch (variant) {
     case 'fp32': return [['', 'fp16', 'bf16'], 'variant fp32 requested'];
     case 'fp16': return [['fp16', '', 'bf16'], 'variant fp16 requested'];

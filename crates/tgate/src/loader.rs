@@ -174,7 +174,7 @@ pub fn load_weights_as(
 
 /// The shard files a sharded checkpoint's index names, in order of first appearance. The index
 /// is `{"metadata": {...}, "weight_map": {tensor: shard file}}`; shard files lie beside it.
-pub fn shard_files(index: &str, json: &[u8]) -> Result<Vec<(String, Vec<String>)>> {
+fn shard_files(index: &str, json: &[u8]) -> Result<Vec<(String, Vec<String>)>> {
     let doc: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| Error::config(index, format!("invalid JSON: {e}")))?;
     let map = doc

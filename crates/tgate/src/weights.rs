@@ -30,8 +30,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// A checkpoint in one file.
     pub fn single(file: SafeTensors) -> Self {
-        Self::sharded(file.file().to_string(), vec![file])
-            .expect("one file cannot hold a tensor twice")
+        Checkpoint {
+            name: file.file().to_string(),
+            index: file.names().map(|n| (n.to_string(), 0)).collect(),
+            shards: vec![file],
+            reason: String::new(),
+        }
     }
 
     /// A checkpoint split over `shards`, called `name` (its index file) in messages. A tensor
