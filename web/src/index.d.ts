@@ -73,6 +73,10 @@ export interface LoadOptions {
    * load; activations at `generate` (attention is split to fit; a feature map that cannot fit
    * is refused before the first step). */
   maxTensorBytes?: number;
+  /** The memory a generation may use at once (default: `navigator.deviceMemory` GiB where the
+   * browser reports it): a size whose largest feature map, held three times, cannot fit is
+   * refused with `out_of_memory` before any work. */
+  maxMemoryBytes?: number;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
 }
@@ -123,6 +127,8 @@ export interface GenerateOptions {
   scheduler?: 'ddim' | 'pndm' | 'euler' | 'euler-a' | 'dpm++2m';
   /** Würstchen only (12 and 0, as diffusers). */
   decoderSteps?: number;
+  /** Würstchen: the prior on diffusers' `DEFAULT_STAGE_C_TIMESTEPS` (29 steps) instead of `steps`. */
+  defaultTimesteps?: boolean;
   decoderGuidance?: number;
   width?: number;
   height?: number;
@@ -147,6 +153,12 @@ export interface GenerateResult {
   /** Named as in the CLI's `--save-latents` file: SD `latents`; Würstchen `prior_latents`, `decoder_latents`. */
   latents: Record<string, Latent>;
   timings: { steps: StepReport[]; totalMs: number };
+  /** False when a latent value is NaN or infinite (an f32 run that overflowed). */
+  finite: boolean;
+  /** The seed used (a random one when none was given); null with a noise file. */
+  seed: number | null;
+  /** An f16 generation overflowed and was run again in f32 (the model now computes in f32). */
+  retriedInF32?: boolean;
 }
 
 export class Generator {

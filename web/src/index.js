@@ -230,6 +230,7 @@ export class Generator {
   // What the last successful load was given, to load again after the worker had to be replaced.
   #lastLoad = null;
   #needsReload = false;
+  #dtype = null; // the loaded model's compute dtype
 
   constructor(workerUrl) {
     this.#workerUrl = workerUrl;
@@ -316,7 +317,7 @@ export class Generator {
   async load(options = {}) {
     const {
       baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', dtype = 'auto', variant = 'auto', maxTensorBytes,
-      onProgress, signal,
+      maxMemoryBytes, onProgress, signal,
     } = options;
     // Options first: a refused call leaves the worker and any pending reload as they were.
     if (kind !== 'sd' && kind !== 'wuerstchen') {
@@ -328,8 +329,10 @@ export class Generator {
     if (!['auto', 'fp32', 'fp16', 'bf16'].includes(variant)) {
       throw new TGateError('invalid_parameter', `variant must be 'auto', 'fp32', 'fp16' or 'bf16', got '${variant}'`);
     }
-    if (maxTensorBytes !== undefined && !(typeof maxTensorBytes === 'number' && maxTensorBytes >= 1)) {
-      throw new TGateError('invalid_parameter', `maxTensorBytes must be a positive number, got ${maxTensorBytes}`);
+    for (const [name, v] of [['maxTensorBytes', maxTensorBytes], ['maxMemoryBytes', maxMemoryBytes]]) {
+      if (v !== undefined && !(typeof v === 'number' && v >= 1)) {
+        throw new TGateError('invalid_parameter', `${name} must be a positive number, got ${v}`);
+      }
     }
     if (!this.#worker) await this.#start();
     this.#needsReload = false;
@@ -367,19 +370,27 @@ export class Generator {
       stats.selected = selected;
     }
     const upload = onProgress && ((r) => onProgress({ phase: 'upload', loaded: r.loaded, total: r.total }));
-    const info = await this.#request({
-      type: 'load', kind, files: map, priorFiles: priorMap, dtype, variant, maxTensorBytes,
+    if (signal && signal.aborted) throw cancelled();
+    const loading = this.#request({
+      type: 'load', kind, files: map, priorFiles: priorMap, dtype, variant, maxTensorBytes, maxMemoryBytes,
     }, [], upload);
+    const info = await this.#abortable(loading, signal);
+    this.#dtype = info.dtype;
     // Reloading after a worker replacement goes through the cache (URLs) or the caller's files.
-    this.#lastLoad = { baseUrl, files, priorBaseUrl, priorFiles, kind, dtype, variant, maxTensorBytes };
+    this.#lastLoad = {
+      baseUrl, files, priorBaseUrl, priorFiles, kind, dtype, variant, maxTensorBytes, maxMemoryBytes,
+    };
     return { ...info, ...stats, ms: performance.now() - t0 };
   }
 
   /**
    * Generates an image. `noise`: the CLI's `--noise` safetensors (bytes or a URL); `gate`:
    * `false` or `{ step, spInterval, fiInterval, warmUp }` (Würstchen: `{ step }`); `output`:
-   * 'imagedata' (default) or 'png'. Resolves to `{ image, latents, timings }`: `latents` are
-   * named as in the CLI's `--save-latents` file, `{ name: { data: Float32Array, shape } }`.
+   * 'imagedata' (default) or 'png'. Resolves to `{ image, latents, timings, finite, seed }`:
+   * `latents` are named as in the CLI's `--save-latents` file, `{ name: { data: Float32Array,
+   * shape } }`; `finite` is false when a latent value is NaN or infinite. An f16 generation
+   * that overflows so is run again in f32 (the model is reloaded in f32 from the cache) and the
+   * result says `retriedInF32: true`.
    */
   async generate({ signal, onStep, noise, output = 'imagedata', ...params } = {}) {
     if (signal && signal.aborted) throw new TGateError('cancelled', 'cancelled');
@@ -406,12 +417,21 @@ export class Generator {
     const t0 = performance.now();
     try {
       const result = await this.#request({ type: 'generate', params, noise: noise || null }, [], onStep);
+      if (result.finite === false && this.#dtype === 'f16' && this.#lastLoad) {
+        // Half precision overflowed (NaN latents, a black image): load the model in f32 (from
+        // the browser cache) and generate again with the same seed; later calls stay in f32.
+        if (signal) signal.removeEventListener('abort', onAbort);
+        await this.load({ ...this.#lastLoad, dtype: 'f32', signal });
+        const seed = result.seed === null ? params.seed : result.seed;
+        const again = await this.generate({ signal, onStep, noise, output, ...params, seed });
+        return { ...again, retriedInF32: true };
+      }
       let image = typeof ImageData === 'function'
         ? new ImageData(result.rgba, result.width, result.height)
         : { data: result.rgba, width: result.width, height: result.height };
       if (output === 'png') image = await toPng(image);
       const timings = { steps: result.steps, totalMs: performance.now() - t0 };
-      return { image, latents: result.latents, timings };
+      return { image, latents: result.latents, timings, finite: result.finite, seed: result.seed };
     } finally {
       if (signal) signal.removeEventListener('abort', onAbort);
     }
@@ -420,6 +440,33 @@ export class Generator {
   terminate() {
     this.#lastLoad = null;
     this.#replace();
+  }
+
+  /**
+   * Awaits a worker-side load, or rejects with `cancelled` as soon as `signal` aborts. The
+   * worker reads the weights in one synchronous call that cannot be interrupted, so it is
+   * replaced: the model it was loading is gone either way (the previous one was dropped when
+   * the load began), and downloaded files stay in the browser cache.
+   */
+  async #abortable(loading, signal) {
+    if (!signal) return loading;
+    let onAbort;
+    const aborted = new Promise((_, reject) => {
+      onAbort = () => reject(cancelled());
+      signal.addEventListener('abort', onAbort, { once: true });
+    });
+    try {
+      return await Promise.race([loading, aborted]);
+    } catch (e) {
+      if (signal.aborted && e instanceof TGateError && e.code === 'cancelled') {
+        loading.catch(() => {}); // its rejection by the replacement below is expected
+        this.#lastLoad = null;
+        this.#replace();
+      }
+      throw e;
+    } finally {
+      signal.removeEventListener('abort', onAbort);
+    }
   }
 }
 

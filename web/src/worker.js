@@ -14,6 +14,7 @@ let busy = false;
 let trapped = null;
 let current = null; // the id of the running load or generation
 const cancelled = new Set();
+const cancelWaiters = new Map(); // id → resolves the promise the running generation races against
 const CODES = new Set([
   'webgpu_unsupported', 'device_lost', 'out_of_memory', 'bad_weights', 'network', 'cancelled',
   'busy', 'invalid_parameter',
@@ -61,6 +62,15 @@ async function ensureEngine() {
   return ready;
 }
 
+// The memory a generation may use at once: the caller's, else the device's memory as the
+// browser reports it (navigator.deviceMemory, in GiB, rounded and capped by the browser; GPUs
+// report none). Without either, only the per-binding limit applies.
+function memoryBudget(given) {
+  if (typeof given === 'number') return given;
+  const gib = self.navigator && self.navigator.deviceMemory;
+  return typeof gib === 'number' && gib > 0 ? gib * 2 ** 30 : undefined;
+}
+
 // A trap inside a polled future surfaces here rather than in the awaited promise (which then
 // never settles): answer the running request, so nothing hangs.
 function onUncaught(event) {
@@ -79,6 +89,8 @@ self.onmessage = async (event) => {
   const { id } = msg;
   if (msg.type === 'cancel') {
     cancelled.add(msg.target);
+    const wake = cancelWaiters.get(msg.target);
+    if (wake) wake();
     return;
   }
   if (trapped) {
@@ -105,7 +117,7 @@ self.onmessage = async (event) => {
           if (now - last < 50 && loaded < total) return;
           last = now;
           self.postMessage({ id, type: 'progress', report: { loaded, total } });
-        }, limits.length ? Math.min(...limits) : undefined, msg.dtype, msg.variant);
+        }, limits.length ? Math.min(...limits) : undefined, msg.dtype, msg.variant, memoryBudget(msg.maxMemoryBytes));
         self.postMessage({ id, ok: true, result: info });
       } finally {
         busy = false;
@@ -115,17 +127,21 @@ self.onmessage = async (event) => {
       busy = true;
       current = id;
       try {
+        // Settles on a cancel request: the engine then answers at once, even mid-step.
+        const cancel = new Promise((resolve) => cancelWaiters.set(id, resolve));
+        if (cancelled.has(id)) cancelWaiters.get(id)();
         const result = await engine.generate(msg.params, msg.noise || undefined, (report) => {
           const transfer = report.preview ? [report.preview.rgba.buffer] : [];
           self.postMessage({ id, type: 'step', report }, transfer);
           return !cancelled.has(id);
-        });
+        }, cancel);
         const transfer = [result.rgba.buffer, ...Object.values(result.latents).map((t) => t.data.buffer)];
         self.postMessage({ id, ok: true, result }, transfer);
       } finally {
         busy = false;
         current = null;
         cancelled.delete(id);
+        cancelWaiters.delete(id);
       }
     } else {
       self.postMessage({ id, ok: false, error: { code: 'invalid_parameter', message: `unknown request ${msg.type}` } });

@@ -21,6 +21,14 @@ function broken(kind, rel) {
   if (kind === 'truncated' && rel === 'unet/diffusion_pytorch_model.safetensors') {
     body = body.subarray(0, body.length >> 1);
   }
+  if (kind === 'overflow' && rel === 'unet/diffusion_pytorch_model.safetensors') {
+    // conv_out's weights scaled past f32's range: the latents become infinite / NaN.
+    body = Buffer.from(body);
+    const n = Number(body.readBigUInt64LE(0));
+    const t = JSON.parse(body.subarray(8, 8 + n).toString())['conv_out.weight'];
+    const [a, b] = t.data_offsets;
+    for (let o = 8 + n + a; o < 8 + n + b; o += 4) body.writeFloatLE(body.readFloatLE(o) * 3e38, o);
+  }
   if (kind === 'gray' && rel === 'vae/config.json') {
     body = Buffer.from(JSON.stringify({ ...JSON.parse(body.toString()), out_channels: 1 }));
   }
@@ -272,6 +280,20 @@ try {
     assert.equal(r.nextSteps, 2);
     return r;
   });
+  await step('cancel during the first step at a new size', async () => {
+    const r = await call('cancelEarly', 80);
+    assert.equal(r.code, 'cancelled', JSON.stringify(r));
+    assert.equal(r.steps, 0, JSON.stringify(r));
+    return r;
+  });
+  await step('abort a load inside the worker', async () => {
+    const r = await call('abortLoad', 'sd1');
+    assert.equal(r.aborted.code, 'cancelled', JSON.stringify(r));
+    assert.equal(r.without.code, 'invalid_parameter', JSON.stringify(r));
+    assert.match(r.without.message, /no model loaded/);
+    assert.equal(r.nextKind, 'sd');
+    return r;
+  });
   // From here on the harness runs on a generator of its own, whose first worker loses its device.
   await step('wuerstchen: device lost, then generate', async () => {
     const seen = pageErrors.length;
@@ -327,6 +349,13 @@ try {
       return r;
     });
   }
+  await step('non-finite latents are reported', async () => {
+    const r = await call('overflow', '/broken/overflow/');
+    assert.equal(r.finite, false, JSON.stringify(r));
+    assert.equal(r.retriedInF32, false, JSON.stringify(r));
+    assert.equal(r.normal, true, JSON.stringify(r));
+    return r;
+  });
   await step('typed error: a tensor over the binding limit', async () => {
     // The tiny model's largest tensor is CLIP's token embedding, 193792 bytes in f32.
     const r = await call('loadError', '/tests/fixtures/sd1/', 'sd', { dtype: 'f32', maxTensorBytes: 193791 });

@@ -85,6 +85,13 @@ function errorInfo(e) {
   return { code: e instanceof TGateError ? e.code : `untyped:${e && e.name}`, message: String(e && e.message) };
 }
 
+const SD_FIXTURE_FILES = [
+  'tokenizer/vocab.json', 'tokenizer/merges.txt', 'tokenizer/tokenizer_config.json',
+  'tokenizer/special_tokens_map.json', 'scheduler/scheduler_config.json',
+  'text_encoder/config.json', 'text_encoder/model.safetensors', 'unet/config.json',
+  'unet/diffusion_pytorch_model.safetensors', 'vae/config.json', 'vae/diffusion_pytorch_model.safetensors',
+];
+
 window.harness = {
   detect,
   purgeCache,
@@ -121,17 +128,68 @@ window.harness = {
     }
   },
 
+  /**
+   * Aborts a load once the worker has the files (they are given as files, so nothing is
+   * downloaded first), then checks that generating is refused (no model) and a new load works.
+   */
+  async abortLoad(fixture) {
+    const g = await gen();
+    const files = new Map();
+    for (const name of SD_FIXTURE_FILES) {
+      files.set(name, await (await fetch(`/tests/fixtures/${fixture}/${name}`)).blob());
+    }
+    const controller = new AbortController();
+    const t0 = performance.now();
+    const loading = g.load({ files, kind: 'sd', signal: controller.signal });
+    // load() has posted the files to the worker by now (its first await is on the worker).
+    controller.abort();
+    let aborted = null;
+    try {
+      await loading;
+      aborted = { code: 'none' };
+    } catch (e) {
+      aborted = errorInfo(e);
+    }
+    const answeredMs = performance.now() - t0;
+    // Generating without a model is refused; a new load works.
+    let without = null;
+    try {
+      await g.generate({ prompt: 'x', steps: 1, seed: 1 });
+      without = { code: 'none' };
+    } catch (e) {
+      without = errorInfo(e);
+    }
+    const next = await g.load({ baseUrl: `/tests/fixtures/${fixture}/`, kind: 'sd' });
+    return { aborted, answeredMs, without, nextKind: next.kind };
+  },
+
+  /**
+   * Cancels 200 ms into a generation at a size not run before (its text encoding and first
+   * step's kernel compilation take longer): the answer must come before any step report.
+   */
+  async cancelEarly(size) {
+    const g = await gen();
+    const controller = new AbortController();
+    let steps = 0;
+    const t0 = performance.now();
+    const running = g.generate({
+      prompt: 'x', steps: 4, seed: 1, width: size, height: size, signal: controller.signal,
+      onStep: () => { steps += 1; },
+    });
+    setTimeout(() => controller.abort(), 200);
+    try {
+      await running;
+      return { code: 'none', steps };
+    } catch (e) {
+      return { ...errorInfo(e), steps, answeredMs: performance.now() - t0 };
+    }
+  },
+
   /** Loads the SD fixture from Blobs, as a page does with user-picked files. */
   async loadBlobs(fixture) {
     const files = new Map();
-    const names = [
-      'tokenizer/vocab.json', 'tokenizer/merges.txt', 'tokenizer/tokenizer_config.json',
-      'tokenizer/special_tokens_map.json', 'scheduler/scheduler_config.json',
-      'text_encoder/config.json', 'text_encoder/model.safetensors', 'unet/config.json',
-      'unet/diffusion_pytorch_model.safetensors', 'vae/config.json', 'vae/diffusion_pytorch_model.safetensors',
-    ];
     const sizes = {};
-    for (const name of names) {
+    for (const name of SD_FIXTURE_FILES) {
       const blob = await (await fetch(`/tests/fixtures/${fixture}/${name}`)).blob();
       files.set(name, blob);
       sizes[name] = blob.size;
@@ -274,6 +332,19 @@ window.harness = {
     } catch (e) {
       return { ...errorInfo(e), steps };
     }
+  },
+
+  /**
+   * A model whose f32 latents overflow: the result says `finite: false` (f32 has no wider type
+   * to retry in); the sd1 fixture's result is finite.
+   */
+  async overflow(baseUrl) {
+    const g = await gen();
+    await g.load({ baseUrl, kind: 'sd', dtype: 'f32' });
+    const bad = await g.generate({ prompt: 'x', steps: 2, seed: 1, scheduler: 'ddim' });
+    await g.load({ baseUrl: '/tests/fixtures/sd1/', kind: 'sd' });
+    const good = await g.generate({ prompt: 'x', steps: 2, seed: 1, scheduler: 'ddim' });
+    return { finite: bad.finite, retriedInF32: Boolean(bad.retriedInF32), seed: bad.seed, normal: good.finite };
   },
 
   /** Loads from a URL and reports the typed error. */

@@ -8,11 +8,12 @@ use burn::tensor::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tgate::loader::{tighter_limit, DirSource, ModelSource, Variant};
-use tgate::pipeline::{to_rgb8, GenerateParams, Noise, StableDiffusion, StepInfo};
-use tgate::pipeline_wuerstchen::WuerstchenLayout;
-use tgate::safetensors::{write_f32, SafeTensors};
-use tgate::schedulers::SchedulerKind;
-use tgate::tgate::{GateConfig, Phase};
+use tgate::pipeline::to_rgb8;
+use tgate::safetensors::write_f32;
+use tgate::stage::{phase_means, StepInfo};
+use tgate::text_to_image::{
+    read_f32, GateKnobs, ModelKind, NoiseSource, Output, Pipeline, Request,
+};
 use tgate::tokenizer::ClipTokenizer;
 use tgate::Error;
 
@@ -41,21 +42,21 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum Backend {
+enum Backend {
     Cpu,
     Wgpu,
 }
 
 /// The compute dtype of the model's parameters and activations.
 #[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum Precision {
+enum Precision {
     F32,
     /// Half precision (norms and softmax still in f32); needs a device with f16 support.
     F16,
 }
 
 impl Precision {
-    pub(crate) fn dtype(self) -> DType {
+    fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
@@ -64,7 +65,7 @@ impl Precision {
 }
 
 #[derive(Args)]
-pub(crate) struct GenerateArgs {
+struct GenerateArgs {
     /// A diffusers pipeline folder: Stable Diffusion (unet/, vae/, text_encoder/, tokenizer/,
     /// scheduler/) or Würstchen (a combined folder with prior_* subfolders, or a decoder folder
     /// with --prior).
@@ -142,9 +143,12 @@ pub(crate) struct GenerateArgs {
     /// image whose feature maps would not fit, are refused (attention is split to fit).
     #[arg(long)]
     max_tensor_bytes: Option<u64>,
+    /// The memory (bytes) a generation may use at once; default: the host's available memory
+    /// (MemAvailable; the CPU's memory, and a bound for wgpu, whose adapters do not report
+    /// theirs). Sizes whose feature maps cannot fit are refused before any work is done.
+    #[arg(long)]
+    max_memory_bytes: Option<u64>,
 }
-
-mod wuerstchen;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -202,7 +206,7 @@ fn check_writable(flag: &str, path: &Path) -> Result<(), Error> {
 
 /// The device, and the largest buffer it binds: the wgpu adapter's storage-binding and buffer
 /// limits, lowered to `cap` if given.
-pub(crate) fn device(backend: Backend, cap: Option<u64>) -> Result<(Device, Option<u64>), Error> {
+fn device(backend: Backend, cap: Option<u64>) -> Result<(Device, Option<u64>), Error> {
     match backend {
         Backend::Cpu => Ok((Device::flex(), cap)),
         #[cfg(feature = "wgpu")]
@@ -221,37 +225,107 @@ pub(crate) fn device(backend: Backend, cap: Option<u64>) -> Result<(Device, Opti
     }
 }
 
-/// Reads a `--noise` file; returns the noise and the shape of `noise`.
-fn read_noise(path: &Path, steps: usize) -> Result<(Noise, Vec<usize>), Error> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::MissingFile(format!("{}: {e}", path.display())))?;
-    let st = SafeTensors::parse(path.display().to_string(), bytes)?;
-    let noise = st.read_f32_any("noise")?;
-    if noise.shape.len() != 4 || noise.shape[0] != 1 {
-        return Err(Error::input(
-            "noise",
-            format!("shape {:?}, expected [1, 4, H/8, W/8]", noise.shape),
-        ));
+/// The request the flags describe (defaults are the model family's, applied by the core).
+fn request(a: &GenerateArgs) -> Result<(Request, String), Error> {
+    let (noise, note) = match (&a.noise, a.seed) {
+        (Some(path), _) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::MissingFile(format!("{}: {e}", path.display())))?;
+            let name = path.display().to_string();
+            let note = format!("noise from {name}");
+            (NoiseSource::File { name, bytes }, note)
+        }
+        (None, Some(seed)) => (NoiseSource::Seed(seed), format!("seed {seed}")),
+        (None, None) => {
+            let seed = web_seed();
+            (NoiseSource::Seed(seed), format!("seed {seed} (random)"))
+        }
+    };
+    let mut r = Request::new(a.prompt.clone(), noise);
+    r.negative_prompt = a.negative_prompt.clone();
+    r.steps = a.steps;
+    r.default_timesteps = a.default_timesteps;
+    r.guidance = a.guidance;
+    r.decoder_steps = a.decoder_steps;
+    r.decoder_guidance = a.decoder_guidance;
+    r.scheduler = a.scheduler.clone();
+    r.width = a.width;
+    r.height = a.height;
+    r.gate = (!a.no_gate).then_some(GateKnobs {
+        step: a.gate_step,
+        sp_interval: a.sp_interval,
+        fi_interval: a.fi_interval,
+        warm_up: a.warm_up,
+    });
+    Ok((r, note))
+}
+
+/// The folders of a model, as the flags give them.
+struct Folders<'a> {
+    src: &'a dyn ModelSource,
+    prior: Option<&'a dyn ModelSource>,
+    kind: ModelKind,
+    variant: Variant,
+}
+
+/// Loads the model in `dtype` and runs the request, with progress bars.
+fn load_and_run(
+    f: &Folders,
+    dtype: DType,
+    device: &Device,
+    request: &Request,
+    noise_note: &str,
+) -> Result<Output, Error> {
+    let model = Pipeline::load(f.src, f.prior, Some(f.kind), f.variant, dtype, device)?;
+    for part in model.loaded() {
+        eprintln!("  {part}");
     }
-    let step_noise = if st.contains("step_noise") {
-        let s = st.read_f32_any("step_noise")?;
-        if s.shape.len() != 5 || s.shape[0] != steps || s.shape[1..] != noise.shape[..] {
-            return Err(Error::input(
-                "step_noise",
-                format!("shape {:?}, expected [{steps}, {:?}]", s.shape, noise.shape),
+    let plan = model.plan(request)?;
+    eprintln!("{}; {noise_note}", plan.describe(&model));
+    let mut bars = Bars { bar: None };
+    let out = model.start(plan).run(&mut |s: &StepInfo| {
+        bars.update(s);
+        ControlFlow::Continue(())
+    });
+    bars.finish();
+    out
+}
+
+/// A progress bar per stage, replaced when the next stage starts.
+struct Bars {
+    bar: Option<(ProgressBar, &'static str)>,
+}
+
+impl Bars {
+    fn update(&mut self, s: &StepInfo) {
+        if self.bar.as_ref().map(|(_, st)| *st) != Some(s.stage) {
+            if let Some((b, _)) = self.bar.take() {
+                b.finish_and_clear();
+            }
+            let b = ProgressBar::new(s.total as u64);
+            b.set_style(
+                ProgressStyle::with_template("{prefix:>8} {bar:30} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b.set_prefix(s.stage);
+            self.bar = Some((b, s.stage));
+        }
+        if let Some((b, _)) = &self.bar {
+            b.set_position(s.index as u64 + 1);
+            b.set_message(format!(
+                "{} t={:.3} {:.0} ms",
+                s.phase.name(),
+                s.timestep,
+                s.seconds * 1e3
             ));
         }
-        Some(s.data)
-    } else {
-        None
-    };
-    Ok((
-        Noise::Tensors {
-            noise: noise.data,
-            step_noise,
-        },
-        noise.shape,
-    ))
+    }
+
+    fn finish(&mut self) {
+        if let Some((b, _)) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
@@ -261,177 +335,63 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         check_writable("save-latents", p)?;
     }
     let src = model_dir(&a.model)?;
-    if WuerstchenLayout::detect(&src)?.is_some() {
-        return wuerstchen::generate(a, src);
-    }
-    if a.prior.is_some() {
-        return Err(Error::param(
-            "prior",
-            "only Würstchen models take a separate prior folder",
-        ));
-    }
-    for (flag, set) in [
-        ("default-timesteps", a.default_timesteps),
-        ("decoder-steps", a.decoder_steps.is_some()),
-        ("decoder-guidance", a.decoder_guidance.is_some()),
-    ] {
-        if set {
-            return Err(Error::param(flag, "only for Würstchen models"));
-        }
-    }
-    let steps = a.steps.unwrap_or(25);
-    if src.read("unet/config.json")?.is_none() {
-        return Err(Error::MissingFile(format!(
-            "{}/unet/config.json (not a Stable Diffusion pipeline folder)",
-            a.model.display()
-        )));
-    }
-    let scheduler = a
-        .scheduler
-        .as_deref()
-        .map(str::parse::<SchedulerKind>)
-        .transpose()?;
+    let kind = Pipeline::detect(&src)?;
+    let (request, noise_note) = request(&a)?;
     let (device, limit) = device(a.backend, a.max_tensor_bytes)?;
-    let src = src.with_max_tensor_bytes(limit);
-    eprintln!("loading {} ...", a.model.display());
-    let model =
-        StableDiffusion::load_as(&src, Variant::parse(&a.variant)?, a.dtype.dtype(), &device)?;
-    for part in &model.loaded {
-        eprintln!("  {part}");
+    let budget = a.max_memory_bytes.or_else(available_memory);
+    let src = src
+        .with_max_tensor_bytes(limit)
+        .with_max_memory_bytes(budget);
+    let prior = a
+        .prior
+        .as_deref()
+        .map(|p| model_dir(p).map(|s| s.with_max_tensor_bytes(limit).with_max_memory_bytes(budget)))
+        .transpose()?;
+    let folders = Folders {
+        src: &src,
+        prior: prior.as_ref().map(|p| p as &dyn ModelSource),
+        kind,
+        variant: Variant::parse(&a.variant)?,
+    };
+    eprintln!("loading {} ({}) ...", a.model.display(), kind.name());
+    let mut out = load_and_run(&folders, a.dtype.dtype(), &device, &request, &noise_note)?;
+    if a.dtype.dtype() == DType::F16 && !out.latents_finite()? {
+        // An overflow in half precision: NaN latents would make a black image.
+        eprintln!("f16 gave non-finite latents (an overflow): loading in f32 and generating again");
+        out = load_and_run(&folders, DType::F32, &device, &request, &noise_note)?;
+        eprintln!("generated in f32 after the f16 overflow");
     }
-    let size = model.default_size();
-    let gate = if a.no_gate {
-        None
-    } else {
-        Some(GateConfig {
-            gate_step: a
-                .gate_step
-                .unwrap_or_else(|| GateConfig::default_gate_step(steps)),
-            sp_interval: a.sp_interval.unwrap_or(1),
-            fi_interval: a.fi_interval.unwrap_or(1),
-            warm_up: a.warm_up.unwrap_or(0),
-        })
-    };
-    let mut noise_shape: Option<Vec<usize>> = None;
-    let (noise, seed_note) = match (&a.noise, a.seed) {
-        (Some(path), _) => {
-            let (noise, shape) = read_noise(path, steps)?;
-            noise_shape = Some(shape);
-            (noise, format!("noise from {}", path.display()))
-        }
-        (None, Some(seed)) => (Noise::Seed(seed), format!("seed {seed}")),
-        (None, None) => {
-            let seed = web_seed();
-            (Noise::Seed(seed), format!("seed {seed} (random)"))
-        }
-    };
-    // Without --width/--height, a noise file decides the size.
-    let from_noise = |dim: usize| noise_shape.as_ref().map(|s| s[dim] * 8);
-    let params = GenerateParams {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        steps,
-        guidance: a.guidance.unwrap_or(7.5),
-        scheduler,
-        width: a.width.or(from_noise(3)).unwrap_or(size),
-        height: a.height.or(from_noise(2)).unwrap_or(size),
-        gate,
-        noise,
-        clip_skip: 0,
-    };
-    model.validate(&params)?;
-    if let Some(shape) = &noise_shape {
-        let expected = [
-            1,
-            model.unet.config().in_channels,
-            params.height / 8,
-            params.width / 8,
-        ];
-        if shape[..] != expected[..] {
-            return Err(Error::input(
-                "noise",
-                format!(
-                    "shape {shape:?}, expected {expected:?} for {}x{}",
-                    params.width, params.height
-                ),
-            ));
-        }
-    }
-    let kind = match scheduler {
-        Some(k) => k,
-        None => model.default_scheduler()?,
-    };
-    eprintln!(
-        "{}x{}, {} steps, guidance {}, scheduler {}, {}, {}",
-        params.width,
-        params.height,
-        params.steps,
-        params.guidance,
-        kind.name(),
-        match gate {
-            Some(g) => format!(
-                "T-GATE gate_step {} (sp_interval {}, fi_interval {}, warm_up {})",
-                g.gate_step, g.sp_interval, g.fi_interval, g.warm_up
-            ),
-            None => "no gate".into(),
-        },
-        seed_note
-    );
-
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let out = model.generate_latents(&params, &mut |s: &StepInfo| {
-        bar.set_length(s.total as u64);
-        bar.set_position(s.index as u64 + 1);
-        bar.set_message(format!(
-            "{} t={:.0} {:.0} ms",
-            s.phase.name(),
-            s.timestep,
-            s.seconds * 1e3
-        ));
-        ControlFlow::Continue(())
-    })?;
-    bar.finish_and_clear();
 
     if let Some(path) = &a.save_latents {
-        let dims = out.latents.dims();
-        let data = out
-            .latents
-            .clone()
-            .try_into_data()
-            .map_err(|e| Error::Device(format!("{e:?}")))?
-            .try_to_vec::<f32>()
-            .map_err(|e| Error::Device(format!("{e:?}")))?;
-        std::fs::write(path, write_f32(&[("latents", &dims, &data)]))
+        let mut tensors = Vec::new();
+        for (name, t) in &out.latents {
+            tensors.push((*name, t.dims().to_vec(), read_f32(t.clone(), name)?));
+        }
+        let refs: Vec<(&str, &[usize], &[f32])> = tensors
+            .iter()
+            .map(|(n, s, d)| (*n, &s[..], &d[..]))
+            .collect();
+        std::fs::write(path, write_f32(&refs))
             .map_err(|e| Error::input("save_latents", format!("{}: {e}", path.display())))?;
         eprintln!("latents written to {}", path.display());
     }
-    let (w, h, rgb) = to_rgb8(model.decode(out.latents))?;
+    let (w, h, rgb) = to_rgb8(out.image)?;
     write_png(&a.out, w, h, &rgb)?;
 
-    let total: f64 = out.steps.iter().map(|s| s.seconds).sum();
-    for phase in [Phase::SemanticsPlanning, Phase::FidelityImproving] {
-        let times: Vec<f64> = out
-            .steps
-            .iter()
-            .filter(|s| s.phase == phase)
-            .map(|s| s.seconds)
-            .collect();
-        if !times.is_empty() {
-            let mean = times.iter().sum::<f64>() / times.len() as f64;
-            eprintln!(
-                "{:>20}: {:>3} steps, mean {:.1} ms/step",
-                phase.name(),
-                times.len(),
-                mean * 1e3
-            );
-        }
+    for (stage, phase, count, mean) in phase_means(&out.steps) {
+        let label = match kind {
+            ModelKind::StableDiffusion => phase.name().to_string(),
+            ModelKind::Wuerstchen if stage == "prior" => format!("prior {}", phase.name()),
+            ModelKind::Wuerstchen => stage.to_string(),
+        };
+        eprintln!(
+            "{label:>26}: {count:>3} steps, mean {:.1} ms/step",
+            mean * 1e3
+        );
     }
+    let total: f64 = out.steps.iter().map(|s| s.seconds).sum();
     eprintln!(
-        "{:>20}: {:.2} s denoising; image written to {}",
+        "{:>26}: {:.2} s denoising; image written to {}",
         "total",
         total,
         a.out.display()
@@ -439,7 +399,15 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     Ok(())
 }
 
-pub(crate) fn web_seed() -> u64 {
+/// The host's available memory in bytes (Linux's `MemAvailable`), if known.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+fn web_seed() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -447,7 +415,7 @@ pub(crate) fn web_seed() -> u64 {
         % 1_000_000_007
 }
 
-pub(crate) fn write_png(path: &Path, w: usize, h: usize, rgb: &[u8]) -> Result<(), Error> {
+fn write_png(path: &Path, w: usize, h: usize, rgb: &[u8]) -> Result<(), Error> {
     let fail = |e: String| Error::input("out", format!("{}: {e}", path.display()));
     let file = std::fs::File::create(path).map_err(|e| fail(e.to_string()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);

@@ -188,7 +188,7 @@ fn tokenize_prints_the_reference_ids() {
 fn impossible_parameters_fail_with_a_message() {
     let model = fixtures().join("sd1");
     let m = model.to_str().unwrap();
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 15] = [
         // Output paths are checked before anything is loaded or generated.
         (
             &["--out", "/nonexistent/dir/x.png"],
@@ -201,7 +201,7 @@ fn impossible_parameters_fail_with_a_message() {
         (&["--variant", "fp8"], "variant"),
         (&["--steps", "0"], "steps"),
         (&["--steps", "100000"], "steps"),
-        (&["--decoder-steps", "3"], "decoder-steps"),
+        (&["--decoder-steps", "3"], "decoder_steps"),
         (&["--steps", "8", "--gate-step", "9"], "gate_step"),
         (&["--width", "60"], "width"),
         (&["--scheduler", "lms"], "lms"),
@@ -210,6 +210,19 @@ fn impossible_parameters_fail_with_a_message() {
         // A buffer cap under CLIP's token embedding (193792 bytes), then one that holds every
         // weight but not the VAE's last feature map at 64×64 (262144 bytes).
         (&["--max-tensor-bytes", "193791"], "token_embedding"),
+        // The VAE's last feature map at 4096² is 1 GiB (16 channels, f32): held three times,
+        // over a 1 GB budget.
+        (
+            &[
+                "--width",
+                "4096",
+                "--height",
+                "4096",
+                "--max-memory-bytes",
+                "1000000000",
+            ],
+            "bytes of memory at once",
+        ),
         (&["--max-tensor-bytes", "193792"], "VAE decoder feature map"),
         (
             &["--noise", "/nonexistent/noise.safetensors"],
@@ -260,16 +273,8 @@ fn impossible_parameters_fail_with_a_message() {
 
 /// Würstchen through the CLI: the reference noise as a `--noise` file, the latents compared with
 /// diffusers (ungated) and with the gated-prior definition.
-#[test]
-fn wuerstchen_generate_matches_references() {
-    let dir = fixtures().join("wuerstchen");
-    let r = SafeTensors::parse(
-        "reference",
-        std::fs::read(dir.join("reference.safetensors")).unwrap(),
-    )
-    .unwrap();
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+/// The Würstchen reference noise as the CLI's `--noise` file.
+fn wuerstchen_noise_file(r: &SafeTensors) -> PathBuf {
     let noise = scratch("wuerstchen-noise.safetensors");
     let tensors: Vec<(&str, tgate::safetensors::HostTensor)> = [
         "prior_noise",
@@ -285,6 +290,20 @@ fn wuerstchen_generate_matches_references() {
         .map(|(k, t)| (*k, &t.shape[..], &t.data[..]))
         .collect();
     std::fs::write(&noise, write_f32(&views)).unwrap();
+    noise
+}
+
+#[test]
+fn wuerstchen_generate_matches_references() {
+    let dir = fixtures().join("wuerstchen");
+    let r = SafeTensors::parse(
+        "reference",
+        std::fs::read(dir.join("reference.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let noise = wuerstchen_noise_file(&r);
 
     for (gate_args, prior_key, decoder_key) in [
         (
@@ -346,11 +365,21 @@ fn wuerstchen_generate_matches_references() {
         // IHDR: width then height, big-endian, at bytes 16..24.
         assert_eq!(&png[16..24], &[0, 0, 0, 128, 0, 0, 1, 0]);
     }
+}
 
+#[test]
+fn wuerstchen_refuses_flags_and_sizes_it_cannot_take() {
+    let dir = fixtures().join("wuerstchen");
+    let r = SafeTensors::parse(
+        "reference",
+        std::fs::read(dir.join("reference.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let noise = wuerstchen_noise_file(&r);
     // Flags that make no sense for Würstchen, and sizes Stage B cannot take, are refused.
     for (extra, needle) in [
         (&["--scheduler", "ddim"][..], "scheduler"),
-        (&["--sp-interval", "2"][..], "sp-interval"),
+        (&["--sp-interval", "2"][..], "sp_interval"),
         (&["--width", "200", "--height", "256"][..], "width/height"),
         (&["--gate-step", "9"][..], "gate_step"),
         (
@@ -384,4 +413,129 @@ fn wuerstchen_generate_matches_references() {
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+/// `--width 16384 --height 16384` on the tiny model needs at least 3 × 17.2 GB at once (the
+/// VAE's last feature map, 16 channels at 16384², f32): with the host's own budget it is
+/// refused at once, before any denoising, instead of running for minutes toward a failed
+/// allocation. (Skipped on hosts with that much memory free.)
+#[test]
+fn a_size_that_cannot_fit_in_memory_is_refused_up_front() {
+    let need = 3 * 16 * 16384u64 * 16384 * 4;
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024);
+    if free.is_none_or(|f| f >= need) {
+        eprintln!("skipped: {free:?} bytes free");
+        return;
+    }
+    let model = fixtures().join("sd1");
+    let out = tgate(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "16384",
+        "--height",
+        "16384",
+        "--backend",
+        "cpu",
+        "--out",
+        std::env::temp_dir().join("never.png").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("16384×16384") && stderr.contains(&need.to_string()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("steps, mean"),
+        "refused before denoising: {stderr}"
+    );
+}
+
+/// A copy of the sd1 fixture whose UNet `conv_in` weights are scaled by `factor` (activations
+/// past f16's range of 65504, well inside f32's).
+fn overflowing_fixture(factor: f32) -> PathBuf {
+    let dir = scratch("overflow");
+    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for entry in std::fs::read_dir(fixtures().join("sd1").join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    let path = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let st = SafeTensors::parse("unet", std::fs::read(&path).unwrap()).unwrap();
+    let names: Vec<String> = st.names().map(String::from).collect();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = names
+        .iter()
+        .map(|n| {
+            let t = st.read_f32_any(n).unwrap();
+            let data = if n == "conv_in.weight" {
+                t.data.iter().map(|v| v * factor).collect()
+            } else {
+                t.data
+            };
+            (n.clone(), t.shape, data)
+        })
+        .collect();
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), &s[..], &d[..]))
+        .collect();
+    std::fs::write(&path, write_f32(&refs)).unwrap();
+    dir
+}
+
+/// An f16 generation that overflows (NaN latents, a black image) is run again in f32, with the
+/// same seed, and says so; the saved latents are finite.
+#[test]
+fn an_f16_overflow_is_generated_again_in_f32() {
+    let dir = overflowing_fixture(1e7);
+    let out_png = scratch("overflow.png");
+    let lat = scratch("overflow.safetensors");
+    let run = |dtype: &str| {
+        tgate(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--scheduler",
+            "ddim",
+            "--seed",
+            "3",
+            "--dtype",
+            dtype,
+            "--out",
+            out_png.to_str().unwrap(),
+            "--save-latents",
+            lat.to_str().unwrap(),
+        ])
+    };
+    let out = run("f16");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("generating again"), "{stderr}");
+    let f16_retry = latents(&lat);
+    assert!(f16_retry.iter().all(|v| v.is_finite()));
+    // The retry is the f32 generation of the same seed.
+    let out = run("f32");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("generating again"),
+        "{stderr}"
+    );
+    assert_eq!(latents(&lat), f16_retry);
 }

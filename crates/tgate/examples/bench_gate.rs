@@ -353,33 +353,7 @@ fn bench(
     };
     println!("== {name}: {size}x{size} px, {} steps, gate_step {gate_step}, random weights (built in {:.1} s)", a.steps, t0.elapsed().as_secs_f64());
     if a.memory_only {
-        // One planning forward and one gated forward; the pools keep their high-water mark.
-        let mut cache = AttentionCache::new();
-        forward(
-            &unet,
-            &mut cache,
-            2,
-            size / 8,
-            &cond,
-            (CacheMode::StoreMean, CacheMode::Compute),
-        );
-        forward(
-            &unet,
-            &mut cache,
-            1,
-            size / 8,
-            &cond,
-            (CacheMode::Reuse, CacheMode::Compute),
-        );
-        match device_memory(device) {
-            Some((reserved, in_use)) => println!(
-                "  device memory ({:?}): {:.1} MiB reserved (high-water mark), {:.1} MiB in use (weights and gate cache)",
-                a.dtype,
-                reserved as f64 / 1048576.0,
-                in_use as f64 / 1048576.0
-            ),
-            None => println!("  device memory: not reported by this backend"),
-        }
+        memory(&unet, size, &cond, a.dtype, device);
         return Ok(());
     }
     if a.kernels && a.backend != "cpu" {
@@ -400,6 +374,53 @@ fn bench(
     p.gate = Some(GateConfig::original(gate_step));
     let gated = run(&unet, &sched, &p, &cond)?;
 
+    report(&ungated, &gated)
+}
+
+fn main() {
+    let result = parse_args().and_then(|a| {
+        let (device, limit) = device(&a.backend)?;
+        println!("backend {} ({device:?})", a.backend);
+        if a.model == "small" || a.model == "both" {
+            bench("small", SMALL_UNET, &a, &device, limit)?;
+        }
+        if a.model == "sd15" || a.model == "both" {
+            bench("sd15", SD15_UNET, &a, &device, limit)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Peak device memory of one planning forward and one gated forward (the pools keep their
+/// high-water mark).
+fn memory(
+    unet: &UNet2DConditionModel,
+    size: usize,
+    cond: &Tensor<3>,
+    dtype: DType,
+    device: &Device,
+) {
+    let mut cache = AttentionCache::new();
+    let planning = (CacheMode::StoreMean, CacheMode::Compute);
+    forward(unet, &mut cache, 2, size / 8, cond, planning);
+    let gated = (CacheMode::Reuse, CacheMode::Compute);
+    forward(unet, &mut cache, 1, size / 8, cond, gated);
+    match device_memory(device) {
+        Some((reserved, in_use)) => println!(
+            "  device memory ({dtype:?}): {:.1} MiB reserved (high-water mark), {:.1} MiB in use (weights and gate cache)",
+            reserved as f64 / 1048576.0,
+            in_use as f64 / 1048576.0
+        ),
+        None => println!("  device memory: not reported by this backend"),
+    }
+}
+
+/// Prints the per-phase step times and the whole-loop ratios of an ungated and a gated run.
+fn report(ungated: &Run, gated: &Run) -> Result<(), String> {
     let (n_u, t_u, m_u) = ungated.phase(Phase::SemanticsPlanning).ok_or("no steps")?;
     println!(
         "  ungated            : {n_u:>3} steps, {:>9.1} ms/step, {:>8.2} GMAC/step",
@@ -429,22 +450,4 @@ fn bench(
         macs_total as f64 / macs_ungated as f64
     );
     Ok(())
-}
-
-fn main() {
-    let result = parse_args().and_then(|a| {
-        let (device, limit) = device(&a.backend)?;
-        println!("backend {} ({device:?})", a.backend);
-        if a.model == "small" || a.model == "both" {
-            bench("small", SMALL_UNET, &a, &device, limit)?;
-        }
-        if a.model == "sd15" || a.model == "both" {
-            bench("sd15", SD15_UNET, &a, &device, limit)?;
-        }
-        Ok(())
-    });
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
 }

@@ -64,6 +64,18 @@ pub enum Error {
         limit: u64,
     },
 
+    /// A generation at the requested size would need more memory at once than the device has
+    /// (a lower bound from the configs: the largest feature map three times over, for a layer's
+    /// input, its output and the residual kept beside them).
+    #[error("a {width}×{height} image needs at least {bytes} bytes of memory at once (three times {what}), over the {limit} bytes available: choose a smaller width/height")]
+    MemoryTooLarge {
+        width: usize,
+        height: usize,
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
+
     /// The tokenizer files could not be read or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -15,6 +15,8 @@ pub mod profile;
 pub mod resnet;
 pub mod safetensors;
 pub mod schedulers;
+pub mod stage;
+pub mod text_to_image;
 pub mod tgate;
 pub mod tokenizer;
 pub mod transformer_2d;

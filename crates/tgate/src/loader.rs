@@ -27,6 +27,13 @@ pub trait ModelSource {
         None
     }
 
+    /// The memory, in bytes, a generation with models loaded from here may use at once (the
+    /// device's, or the host's for the CPU); `None`: not known. Requests that cannot fit are
+    /// refused before any work is done.
+    fn max_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// A name for the folder in messages.
     fn describe(&self) -> String {
         "model folder".into()
@@ -305,6 +312,8 @@ pub struct DirSource {
     pub root: std::path::PathBuf,
     /// See [`ModelSource::max_tensor_bytes`].
     pub max_tensor_bytes: Option<u64>,
+    /// See [`ModelSource::max_memory_bytes`].
+    pub max_memory_bytes: Option<u64>,
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -313,7 +322,15 @@ impl DirSource {
         DirSource {
             root: root.into(),
             max_tensor_bytes: None,
+            max_memory_bytes: None,
         }
+    }
+
+    /// A generation may use at most `budget` bytes at once (see
+    /// [`ModelSource::max_memory_bytes`]).
+    pub fn with_max_memory_bytes(mut self, budget: Option<u64>) -> Self {
+        self.max_memory_bytes = budget;
+        self
     }
 
     /// The device binds at most `limit` bytes per buffer (see [`ModelSource::max_tensor_bytes`]).
@@ -327,6 +344,9 @@ impl DirSource {
 impl ModelSource for DirSource {
     fn max_tensor_bytes(&self) -> Option<u64> {
         self.max_tensor_bytes
+    }
+    fn max_memory_bytes(&self) -> Option<u64> {
+        self.max_memory_bytes
     }
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
         let full = self.root.join(path);

@@ -65,6 +65,22 @@ impl ActivationSize {
     }
 
     /// [`Error::ActivationTooLarge`](crate::Error::ActivationTooLarge) when over `limit`.
+    /// Refuses a generation whose largest feature map, held three times at once (a layer's
+    /// input and output and the residual beside them), exceeds `budget` bytes of memory.
+    pub fn check_memory(&self, budget: Option<u64>, width: usize, height: usize) -> Result<()> {
+        let need = self.bytes.saturating_mul(3);
+        match budget {
+            Some(limit) if need > limit => Err(crate::Error::MemoryTooLarge {
+                width,
+                height,
+                what: self.what.clone(),
+                bytes: need,
+                limit,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     pub fn check(self, limit: Option<u64>, width: usize, height: usize) -> Result<()> {
         match limit {
             Some(limit) if self.bytes > limit => Err(crate::Error::ActivationTooLarge {

@@ -8,7 +8,6 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use web_time::Instant;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
@@ -18,7 +17,9 @@ use crate::loader::{
 use crate::nn::ActivationSize;
 use crate::noise::randn;
 use crate::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
-use crate::tgate::{Gate, GateConfig, Phase};
+use crate::stage::drive;
+pub use crate::stage::{EnqueuedStep, Stage, StepInfo};
+use crate::tgate::{Gate, GateConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
@@ -56,18 +57,6 @@ pub struct GenerateParams {
     pub clip_skip: usize,
 }
 
-/// What the progress callback sees after each iteration.
-#[derive(Clone, Copy, Debug)]
-pub struct StepInfo {
-    /// 0-based iteration.
-    pub index: usize,
-    pub total: usize,
-    pub timestep: f64,
-    pub phase: Phase,
-    /// Wall time of the iteration in seconds (measured after the device finished it).
-    pub seconds: f64,
-}
-
 /// The result of a denoising run.
 pub struct Latents {
     /// Final latents `[1, 4, h, w]` (what diffusers returns with `output_type="latent"`).
@@ -86,6 +75,8 @@ pub struct StableDiffusion {
     device: Device,
     /// The device's largest buffer ([`ModelSource::max_tensor_bytes`]), if it has one.
     max_tensor_bytes: Option<u64>,
+    /// The memory a generation may use at once ([`ModelSource::max_memory_bytes`]).
+    max_memory_bytes: Option<u64>,
     /// Which weight files each part was read from, and why.
     pub loaded: Vec<LoadedFiles>,
 }
@@ -165,6 +156,7 @@ impl StableDiffusion {
             scheduler_config,
             device: device.clone(),
             max_tensor_bytes: src.max_tensor_bytes(),
+            max_memory_bytes: src.max_memory_bytes(),
             loaded,
         })
     }
@@ -204,8 +196,9 @@ impl StableDiffusion {
     /// Checks parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         validate(p)?;
-        self.largest_activation(p)
-            .check(self.max_tensor_bytes, p.width, p.height)
+        let largest = self.largest_activation(p);
+        largest.check_memory(self.max_memory_bytes, p.width, p.height)?;
+        largest.check(self.max_tensor_bytes, p.width, p.height)
     }
 
     /// The largest activation (attention scores excepted, which are split to fit) of a
@@ -286,9 +279,8 @@ pub fn denoise(
     uncond: Option<Tensor<3>>,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<Latents> {
-    let device = cond.device();
     let mut d = Denoiser::new(unet, scheduler_config, p, cond, uncond)?;
-    let infos = run_blocking(&device, d.total(), || d.step(), on_step)?;
+    let infos = drive(&mut d, on_step)?;
     Ok(Latents {
         latents: d.latents().clone(),
         steps: infos,
@@ -296,54 +288,12 @@ pub fn denoise(
     })
 }
 
-/// Drives a step-wise loop natively: enqueues each step with `step`, waits for the device (so
-/// step times are real) and reports it; `on_step` may stop the run ([`Error::Cancelled`]).
-pub fn run_blocking(
-    device: &Device,
-    total: usize,
-    mut step: impl FnMut() -> Result<Option<EnqueuedStep>>,
-    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
-) -> Result<Vec<StepInfo>> {
-    let mut infos = Vec::with_capacity(total);
-    loop {
-        let started = Instant::now();
-        let Some(enqueued) = step()? else {
-            return Ok(infos);
-        };
-        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-        let info = enqueued.finish(started.elapsed().as_secs_f64());
-        infos.push(info);
-        if on_step(&info).is_break() {
-            return Err(Error::Cancelled);
-        }
-    }
-}
+/// Hands out the noise of step `j` (ancestral schedulers).
+type StepNoise = Box<dyn Fn(usize) -> Vec<f32>>;
 
-/// One enqueued iteration: what [`StepInfo`] needs besides the time.
-#[derive(Clone, Copy, Debug)]
-pub struct EnqueuedStep {
-    pub index: usize,
-    pub total: usize,
-    pub timestep: f64,
-    pub phase: Phase,
-}
-
-impl EnqueuedStep {
-    /// The step's report once the device has finished it.
-    pub fn finish(self, seconds: f64) -> StepInfo {
-        StepInfo {
-            index: self.index,
-            total: self.total,
-            timestep: self.timestep,
-            phase: self.phase,
-            seconds,
-        }
-    }
-}
-
-/// The denoising loop as a state machine: [`Denoiser::step`] enqueues one iteration on the
-/// device without waiting for it, so the caller decides how to wait (blocking natively, an
-/// awaited readback in a browser) and when to stop.
+/// Stable Diffusion's denoising loop as a [`Stage`]: [`Denoiser::step`] enqueues one iteration
+/// on the device without waiting for it, so the caller decides how to wait (blocking natively,
+/// an awaited readback in a browser) and when to stop.
 pub struct Denoiser<'a> {
     unet: &'a UNet2DConditionModel,
     scheduler: Box<dyn crate::schedulers::Scheduler>,
@@ -355,7 +305,7 @@ pub struct Denoiser<'a> {
     guidance: f64,
     latents: Tensor<4>,
     shape: [usize; 4],
-    step_noise: Option<Box<dyn Fn(usize) -> Vec<f32> + 'a>>,
+    step_noise: Option<StepNoise>,
     next: usize,
 }
 
@@ -364,11 +314,22 @@ impl<'a> Denoiser<'a> {
     pub fn new(
         unet: &'a UNet2DConditionModel,
         scheduler_config: &SchedulerConfig,
-        p: &'a GenerateParams,
+        p: &GenerateParams,
         cond: Tensor<3>,
         uncond: Option<Tensor<3>>,
     ) -> Result<Self> {
         validate(p)?;
+        Self::new_validated(unet, scheduler_config, p, cond, uncond)
+    }
+
+    /// [`Self::new`] for parameters already checked by [`validate`].
+    pub(crate) fn new_validated(
+        unet: &'a UNet2DConditionModel,
+        scheduler_config: &SchedulerConfig,
+        p: &GenerateParams,
+        cond: Tensor<3>,
+        uncond: Option<Tensor<3>>,
+    ) -> Result<Self> {
         let device = cond.device();
         let kind = match p.scheduler {
             Some(k) => k,
@@ -385,8 +346,7 @@ impl<'a> Denoiser<'a> {
         let shape = [1, unet.config().in_channels, p.height / 8, p.width / 8];
         let numel: usize = shape.iter().product();
         let needs_noise = scheduler.needs_noise();
-        type StepNoise<'b> = Box<dyn Fn(usize) -> Vec<f32> + 'b>;
-        let (noise, step_noise): (Vec<f32>, Option<StepNoise<'a>>) = match &p.noise {
+        let (noise, step_noise): (Vec<f32>, Option<StepNoise>) = match &p.noise {
             Noise::Seed(seed) => {
                 let seed = *seed;
                 (
@@ -413,9 +373,8 @@ impl<'a> Denoiser<'a> {
                         ),
                     ));
                 }
-                let steps: Option<StepNoise<'a>> = step_noise.as_ref().map(|s| {
-                    Box::new(move |j: usize| s[j * numel..(j + 1) * numel].to_vec())
-                        as StepNoise<'a>
+                let steps = step_noise.clone().filter(|_| needs_noise).map(|s| {
+                    Box::new(move |j: usize| s[j * numel..(j + 1) * numel].to_vec()) as StepNoise
                 });
                 (noise.clone(), steps)
             }
@@ -481,6 +440,7 @@ impl<'a> Denoiser<'a> {
             .map(|f| Tensor::<4>::from_data(TensorData::new(f(i), self.shape), &latents.device()));
         self.latents = self.scheduler.step(pred, i, latents, noise)?;
         Ok(Some(EnqueuedStep {
+            stage: "unet",
             index: i,
             total: self.timesteps.len(),
             timestep: t,
@@ -489,22 +449,24 @@ impl<'a> Denoiser<'a> {
     }
 }
 
+impl Stage for Denoiser<'_> {
+    fn name(&self) -> &'static str {
+        "unet"
+    }
+    fn total(&self) -> usize {
+        Denoiser::total(self)
+    }
+    fn latents(&self) -> &Tensor<4> {
+        Denoiser::latents(self)
+    }
+    fn step(&mut self) -> Result<Option<EnqueuedStep>> {
+        Denoiser::step(self)
+    }
+}
+
 /// Converts a `[1, 3, H, W]` image in `[0, 1]` to interleaved 8-bit RGB (a host readback).
 pub fn to_rgb8(image: Tensor<4>) -> Result<(usize, usize, Vec<u8>)> {
-    let [_, c, h, w] = image.dims();
-    let data = image
-        .try_into_data()
-        .map_err(|e| Error::Device(format!("reading the image back failed: {e:?}")))?
-        .try_to_vec::<f32>()
-        .map_err(|e| Error::Device(format!("reading the image back failed: {e:?}")))?;
-    let mut rgb = vec![0u8; h * w * 3];
-    for y in 0..h {
-        for x in 0..w {
-            for ch in 0..3.min(c) {
-                let v = data[ch * h * w + y * w + x];
-                rgb[(y * w + x) * 3 + ch] = (v * 255.0).round().clamp(0.0, 255.0) as u8;
-            }
-        }
-    }
-    Ok((w, h, rgb))
+    let [_, _, h, w] = image.dims();
+    let data = crate::text_to_image::read_f32(image, "the image")?;
+    Ok((w, h, crate::text_to_image::interleave(&data, h, w, false)))
 }

@@ -22,8 +22,9 @@ use crate::loader::{
 use crate::nn::ActivationSize;
 use crate::noise::randn;
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
-use crate::pipeline::{run_blocking, EnqueuedStep, StepInfo, MAX_STEPS};
+use crate::pipeline::MAX_STEPS;
 use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
+use crate::stage::{EnqueuedStep, Stage, StepInfo};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::Weights;
@@ -142,14 +143,16 @@ pub struct Wuerstchen {
     device: Device,
     /// The device's largest buffer ([`ModelSource::max_tensor_bytes`]), if it has one.
     max_tensor_bytes: Option<u64>,
+    /// The memory a generation may use at once ([`ModelSource::max_memory_bytes`]).
+    max_memory_bytes: Option<u64>,
     /// Which weight files each part was read from, and why.
     pub loaded: Vec<LoadedFiles>,
 }
 
-fn model_index(src: &dyn ModelSource) -> Result<Option<Value>> {
-    match src.read("model_index.json")? {
+fn model_index(bytes: Option<&[u8]>) -> Result<Option<Value>> {
+    match bytes {
         None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
+        Some(bytes) => serde_json::from_slice(bytes)
             .map(Some)
             .map_err(|e| Error::config("model_index.json", e.to_string())),
     }
@@ -162,6 +165,33 @@ fn number(index: &Option<Value>, key: &str, default: f64) -> Result<f64> {
             .as_f64()
             .filter(|x| x.is_finite())
             .ok_or_else(|| Error::config("model_index.json", format!("`{key}` must be a number"))),
+    }
+}
+
+impl WuerstchenSettings {
+    /// Reads the pipeline numbers from the prior's and the decoder's `model_index.json` (the
+    /// same file in a combined folder; absent files and keys take diffusers' defaults).
+    pub fn from_model_index(prior: Option<&[u8]>, decoder: Option<&[u8]>) -> Result<Self> {
+        let prior_index = model_index(prior)?;
+        let index = model_index(decoder)?;
+        let settings = WuerstchenSettings {
+            latent_mean: number(&prior_index, "latent_mean", 42.0)?,
+            latent_std: number(&prior_index, "latent_std", 1.0)?,
+            resolution_multiple: number(&prior_index, "resolution_multiple", 42.67)?,
+            latent_dim_scale: number(&index, "latent_dim_scale", 10.67)?,
+        };
+        if !(1.0..=1024.0).contains(&settings.resolution_multiple)
+            || !(0.01..=64.0).contains(&settings.latent_dim_scale)
+        {
+            return Err(Error::config(
+                "model_index.json",
+                format!(
+                    "resolution_multiple {} must be in 1..=1024 and latent_dim_scale {} in 0.01..=64",
+                    settings.resolution_multiple, settings.latent_dim_scale
+                ),
+            ));
+        }
+        Ok(settings)
     }
 }
 
@@ -195,38 +225,14 @@ impl WuerstchenLayout {
     }
 }
 
-impl Wuerstchen {
-    /// Loads a combined folder (`prior = None`), or a decoder pipeline folder plus a prior
-    /// pipeline folder (the two-repository layout: `warp-ai/wuerstchen` + `warp-ai/wuerstchen-prior`),
-    /// computing in f32.
-    pub fn load(
-        src: &dyn ModelSource,
-        prior: Option<&dyn ModelSource>,
-        variant: Variant,
-        device: &Device,
-    ) -> Result<Self> {
-        Self::load_as(src, prior, variant, DType::F32, device)
-    }
-
-    /// [`Self::load`] with every stage's parameters and activations in `dtype` (`F32`, or `F16`
-    /// where the device supports it: see [`check_dtype`]); norms and softmax still compute in
-    /// f32, and the schedulers work on f32 latents.
-    pub fn load_as(
-        src: &dyn ModelSource,
-        prior: Option<&dyn ModelSource>,
-        variant: Variant,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        check_dtype(dtype, device)?;
-        let mut loaded = Vec::new();
-        let mut weights = |s: &dyn ModelSource, dir: &str, stem: &str| -> Result<Weights> {
-            let w = load_weights_as(s, dir, stem, variant, dtype, device)?;
-            loaded.push(LoadedFiles::of(dir, &w));
-            Ok(w)
-        };
-        let layout = WuerstchenLayout::detect(src)?;
-        let (prior_src, prefix, prior_dir): (&dyn ModelSource, &str, &str) = match (layout, prior) {
+/// The prior's folder, its subfolder prefix and the prior model's folder, for a Würstchen
+/// folder and an optional separate prior folder.
+fn prior_folder<'s>(
+    src: &'s dyn ModelSource,
+    prior: Option<&'s dyn ModelSource>,
+) -> Result<(&'s dyn ModelSource, &'static str, &'static str)> {
+    let layout = WuerstchenLayout::detect(src)?;
+    Ok(match (layout, prior) {
             (Some(WuerstchenLayout::Combined), None) => (src, "prior_", "prior_prior"),
             (Some(WuerstchenLayout::Decoder), Some(p)) => {
                 if WuerstchenLayout::detect(p)? != Some(WuerstchenLayout::Prior) {
@@ -267,10 +273,28 @@ impl Wuerstchen {
                     src.describe()
                 )))
             }
-        };
-        let p = |name: &str| format!("{prefix}{name}");
+        })
+}
 
-        // Configs first: a malformed folder fails before any weights are read.
+/// Every config of a Würstchen folder pair, checked against each other.
+struct Configs {
+    prior_text: ClipTextConfig,
+    prior: PriorConfig,
+    prior_scheduler: DdpmWuerstchenConfig,
+    text: ClipTextConfig,
+    decoder: DiffNeXtConfig,
+    decoder_scheduler: DdpmWuerstchenConfig,
+    vqgan: PaellaConfig,
+}
+
+impl Configs {
+    fn read(
+        src: &dyn ModelSource,
+        prior_src: &dyn ModelSource,
+        prefix: &str,
+        prior_dir: &str,
+    ) -> Result<Self> {
+        let p = |name: &str| format!("{prefix}{name}");
         let prior_text_path = format!("{}/config.json", p("text_encoder"));
         let prior_text_cfg = ClipTextConfig::from_json(
             &prior_text_path,
@@ -345,44 +369,75 @@ impl Wuerstchen {
                 ));
             }
         }
-        let prior_index = model_index(prior_src)?;
-        let index = model_index(src)?;
-        let settings = WuerstchenSettings {
-            latent_mean: number(&prior_index, "latent_mean", 42.0)?,
-            latent_std: number(&prior_index, "latent_std", 1.0)?,
-            resolution_multiple: number(&prior_index, "resolution_multiple", 42.67)?,
-            latent_dim_scale: number(&index, "latent_dim_scale", 10.67)?,
+        Ok(Configs {
+            prior_text: prior_text_cfg,
+            prior: prior_cfg,
+            prior_scheduler,
+            text: text_cfg,
+            decoder: decoder_cfg,
+            decoder_scheduler,
+            vqgan: vqgan_cfg,
+        })
+    }
+}
+
+impl Wuerstchen {
+    /// Loads a combined folder (`prior = None`), or a decoder pipeline folder plus a prior
+    /// pipeline folder (the two-repository layout: `warp-ai/wuerstchen` + `warp-ai/wuerstchen-prior`),
+    /// computing in f32.
+    pub fn load(
+        src: &dyn ModelSource,
+        prior: Option<&dyn ModelSource>,
+        variant: Variant,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_as(src, prior, variant, DType::F32, device)
+    }
+
+    /// [`Self::load`] with every stage's parameters and activations in `dtype` (`F32`, or `F16`
+    /// where the device supports it: see [`check_dtype`]); norms and softmax still compute in
+    /// f32, and the schedulers work on f32 latents.
+    pub fn load_as(
+        src: &dyn ModelSource,
+        prior: Option<&dyn ModelSource>,
+        variant: Variant,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        check_dtype(dtype, device)?;
+        let mut loaded = Vec::new();
+        let mut weights = |s: &dyn ModelSource, dir: &str, stem: &str| -> Result<Weights> {
+            let w = load_weights_as(s, dir, stem, variant, dtype, device)?;
+            loaded.push(LoadedFiles::of(dir, &w));
+            Ok(w)
         };
-        if !(1.0..=1024.0).contains(&settings.resolution_multiple)
-            || !(0.01..=64.0).contains(&settings.latent_dim_scale)
-        {
-            return Err(Error::config(
-                "model_index.json",
-                format!(
-                    "resolution_multiple {} must be in 1..=1024 and latent_dim_scale {} in 0.01..=64",
-                    settings.resolution_multiple, settings.latent_dim_scale
-                ),
-            ));
-        }
+        let (prior_src, prefix, prior_dir) = prior_folder(src, prior)?;
+        let p = |name: &str| format!("{prefix}{name}");
+        // Configs first: a malformed folder fails before any weights are read.
+        let cfg = Configs::read(src, prior_src, prefix, prior_dir)?;
+        let settings = WuerstchenSettings::from_model_index(
+            prior_src.read("model_index.json")?.as_deref(),
+            src.read("model_index.json")?.as_deref(),
+        )?;
 
         let prior_tokenizer = ClipTokenizer::from_folder(prior_src, &p("tokenizer"))?;
         let decoder_tokenizer = ClipTokenizer::from_folder(src, "tokenizer")?;
         // Weights, one component at a time.
         let prior_text_encoder = ClipTextModel::load(
-            &prior_text_cfg,
+            &cfg.prior_text,
             &weights(prior_src, &p("text_encoder"), "model")?,
         )?;
         let prior = WuerstchenPrior::load(
-            &prior_cfg,
+            &cfg.prior,
             &weights(prior_src, prior_dir, "diffusion_pytorch_model")?,
         )?;
-        let text_encoder = ClipTextModel::load(&text_cfg, &weights(src, "text_encoder", "model")?)?;
+        let text_encoder = ClipTextModel::load(&cfg.text, &weights(src, "text_encoder", "model")?)?;
         let decoder = WuerstchenDiffNeXt::load(
-            &decoder_cfg,
+            &cfg.decoder,
             &weights(src, "decoder", "diffusion_pytorch_model")?,
         )?;
         let vqgan = PaellaDecoder::load(
-            &vqgan_cfg,
+            &cfg.vqgan,
             &weights(src, "vqgan", "diffusion_pytorch_model")?,
         )?;
         let limits = tighter_limit(src.max_tensor_bytes(), prior_src.max_tensor_bytes());
@@ -390,15 +445,16 @@ impl Wuerstchen {
             prior_tokenizer,
             prior_text_encoder,
             prior,
-            prior_scheduler,
+            prior_scheduler: cfg.prior_scheduler,
             tokenizer: decoder_tokenizer,
             text_encoder,
             decoder,
-            decoder_scheduler,
+            decoder_scheduler: cfg.decoder_scheduler,
             vqgan,
             settings,
             device: device.clone(),
             max_tensor_bytes: limits,
+            max_memory_bytes: tighter_limit(src.max_memory_bytes(), prior_src.max_memory_bytes()),
             loaded,
         })
     }
@@ -501,8 +557,9 @@ impl Wuerstchen {
                 decoder_shape,
             )?;
         }
-        self.largest_activation(p)
-            .check(self.max_tensor_bytes, p.width, p.height)
+        let largest = self.largest_activation(p);
+        largest.check_memory(self.max_memory_bytes, p.width, p.height)?;
+        largest.check(self.max_tensor_bytes, p.width, p.height)
     }
 
     /// The largest activation (attention scores excepted, which are split to fit) of a
@@ -556,8 +613,16 @@ impl Wuerstchen {
 
     /// Stage C as a [`StageDenoiser`] (text encoded, noise drawn); finish its latents with
     /// [`Self::finish_prior`].
-    pub fn prior_denoiser<'a>(&'a self, p: &'a WuerstchenParams) -> Result<StageDenoiser<'a>> {
+    pub fn prior_denoiser<'a>(&'a self, p: &WuerstchenParams) -> Result<StageDenoiser<'a>> {
         self.validate(p)?;
+        self.prior_denoiser_validated(p)
+    }
+
+    /// [`Self::prior_denoiser`] for parameters already checked by [`Self::validate`].
+    pub(crate) fn prior_denoiser_validated<'a>(
+        &'a self,
+        p: &WuerstchenParams,
+    ) -> Result<StageDenoiser<'a>> {
         let (cond, uncond) = self.prior_text(p)?;
         StageDenoiser::prior(
             &self.prior,
@@ -590,9 +655,18 @@ impl Wuerstchen {
     pub fn decoder_denoiser<'a>(
         &'a self,
         image_embeddings: Tensor<4>,
-        p: &'a WuerstchenParams,
+        p: &WuerstchenParams,
     ) -> Result<StageDenoiser<'a>> {
         self.validate(p)?;
+        self.decoder_denoiser_validated(image_embeddings, p)
+    }
+
+    /// [`Self::decoder_denoiser`] for parameters already checked by [`Self::validate`].
+    pub(crate) fn decoder_denoiser_validated<'a>(
+        &'a self,
+        image_embeddings: Tensor<4>,
+        p: &WuerstchenParams,
+    ) -> Result<StageDenoiser<'a>> {
         let [_, c, eh, ew] = image_embeddings.dims();
         let expected = self.prior_shape(p.width, p.height);
         if [1, c, eh, ew] != expected {
@@ -618,6 +692,7 @@ impl Wuerstchen {
         let noise = noise_source(&self.device, p, shape, DECODER_STREAM);
         let latents = noise(None).mul_scalar(sched.init_noise_sigma());
         Ok(StageDenoiser {
+            name: "decoder",
             model: StageModel::Decoder {
                 decoder: &self.decoder,
                 conditioning: self.decoder.condition(effnet, clip),
@@ -661,8 +736,7 @@ fn drive(
     mut d: StageDenoiser<'_>,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<StageOutput> {
-    let device = d.latents.device();
-    let infos = run_blocking(&device, d.total(), || d.step(), on_step)?;
+    let infos = crate::stage::drive(&mut d, on_step)?;
     Ok(StageOutput {
         latents: d.latents,
         steps: infos,
@@ -687,12 +761,14 @@ enum StageModel<'a> {
 /// device without waiting, so the caller decides how to wait (blocking natively, an awaited
 /// readback in a browser) and when to stop.
 pub struct StageDenoiser<'a> {
+    /// `prior` or `decoder`.
+    name: &'static str,
     model: StageModel<'a>,
     /// The guidance scale when guidance runs (two batches).
     guidance: Option<f64>,
     sched: DdpmWuerstchenScheduler,
     latents: Tensor<4>,
-    noise: Box<dyn Fn(Option<usize>) -> Tensor<4> + 'a>,
+    noise: Box<dyn Fn(Option<usize>) -> Tensor<4>>,
     next: usize,
 }
 
@@ -701,7 +777,7 @@ impl<'a> StageDenoiser<'a> {
     pub fn prior(
         prior: &'a WuerstchenPrior,
         scheduler: DdpmWuerstchenConfig,
-        p: &'a WuerstchenParams,
+        p: &WuerstchenParams,
         shape: [usize; 4],
         cond: Tensor<3>,
         uncond: Option<Tensor<3>>,
@@ -733,6 +809,7 @@ impl<'a> StageDenoiser<'a> {
         };
         let latents = noise(None).mul_scalar(sched.init_noise_sigma());
         Ok(StageDenoiser {
+            name: "prior",
             guidance: both.as_ref().map(|_| p.prior_guidance),
             model: StageModel::Prior {
                 prior,
@@ -797,11 +874,27 @@ impl<'a> StageDenoiser<'a> {
         let noise = (self.noise)(Some(i));
         self.latents = self.sched.step(pred, i, latents, Some(noise))?;
         Ok(Some(EnqueuedStep {
+            stage: self.name,
             index: i,
             total: self.sched.steps(),
             timestep: r as f64,
             phase,
         }))
+    }
+}
+
+impl Stage for StageDenoiser<'_> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn total(&self) -> usize {
+        StageDenoiser::total(self)
+    }
+    fn latents(&self) -> &Tensor<4> {
+        StageDenoiser::latents(self)
+    }
+    fn step(&mut self) -> Result<Option<EnqueuedStep>> {
+        StageDenoiser::step(self)
     }
 }
 
@@ -837,39 +930,38 @@ fn check_noise(name: &str, len: usize, count: usize, shape: [usize; 4]) -> Resul
 
 /// A function handing out the initial noise (`None`) and step noise (`Some(i)`) of a stage
 /// (lengths were checked by [`Wuerstchen::validate`]).
-fn noise_source<'a>(
+fn noise_source(
     device: &Device,
-    p: &'a WuerstchenParams,
+    p: &WuerstchenParams,
     shape: [usize; 4],
     stream: u64,
-) -> impl Fn(Option<usize>) -> Tensor<4> + 'a {
+) -> impl Fn(Option<usize>) -> Tensor<4> + 'static {
     let n: usize = shape.iter().product();
     let device = device.clone();
+    // The stage's own share of given noise (a copy: the stage outlives the parameters).
+    let given = match &p.noise {
+        WuerstchenNoise::Seed(_) => None,
+        WuerstchenNoise::Tensors {
+            prior_noise,
+            prior_step_noise,
+            decoder_noise,
+            decoder_step_noise,
+        } => Some(if stream == 0 {
+            (prior_noise.clone(), prior_step_noise.clone())
+        } else {
+            (decoder_noise.clone(), decoder_step_noise.clone())
+        }),
+    };
+    let seed = match p.noise {
+        WuerstchenNoise::Seed(seed) => seed,
+        WuerstchenNoise::Tensors { .. } => 0,
+    };
     move |step: Option<usize>| {
-        let data = match &p.noise {
-            WuerstchenNoise::Seed(seed) => {
-                let s = match step {
-                    None => stream,
-                    Some(i) => stream + 1 + i as u64,
-                };
-                randn(*seed, s, n)
-            }
-            WuerstchenNoise::Tensors {
-                prior_noise,
-                prior_step_noise,
-                decoder_noise,
-                decoder_step_noise,
-            } => {
-                let (first, steps) = if stream == 0 {
-                    (prior_noise, prior_step_noise)
-                } else {
-                    (decoder_noise, decoder_step_noise)
-                };
-                match step {
-                    None => first.clone(),
-                    Some(i) => steps[i * n..(i + 1) * n].to_vec(),
-                }
-            }
+        let data = match (&given, step) {
+            (None, None) => randn(seed, stream, n),
+            (None, Some(i)) => randn(seed, stream + 1 + i as u64, n),
+            (Some((first, _)), None) => first.clone(),
+            (Some((_, steps)), Some(i)) => steps[i * n..(i + 1) * n].to_vec(),
         };
         Tensor::<4>::from_data(TensorData::new(data, shape), &device)
     }

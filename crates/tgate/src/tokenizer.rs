@@ -138,128 +138,12 @@ impl ClipTokenizer {
     ) -> Result<Self> {
         let config = parse_object("tokenizer_config.json", tokenizer_config_json)?;
         let map = parse_object("special_tokens_map.json", special_tokens_map_json)?;
+        let decoder = added_tokens_decoder(&config)?;
+        let named = named_tokens(&config, &map, &decoder)?;
+        let added = tokens_to_add(&decoder, &named);
+        let max_length = max_length(&config)?;
 
-        // Tokens listed in `added_tokens_decoder` come first, sorted by id; when that key exists,
-        // transformers ignores special_tokens_map.json.
-        let mut decoder: Vec<(u64, AddedToken)> = Vec::new();
-        if let Some(entries) = config.get("added_tokens_decoder") {
-            let entries = entries.as_object().ok_or_else(|| {
-                Error::config(
-                    "tokenizer_config.json",
-                    "`added_tokens_decoder` is not an object",
-                )
-            })?;
-            for (id, v) in entries {
-                let id = id.parse().map_err(|_| {
-                    Error::config(
-                        "tokenizer_config.json",
-                        format!("bad added token id `{id}`"),
-                    )
-                })?;
-                let what = format!("added_tokens_decoder.{id}");
-                match parse_spec("tokenizer_config.json", &what, v, false)? {
-                    Some(Spec::Token(t)) => decoder.push((id, t)),
-                    _ => {
-                        return Err(Error::config(
-                            "tokenizer_config.json",
-                            format!("`{what}` is not a token object"),
-                        ))
-                    }
-                }
-            }
-            decoder.sort_by_key(|(id, _)| *id);
-        }
-        let use_map = decoder.is_empty() && !config.contains_key("added_tokens_decoder");
-
-        // Resolve each named token: special_tokens_map.json overrides tokenizer_config.json,
-        // which overrides CLIPTokenizer's defaults (given as plain strings).
-        let mut named = Vec::with_capacity(NAMED.len());
-        for (key, default) in NAMED {
-            let from_map = match map.get(key) {
-                Some(v) if use_map => parse_spec("special_tokens_map.json", key, v, true)?,
-                _ => None,
-            };
-            let from_config = match config.get(key) {
-                Some(v) => parse_spec("tokenizer_config.json", key, v, false)?,
-                None => None,
-            };
-            let mut spec = from_map
-                .or(from_config)
-                .unwrap_or_else(|| Spec::Plain(default.into()));
-            if let Some((_, t)) = decoder.iter().find(|(_, t)| t.content == spec.content()) {
-                spec = Spec::Token(t.clone());
-            }
-            named.push(spec);
-        }
-
-        // The list of tokens transformers hands to the backend, in order; a named token is skipped
-        // when its content is already a decoder entry or an equal value is already listed.
-        let mut listed: Vec<Spec> = decoder
-            .iter()
-            .map(|(_, t)| Spec::Token(t.clone()))
-            .collect();
-        for spec in &named {
-            let known = decoder.iter().any(|(_, t)| t.content == spec.content());
-            if !known && !listed.contains(spec) {
-                listed.push(spec.clone());
-            }
-        }
-        // The backend keeps the flags of the last token added with a given content.
-        let mut added: Vec<AddedToken> = Vec::new();
-        for spec in listed {
-            let token = match spec {
-                Spec::Plain(s) => AddedToken::from(s, true),
-                Spec::Token(mut t) => {
-                    t.special |= named.iter().any(|n| n.content() == t.content);
-                    t
-                }
-            };
-            match added.iter_mut().find(|a| a.content == token.content) {
-                Some(slot) => *slot = token,
-                None => added.push(token),
-            }
-        }
-
-        let max_length = match config.get("model_max_length") {
-            None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
-            Some(v) => match v.as_u64() {
-                Some(n) if (2..=MAX_SANE_LENGTH).contains(&n) => n as usize,
-                Some(n) if n > MAX_SANE_LENGTH => DEFAULT_MAX_LENGTH,
-                None if v.as_f64().is_some_and(|f| f > MAX_SANE_LENGTH as f64) => {
-                    DEFAULT_MAX_LENGTH
-                }
-                _ => {
-                    return Err(Error::config(
-                        "tokenizer_config.json",
-                        format!("`model_max_length` must be an integer >= 2, got {v}"),
-                    ))
-                }
-            },
-        };
-
-        let model = build_bpe(vocab, merges, named[2].content())?;
-        let mut tokenizer = Tokenizer::new(model);
-        let normalizer = normalizers::Sequence::new(vec![
-            NFC.into(),
-            Replace::new(
-                normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
-                " ",
-            )
-            .map_err(tok_err)?
-            .into(),
-            Lowercase.into(),
-        ]);
-        let split = Split::new(
-            SplitPattern::Regex(WORD_REGEX.into()),
-            SplitDelimiterBehavior::Removed,
-            true,
-        )
-        .map_err(tok_err)?;
-        tokenizer.with_normalizer(Some(normalizer));
-        tokenizer.with_pre_tokenizer(Some(PreSequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, true).into(),
-        ])));
+        let mut tokenizer = clip_pipeline(build_bpe(vocab, merges, named[2].content())?)?;
         // Added after the normalizer is set: normalized added tokens are matched in normalized text.
         tokenizer.add_tokens(&added);
 
@@ -457,4 +341,151 @@ fn build_bpe(vocab: Vocab, merges: Vec<(String, String)>, unk: &str) -> Result<B
         .fuse_unk(false)
         .build()
         .map_err(tok_err)
+}
+
+/// `added_tokens_decoder` of `tokenizer_config.json`, sorted by id (empty when absent).
+fn added_tokens_decoder(config: &Map<String, Value>) -> Result<Vec<(u64, AddedToken)>> {
+    // Tokens listed in `added_tokens_decoder` come first, sorted by id; when that key exists,
+    // transformers ignores special_tokens_map.json.
+    let mut decoder: Vec<(u64, AddedToken)> = Vec::new();
+    if let Some(entries) = config.get("added_tokens_decoder") {
+        let entries = entries.as_object().ok_or_else(|| {
+            Error::config(
+                "tokenizer_config.json",
+                "`added_tokens_decoder` is not an object",
+            )
+        })?;
+        for (id, v) in entries {
+            let id = id.parse().map_err(|_| {
+                Error::config(
+                    "tokenizer_config.json",
+                    format!("bad added token id `{id}`"),
+                )
+            })?;
+            let what = format!("added_tokens_decoder.{id}");
+            match parse_spec("tokenizer_config.json", &what, v, false)? {
+                Some(Spec::Token(t)) => decoder.push((id, t)),
+                _ => {
+                    return Err(Error::config(
+                        "tokenizer_config.json",
+                        format!("`{what}` is not a token object"),
+                    ))
+                }
+            }
+        }
+        decoder.sort_by_key(|(id, _)| *id);
+    }
+    Ok(decoder)
+}
+
+/// The named special tokens (`NAMED` order): special_tokens_map.json overrides
+/// tokenizer_config.json, which overrides CLIPTokenizer's defaults (given as plain strings); when
+/// `added_tokens_decoder` exists, transformers ignores special_tokens_map.json.
+fn named_tokens(
+    config: &Map<String, Value>,
+    map: &Map<String, Value>,
+    decoder: &[(u64, AddedToken)],
+) -> Result<Vec<Spec>> {
+    let use_map = decoder.is_empty() && !config.contains_key("added_tokens_decoder");
+    // Resolve each named token: special_tokens_map.json overrides tokenizer_config.json,
+    // which overrides CLIPTokenizer's defaults (given as plain strings).
+    let mut named = Vec::with_capacity(NAMED.len());
+    for (key, default) in NAMED {
+        let from_map = match map.get(key) {
+            Some(v) if use_map => parse_spec("special_tokens_map.json", key, v, true)?,
+            _ => None,
+        };
+        let from_config = match config.get(key) {
+            Some(v) => parse_spec("tokenizer_config.json", key, v, false)?,
+            None => None,
+        };
+        let mut spec = from_map
+            .or(from_config)
+            .unwrap_or_else(|| Spec::Plain(default.into()));
+        if let Some((_, t)) = decoder.iter().find(|(_, t)| t.content == spec.content()) {
+            spec = Spec::Token(t.clone());
+        }
+        named.push(spec);
+    }
+
+    Ok(named)
+}
+
+/// The tokens transformers hands to the backend, in order; a named token is skipped when its
+/// content is already a decoder entry or an equal value is already listed.
+fn tokens_to_add(decoder: &[(u64, AddedToken)], named: &[Spec]) -> Vec<AddedToken> {
+    // The list of tokens transformers hands to the backend, in order; a named token is skipped
+    // when its content is already a decoder entry or an equal value is already listed.
+    let mut listed: Vec<Spec> = decoder
+        .iter()
+        .map(|(_, t)| Spec::Token(t.clone()))
+        .collect();
+    for spec in named {
+        let known = decoder.iter().any(|(_, t)| t.content == spec.content());
+        if !known && !listed.contains(spec) {
+            listed.push(spec.clone());
+        }
+    }
+    // The backend keeps the flags of the last token added with a given content.
+    let mut added: Vec<AddedToken> = Vec::new();
+    for spec in listed {
+        let token = match spec {
+            Spec::Plain(s) => AddedToken::from(s, true),
+            Spec::Token(mut t) => {
+                t.special |= named.iter().any(|n| n.content() == t.content);
+                t
+            }
+        };
+        match added.iter_mut().find(|a| a.content == token.content) {
+            Some(slot) => *slot = token,
+            None => added.push(token),
+        }
+    }
+
+    added
+}
+
+/// `model_max_length` (77 when absent; transformers' "very large" placeholder means the default).
+fn max_length(config: &Map<String, Value>) -> Result<usize> {
+    Ok(match config.get("model_max_length") {
+        None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
+        Some(v) => match v.as_u64() {
+            Some(n) if (2..=MAX_SANE_LENGTH).contains(&n) => n as usize,
+            Some(n) if n > MAX_SANE_LENGTH => DEFAULT_MAX_LENGTH,
+            None if v.as_f64().is_some_and(|f| f > MAX_SANE_LENGTH as f64) => DEFAULT_MAX_LENGTH,
+            _ => {
+                return Err(Error::config(
+                    "tokenizer_config.json",
+                    format!("`model_max_length` must be an integer >= 2, got {v}"),
+                ))
+            }
+        },
+    })
+}
+
+/// CLIP's normalizer and pre-tokenizer around a BPE model.
+fn clip_pipeline(model: BPE) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::new(model);
+    let normalizer = normalizers::Sequence::new(vec![
+        NFC.into(),
+        Replace::new(
+            normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(tok_err)?
+        .into(),
+        Lowercase.into(),
+    ]);
+    let split = Split::new(
+        SplitPattern::Regex(WORD_REGEX.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(tok_err)?;
+    tokenizer.with_normalizer(Some(normalizer));
+    tokenizer.with_pre_tokenizer(Some(PreSequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    Ok(tokenizer)
 }

@@ -5,6 +5,7 @@
 //! int or a per-block list, conv or linear projections. Anything else is refused by name.
 
 use burn::tensor::{DType, Tensor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
@@ -40,201 +41,225 @@ pub struct UNetConfig {
     pub center_input_sample: bool,
 }
 
-fn per_block(v: Option<&Value>, n: usize, name: &str, file: &str) -> Result<Option<Vec<usize>>> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(x)) => match x.as_u64() {
-            Some(x) => Ok(Some(vec![x as usize; n])),
-            None => Err(Error::config(
+/// `config.json` of `UNet2DConditionModel` as diffusers writes it: the keys this crate reads,
+/// with diffusers' defaults. Keys whose other values would change the maths are checked
+/// separately ([`refuse_unsupported`]).
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default = "four")]
+    in_channels: usize,
+    #[serde(default = "four")]
+    out_channels: usize,
+    block_out_channels: Vec<usize>,
+    down_block_types: Vec<String>,
+    up_block_types: Vec<String>,
+    #[serde(default)]
+    attention_head_dim: Option<PerBlock>,
+    #[serde(default)]
+    layers_per_block: Option<PerBlock>,
+    #[serde(default)]
+    transformer_layers_per_block: Option<PerBlock>,
+    #[serde(default = "clip_l_width")]
+    cross_attention_dim: usize,
+    #[serde(default)]
+    use_linear_projection: Option<bool>,
+    #[serde(default = "thirty_two")]
+    norm_num_groups: usize,
+    #[serde(default = "norm_eps")]
+    norm_eps: f64,
+    #[serde(default)]
+    flip_sin_to_cos: Option<bool>,
+    #[serde(default)]
+    freq_shift: f64,
+    #[serde(default = "sixty_four")]
+    sample_size: usize,
+    #[serde(default)]
+    center_input_sample: Option<bool>,
+}
+
+fn four() -> usize {
+    4
+}
+fn clip_l_width() -> usize {
+    1280
+}
+fn thirty_two() -> usize {
+    32
+}
+fn sixty_four() -> usize {
+    64
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+
+/// diffusers' "an int for every block, or one per block".
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    fn resolve(
+        v: Option<PerBlock>,
+        n: usize,
+        default: usize,
+        name: &str,
+        file: &str,
+    ) -> Result<Vec<usize>> {
+        match v {
+            None => Ok(vec![default; n]),
+            Some(PerBlock::One(x)) => Ok(vec![x; n]),
+            Some(PerBlock::Each(l)) if l.len() == n => Ok(l),
+            Some(PerBlock::Each(l)) => Err(Error::config(
                 file,
-                format!("`{name}` must be a non-negative int, got {x}"),
+                format!("`{name}` has {} entries for {n} blocks", l.len()),
             )),
-        },
-        Some(Value::Array(a)) => {
-            let list: Option<Vec<usize>> =
-                a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect();
-            match list {
-                Some(l) if l.len() == n => Ok(Some(l)),
-                _ => Err(Error::config(
-                    file,
-                    format!("`{name}` must be an int or a list of {n} ints"),
-                )),
-            }
         }
-        Some(_) => Err(Error::config(
-            file,
-            format!("`{name}` must be an int or a list"),
-        )),
     }
+}
+
+/// Refuses the configuration keys whose values change the computation and are not implemented.
+fn refuse_unsupported(file: &str, bytes: &[u8]) -> Result<()> {
+    let v: serde_json::Map<String, Value> =
+        serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
+    let must_be = |k: &str, ok: &dyn Fn(&Value) -> bool| -> Result<()> {
+        match v.get(k) {
+            Some(x) if !ok(x) => Err(Error::config(file, format!("unsupported `{k}` = {x}"))),
+            _ => Ok(()),
+        }
+    };
+    let null = |x: &Value| x.is_null();
+    let falsy = |x: &Value| x.is_null() || x == &Value::Bool(false);
+    for k in [
+        "class_embed_type",
+        "addition_embed_type",
+        "time_cond_proj_dim",
+        "encoder_hid_dim",
+        "num_class_embeds",
+    ] {
+        must_be(k, &null)?;
+    }
+    for k in ["only_cross_attention", "dual_cross_attention"] {
+        must_be(k, &falsy)?;
+    }
+    must_be("act_fn", &|x| x == "silu")?;
+    must_be("attention_type", &|x| x == "default")?;
+    must_be("resnet_time_scale_shift", &|x| x == "default")?;
+    must_be("time_embedding_type", &|x| x == "positional")?;
+    must_be("mid_block_type", &|x| x == "UNetMidBlock2DCrossAttn")?;
+    // diffusers 0.42 itself refuses `num_attention_heads` for this model (its
+    // `attention_head_dim` carries the head counts).
+    must_be("num_attention_heads", &null)?;
+    must_be("conv_in_kernel", &|x| x.as_u64() == Some(3))?;
+    must_be("conv_out_kernel", &|x| x.as_u64() == Some(3))?;
+    must_be("mid_block_scale_factor", &|x| x.as_f64() == Some(1.0))?;
+    must_be("downsample_padding", &|x| x.as_u64() == Some(1))
+}
+
+/// Whether each block type has cross-attention (`cross`) or not (`plain`).
+fn block_kinds(file: &str, types: &[String], cross: &str, plain: &str) -> Result<Vec<bool>> {
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            t if t == cross => Ok(true),
+            t if t == plain => Ok(false),
+            t => Err(Error::config(file, format!("unsupported block type `{t}`"))),
+        })
+        .collect()
 }
 
 impl UNetConfig {
     /// Reads `unet/config.json`.
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
-        let v: Value =
+        let raw: RawConfig =
             serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
-        let err = |m: String| Error::config(file, m);
-        let usize_of = |k: &str, default: Option<usize>| -> Result<usize> {
-            match v.get(k) {
-                Some(x) => x
-                    .as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| err(format!("`{k}` must be a non-negative int"))),
-                None => default.ok_or_else(|| err(format!("missing `{k}`"))),
-            }
-        };
-        let str_list = |k: &str| -> Result<Vec<String>> {
-            v.get(k)
-                .and_then(|x| x.as_array())
-                .and_then(|a| a.iter().map(|s| s.as_str().map(String::from)).collect())
-                .ok_or_else(|| err(format!("missing or malformed `{k}`")))
-        };
-        let block_out_channels: Vec<usize> = v
-            .get("block_out_channels")
-            .and_then(|x| x.as_array())
-            .and_then(|a| {
-                a.iter()
-                    .map(|c| c.as_u64().map(|c| c as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| err("missing or malformed `block_out_channels`".into()))?;
-        let n = block_out_channels.len();
+        refuse_unsupported(file, bytes)?;
+        let n = raw.block_out_channels.len();
         if n == 0 {
-            return Err(err("`block_out_channels` is empty".into()));
+            return Err(Error::config(file, "`block_out_channels` is empty"));
         }
-        let down = str_list("down_block_types")?;
-        let up = str_list("up_block_types")?;
-        if down.len() != n || up.len() != n {
-            return Err(err(format!(
-                "{} down and {} up block types for {n} levels",
-                down.len(),
-                up.len()
-            )));
+        if raw.down_block_types.len() != n || raw.up_block_types.len() != n {
+            return Err(Error::config(
+                file,
+                format!(
+                    "{} down and {} up block types for {n} levels",
+                    raw.down_block_types.len(),
+                    raw.up_block_types.len()
+                ),
+            ));
         }
-        let kind = |t: &str, cross: &str, plain: &str| -> Result<bool> {
-            if t == cross {
-                Ok(true)
-            } else if t == plain {
-                Ok(false)
-            } else {
-                Err(err(format!("unsupported block type `{t}`")))
-            }
-        };
-        let down_cross = down
-            .iter()
-            .map(|t| kind(t, "CrossAttnDownBlock2D", "DownBlock2D"))
-            .collect::<Result<Vec<_>>>()?;
-        let up_cross = up
-            .iter()
-            .map(|t| kind(t, "CrossAttnUpBlock2D", "UpBlock2D"))
-            .collect::<Result<Vec<_>>>()?;
-
-        // Refuse the variants that change the computation and are not implemented.
-        let must_be = |k: &str, ok: &dyn Fn(&Value) -> bool| -> Result<()> {
-            match v.get(k) {
-                Some(x) if !ok(x) => Err(err(format!("unsupported `{k}` = {x}"))),
-                _ => Ok(()),
-            }
-        };
-        let null = |x: &Value| x.is_null();
-        let falsy = |x: &Value| x.is_null() || x == &Value::Bool(false);
-        for k in [
-            "class_embed_type",
-            "addition_embed_type",
-            "time_cond_proj_dim",
-            "encoder_hid_dim",
-            "num_class_embeds",
-        ] {
-            must_be(k, &null)?;
-        }
-        for k in ["only_cross_attention", "dual_cross_attention"] {
-            must_be(k, &falsy)?;
-        }
-        must_be("act_fn", &|x| x == "silu")?;
-        must_be("attention_type", &|x| x == "default")?;
-        must_be("resnet_time_scale_shift", &|x| x == "default")?;
-        must_be("time_embedding_type", &|x| x == "positional")?;
-        must_be("mid_block_type", &|x| x == "UNetMidBlock2DCrossAttn")?;
-        // diffusers 0.42 itself refuses `num_attention_heads` for this model (its
-        // `attention_head_dim` carries the head counts).
-        must_be("num_attention_heads", &null)?;
-        must_be("conv_in_kernel", &|x| x.as_u64() == Some(3))?;
-        must_be("conv_out_kernel", &|x| x.as_u64() == Some(3))?;
-        must_be("mid_block_scale_factor", &|x| x.as_f64() == Some(1.0))?;
-        must_be("downsample_padding", &|x| x.as_u64() == Some(1))?;
-
-        let heads = per_block(v.get("attention_head_dim"), n, "attention_head_dim", file)?
-            .unwrap_or(vec![8; n]);
-        let layers_per_block = per_block(v.get("layers_per_block"), n, "layers_per_block", file)?
-            .unwrap_or(vec![2; n]);
-        let transformer_depth = per_block(
-            v.get("transformer_layers_per_block"),
-            n,
-            "transformer_layers_per_block",
-            file,
-        )?
-        .unwrap_or(vec![1; n]);
-        let cross_attention_dim = match v.get("cross_attention_dim") {
-            None => 1280,
-            Some(x) => x
-                .as_u64()
-                .ok_or_else(|| err("`cross_attention_dim` must be an int".into()))?
-                as usize,
-        };
         let cfg = UNetConfig {
-            in_channels: usize_of("in_channels", Some(4))?,
-            out_channels: usize_of("out_channels", Some(4))?,
-            layers_per_block,
-            down_cross,
-            up_cross,
-            heads,
-            transformer_depth,
-            cross_attention_dim,
-            use_linear_projection: v
-                .get("use_linear_projection")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false),
-            norm_num_groups: usize_of("norm_num_groups", Some(32))?,
-            norm_eps: v.get("norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
-            flip_sin_to_cos: v
-                .get("flip_sin_to_cos")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(true),
-            freq_shift: v.get("freq_shift").and_then(|x| x.as_f64()).unwrap_or(0.0),
-            sample_size: usize_of("sample_size", Some(64))?,
-            center_input_sample: v
-                .get("center_input_sample")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false),
-            block_out_channels,
+            in_channels: raw.in_channels,
+            out_channels: raw.out_channels,
+            down_cross: block_kinds(
+                file,
+                &raw.down_block_types,
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            )?,
+            up_cross: block_kinds(file, &raw.up_block_types, "CrossAttnUpBlock2D", "UpBlock2D")?,
+            heads: PerBlock::resolve(raw.attention_head_dim, n, 8, "attention_head_dim", file)?,
+            layers_per_block: PerBlock::resolve(
+                raw.layers_per_block,
+                n,
+                2,
+                "layers_per_block",
+                file,
+            )?,
+            transformer_depth: PerBlock::resolve(
+                raw.transformer_layers_per_block,
+                n,
+                1,
+                "transformer_layers_per_block",
+                file,
+            )?,
+            cross_attention_dim: raw.cross_attention_dim,
+            use_linear_projection: raw.use_linear_projection.unwrap_or(false),
+            norm_num_groups: raw.norm_num_groups,
+            norm_eps: raw.norm_eps,
+            flip_sin_to_cos: raw.flip_sin_to_cos.unwrap_or(true),
+            freq_shift: raw.freq_shift,
+            sample_size: raw.sample_size,
+            center_input_sample: raw.center_input_sample.unwrap_or(false),
+            block_out_channels: raw.block_out_channels,
         };
-        if cfg.norm_num_groups == 0 {
+        cfg.check(file)?;
+        Ok(cfg)
+    }
+
+    /// Refuses shapes the model cannot be built with.
+    fn check(&self, file: &str) -> Result<()> {
+        let err = |m: String| Error::config(file, m);
+        if self.norm_num_groups == 0 {
             return Err(err("`norm_num_groups` must be at least 1".into()));
         }
-        if let Some(i) = cfg.layers_per_block.iter().position(|&l| l == 0) {
+        if let Some(i) = self.layers_per_block.iter().position(|&l| l == 0) {
             return Err(err(format!(
                 "block {i}: `layers_per_block` must be at least 1"
             )));
         }
-        if let Some(i) = cfg.transformer_depth.iter().position(|&l| l == 0) {
+        if let Some(i) = self.transformer_depth.iter().position(|&l| l == 0) {
             return Err(err(format!(
                 "block {i}: `transformer_layers_per_block` must be at least 1"
             )));
         }
-        for (i, (&c, &h)) in cfg.block_out_channels.iter().zip(&cfg.heads).enumerate() {
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&self.heads).enumerate() {
             if h == 0 || c % h != 0 {
                 return Err(err(format!(
                     "block {i}: {c} channels do not split into {h} attention heads"
                 )));
             }
-            if c % cfg.norm_num_groups != 0 {
+            if c % self.norm_num_groups != 0 {
                 return Err(err(format!(
                     "block {i}: {c} channels do not split into {} groups",
-                    cfg.norm_num_groups
+                    self.norm_num_groups
                 )));
             }
         }
-        Ok(cfg)
+        Ok(())
     }
 
     /// Time-embedding width (4 × the first block's channels).
@@ -437,5 +462,66 @@ impl UNet2DConditionModel {
         self.conv_out
             .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
             .cast(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<UNetConfig> {
+        let json = format!(
+            r#"{{"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
+                "norm_num_groups": 8{extra}}}"#
+        );
+        UNetConfig::from_json("unet/config.json", json.as_bytes())
+    }
+
+    fn message(r: Result<UNetConfig>) -> String {
+        match r {
+            Err(e) => e.to_string(),
+            Ok(c) => panic!("accepted: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_per_block_values() {
+        let c = parse(r#", "attention_head_dim": [4, 8], "layers_per_block": 1"#).unwrap();
+        assert_eq!(c.heads, vec![4, 8]);
+        assert_eq!(c.layers_per_block, vec![1, 1]);
+        assert_eq!(c.transformer_depth, vec![1, 1]);
+        assert_eq!((c.in_channels, c.sample_size, c.norm_eps), (4, 64, 1e-5));
+        assert_eq!(
+            (c.down_cross, c.up_cross),
+            (vec![true, false], vec![false, true])
+        );
+        assert!(c.flip_sin_to_cos && !c.use_linear_projection);
+    }
+
+    #[test]
+    fn refusals_name_the_key() {
+        for (extra, needle) in [
+            (
+                r#", "attention_head_dim": [4, 8, 8]"#,
+                "`attention_head_dim` has 3 entries",
+            ),
+            (r#", "time_cond_proj_dim": 256"#, "time_cond_proj_dim"),
+            (r#", "act_fn": "gelu""#, "act_fn"),
+            (r#", "layers_per_block": 0"#, "layers_per_block"),
+            (r#", "attention_head_dim": 5"#, "attention heads"),
+            (r#", "sample_size": "64""#, "invalid type"),
+        ] {
+            let m = message(parse(extra));
+            assert!(
+                m.contains(needle) && m.contains("unet/config.json"),
+                "{extra}: {m}"
+            );
+        }
+        let m = message(UNetConfig::from_json(
+            "unet/config.json",
+            br#"{"block_out_channels": [32], "down_block_types": ["DownBlock2D"], "up_block_types": ["SimpleUp"]}"#,
+        ));
+        assert!(m.contains("unsupported block type `SimpleUp`"), "{m}");
     }
 }

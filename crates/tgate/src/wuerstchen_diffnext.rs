@@ -204,69 +204,8 @@ pub struct WuerstchenDiffNeXt {
 impl WuerstchenDiffNeXt {
     pub fn load(config: &DiffNeXtConfig, w: &Weights) -> Result<Self> {
         let cfg = config;
-        let levels = cfg.c_hidden.len();
         let (c_cond, p) = (cfg.c_cond, cfg.patch_size);
-        let block = |w: &Weights, kind: char, i: usize, c_skip: usize| -> Result<Block> {
-            let c = cfg.c_hidden[i];
-            Ok(match kind {
-                'C' => Block::Res(ResBlockStageB::load(w, c, c_skip, cfg.kernel_size)?),
-                'T' => Block::Time(TimestepBlock::load(w, c, cfg.c_r)?),
-                _ => Block::Attn(AttnBlock::load(w, c, c_cond, cfg.nhead[i] as usize)?),
-            })
-        };
-        let mut down = Vec::with_capacity(levels);
-        for i in 0..levels {
-            let lw = w.pp("down_blocks").pp(i);
-            let mut blocks = Vec::new();
-            if i > 0 {
-                let conv = Conv2d::load(
-                    &lw.pp(0).pp(1),
-                    cfg.c_hidden[i - 1],
-                    cfg.c_hidden[i],
-                    2,
-                    2,
-                    0,
-                )?;
-                blocks.push(Block::Down(conv));
-            }
-            for _ in 0..cfg.blocks[i] {
-                for kind in cfg.level_config[i].chars() {
-                    let c_skip = if cfg.inject_effnet[i] { c_cond } else { 0 };
-                    blocks.push(block(&lw.pp(blocks.len()), kind, i, c_skip)?);
-                }
-            }
-            down.push(blocks);
-        }
-        let mut up = Vec::with_capacity(levels);
-        for (k, i) in (0..levels).rev().enumerate() {
-            let lw = w.pp("up_blocks").pp(k);
-            let mut blocks = Vec::new();
-            for j in 0..cfg.blocks[i] {
-                for (kk, kind) in cfg.level_config[i].chars().enumerate() {
-                    let mut c_skip = if i < levels - 1 && j == 0 && kk == 0 {
-                        cfg.c_hidden[i]
-                    } else {
-                        0
-                    };
-                    if cfg.inject_effnet[i] {
-                        c_skip += c_cond;
-                    }
-                    blocks.push(block(&lw.pp(blocks.len()), kind, i, c_skip)?);
-                }
-            }
-            if i > 0 {
-                let conv = ConvTranspose2d::load(
-                    &lw.pp(blocks.len()).pp(1),
-                    cfg.c_hidden[i],
-                    cfg.c_hidden[i - 1],
-                    2,
-                    2,
-                    0,
-                )?;
-                blocks.push(Block::Up(conv));
-            }
-            up.push(blocks);
-        }
+        let (down, up) = (load_down(cfg, w)?, load_up(cfg, w)?);
         let injects = cfg
             .inject_effnet
             .iter()
@@ -425,4 +364,86 @@ impl WuerstchenDiffNeXt {
         let eps = 1e-3;
         (x_in - a) / b.mul_scalar(1.0 - 2.0 * eps).add_scalar(eps)
     }
+}
+
+/// One block of level `i` of kind `C` (ResBlockStageB), `T` (TimestepBlock) or `A` (AttnBlock).
+fn load_block(
+    cfg: &DiffNeXtConfig,
+    w: &Weights,
+    kind: char,
+    i: usize,
+    c_skip: usize,
+) -> Result<Block> {
+    let c = cfg.c_hidden[i];
+    Ok(match kind {
+        'C' => Block::Res(ResBlockStageB::load(w, c, c_skip, cfg.kernel_size)?),
+        'T' => Block::Time(TimestepBlock::load(w, c, cfg.c_r)?),
+        _ => Block::Attn(AttnBlock::load(w, c, cfg.c_cond, cfg.nhead[i] as usize)?),
+    })
+}
+
+/// `down_blocks`: per level, a stride-2 convolution (after the first) then the level's blocks.
+fn load_down(cfg: &DiffNeXtConfig, w: &Weights) -> Result<Vec<Vec<Block>>> {
+    let levels = cfg.c_hidden.len();
+    let mut down = Vec::with_capacity(levels);
+    for i in 0..levels {
+        let lw = w.pp("down_blocks").pp(i);
+        let mut blocks = Vec::new();
+        if i > 0 {
+            let conv = Conv2d::load(
+                &lw.pp(0).pp(1),
+                cfg.c_hidden[i - 1],
+                cfg.c_hidden[i],
+                2,
+                2,
+                0,
+            )?;
+            blocks.push(Block::Down(conv));
+        }
+        for _ in 0..cfg.blocks[i] {
+            for kind in cfg.level_config[i].chars() {
+                let c_skip = if cfg.inject_effnet[i] { cfg.c_cond } else { 0 };
+                blocks.push(load_block(cfg, &lw.pp(blocks.len()), kind, i, c_skip)?);
+            }
+        }
+        down.push(blocks);
+    }
+    Ok(down)
+}
+
+/// `up_blocks`: per level from the deepest, the level's blocks (the first takes the skip) then
+/// a stride-2 transposed convolution (before the last level).
+fn load_up(cfg: &DiffNeXtConfig, w: &Weights) -> Result<Vec<Vec<Block>>> {
+    let levels = cfg.c_hidden.len();
+    let mut up = Vec::with_capacity(levels);
+    for (k, i) in (0..levels).rev().enumerate() {
+        let lw = w.pp("up_blocks").pp(k);
+        let mut blocks = Vec::new();
+        for j in 0..cfg.blocks[i] {
+            for (kk, kind) in cfg.level_config[i].chars().enumerate() {
+                let mut c_skip = if i < levels - 1 && j == 0 && kk == 0 {
+                    cfg.c_hidden[i]
+                } else {
+                    0
+                };
+                if cfg.inject_effnet[i] {
+                    c_skip += cfg.c_cond;
+                }
+                blocks.push(load_block(cfg, &lw.pp(blocks.len()), kind, i, c_skip)?);
+            }
+        }
+        if i > 0 {
+            let conv = ConvTranspose2d::load(
+                &lw.pp(blocks.len()).pp(1),
+                cfg.c_hidden[i],
+                cfg.c_hidden[i - 1],
+                2,
+                2,
+                0,
+            )?;
+            blocks.push(Block::Up(conv));
+        }
+        up.push(blocks);
+    }
+    Ok(up)
 }

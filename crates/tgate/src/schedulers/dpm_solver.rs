@@ -85,64 +85,7 @@ impl DpmSolverMultistepScheduler {
         let sigma_spacing = SigmaSpacing::read(config)?;
         let lu_lambdas = config.bool_or("use_lu_lambdas", false)?;
 
-        let table = train.sigmas_f32();
-        let log_sigmas: Vec<f32> = table.iter().map(|s| s.ln()).collect();
-        let last_t = train.num_train_timesteps
-            - clipped_count(
-                &train,
-                config.f64_or("lambda_min_clipped", f64::NEG_INFINITY)?,
-            );
-        let spaced = dpm_timesteps(&train, last_t, n);
-        // Derived timesteps are rounded, except for the cosine schedule; all become integers.
-        let to_timestep = |sigma: f64, round: bool| {
-            let t = sigma_to_t(sigma, &log_sigmas);
-            let t = if round && train.beta_schedule != BetaSchedule::SquaredCosCapV2 {
-                np_round(t)
-            } else {
-                t
-            };
-            t.trunc()
-        };
-        // DPM has no sigma_min / sigma_max parameters, but diffusers reads them from the config
-        // when the file has them; otherwise the ends of the training table.
-        let sigma_min = config.opt_f64("sigma_min")?.unwrap_or(f64::from(table[0]));
-        let sigma_max = config
-            .opt_f64("sigma_max")?
-            .unwrap_or(f64::from(table[table.len() - 1]));
-        let (timesteps, mut sigmas): (Vec<f64>, Vec<f64>) = if sigma_spacing == SigmaSpacing::Karras
-        {
-            let sigmas = karras_sigmas(sigma_min, sigma_max, n);
-            (
-                sigmas.iter().map(|&s| to_timestep(s, true)).collect(),
-                sigmas,
-            )
-        } else if lu_lambdas {
-            let (low, high) = (
-                f64::from(log_sigmas[0]),
-                f64::from(log_sigmas[log_sigmas.len() - 1]),
-            );
-            let sigmas: Vec<f64> = np_linspace(0.0, 1.0, n)
-                .into_iter()
-                .map(|r| (high + r * (low - high)).exp())
-                .collect();
-            (
-                sigmas.iter().map(|&s| to_timestep(s, true)).collect(),
-                sigmas,
-            )
-        } else if sigma_spacing == SigmaSpacing::Exponential {
-            let sigmas = exponential_sigmas(sigma_min, sigma_max, n);
-            (
-                sigmas.iter().map(|&s| to_timestep(s, false)).collect(),
-                sigmas,
-            )
-        } else {
-            (
-                spaced.clone(),
-                spaced.iter().map(|&t| np_interp(t, &table)).collect(),
-            )
-        };
-        sigmas.push(final_sigma(config, &train)?);
-        let sigmas = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
+        let (timesteps, sigmas) = dpm_schedule(config, &train, n, sigma_spacing, lu_lambdas)?;
 
         Ok(DpmSolverMultistepScheduler {
             prediction: train.prediction,
@@ -378,4 +321,73 @@ mod tests {
             [999., 786., 427., 59., 0.]
         );
     }
+}
+
+/// The inference timesteps and sigmas (with the final sigma) of a DPM-Solver schedule, as
+/// diffusers' `set_timesteps` derives them.
+fn dpm_schedule(
+    config: &SchedulerConfig,
+    train: &TrainSchedule,
+    n: usize,
+    sigma_spacing: SigmaSpacing,
+    lu_lambdas: bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let table = train.sigmas_f32();
+    let log_sigmas: Vec<f32> = table.iter().map(|s| s.ln()).collect();
+    let last_t = train.num_train_timesteps
+        - clipped_count(
+            train,
+            config.f64_or("lambda_min_clipped", f64::NEG_INFINITY)?,
+        );
+    let spaced = dpm_timesteps(train, last_t, n);
+    // Derived timesteps are rounded, except for the cosine schedule; all become integers.
+    let to_timestep = |sigma: f64, round: bool| {
+        let t = sigma_to_t(sigma, &log_sigmas);
+        let t = if round && train.beta_schedule != BetaSchedule::SquaredCosCapV2 {
+            np_round(t)
+        } else {
+            t
+        };
+        t.trunc()
+    };
+    // DPM has no sigma_min / sigma_max parameters, but diffusers reads them from the config
+    // when the file has them; otherwise the ends of the training table.
+    let sigma_min = config.opt_f64("sigma_min")?.unwrap_or(f64::from(table[0]));
+    let sigma_max = config
+        .opt_f64("sigma_max")?
+        .unwrap_or(f64::from(table[table.len() - 1]));
+    let (timesteps, mut sigmas): (Vec<f64>, Vec<f64>) = if sigma_spacing == SigmaSpacing::Karras {
+        let sigmas = karras_sigmas(sigma_min, sigma_max, n);
+        (
+            sigmas.iter().map(|&s| to_timestep(s, true)).collect(),
+            sigmas,
+        )
+    } else if lu_lambdas {
+        let (low, high) = (
+            f64::from(log_sigmas[0]),
+            f64::from(log_sigmas[log_sigmas.len() - 1]),
+        );
+        let sigmas: Vec<f64> = np_linspace(0.0, 1.0, n)
+            .into_iter()
+            .map(|r| (high + r * (low - high)).exp())
+            .collect();
+        (
+            sigmas.iter().map(|&s| to_timestep(s, true)).collect(),
+            sigmas,
+        )
+    } else if sigma_spacing == SigmaSpacing::Exponential {
+        let sigmas = exponential_sigmas(sigma_min, sigma_max, n);
+        (
+            sigmas.iter().map(|&s| to_timestep(s, false)).collect(),
+            sigmas,
+        )
+    } else {
+        (
+            spaced.clone(),
+            spaced.iter().map(|&t| np_interp(t, &table)).collect(),
+        )
+    };
+    sigmas.push(final_sigma(config, train)?);
+    let sigmas = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
+    Ok((timesteps, sigmas))
 }

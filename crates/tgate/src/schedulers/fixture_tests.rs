@@ -124,7 +124,6 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
     let arrays = read_safetensors(&dir.join("reference.safetensors"));
     let mut failures = Vec::new();
     for kind in SchedulerKind::ALL {
-        let key = |what: &str| format!("sched.{}.{what}", kind.name());
         if refused.contains(&kind.name()) {
             if build_scheduler(&config, kind, steps).is_ok() {
                 failures.push(format!(
@@ -133,82 +132,98 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
             }
             continue;
         }
-        let Some(timesteps) = arrays.get(&key("timesteps")) else {
-            failures.push(format!("{}: no {}", dir.display(), key("timesteps")));
-            continue;
-        };
-        let mut scheduler = build_scheduler(&config, kind, steps).unwrap();
-        let want_t: Vec<f32> = timesteps.values.clone();
-        let got_t: Vec<f32> = scheduler.timesteps().iter().map(|&t| t as f32).collect();
-        // Integer timesteps must match exactly; fractional ones (Euler with Karras or
-        // exponential sigmas) go through `ln` of the sigma table and may move by an ulp.
-        let close = got_t.len() == want_t.len()
-            && got_t
-                .iter()
-                .zip(&want_t)
-                .all(|(g, w)| g == w || (w.fract() != 0.0 && (g - w).abs() < 1e-3));
-        if !close {
-            failures.push(format!("{kind}: timesteps {got_t:?} != {want_t:?}"));
-            continue;
-        }
-        let sigma = arrays[&key("init_noise_sigma")].values[0];
-        if (scheduler.init_noise_sigma() as f32 - sigma).abs() > 1e-6 * sigma.max(1.0) {
-            failures.push(format!(
-                "{kind}: init_noise_sigma {} != {sigma}",
-                scheduler.init_noise_sigma()
-            ));
-        }
-        let (samples, outputs, scaled) = (
-            &arrays[&key("samples")],
-            &arrays[&key("model_outputs")],
-            &arrays[&key("scaled_inputs")],
+        failures.extend(check_kind(dir, &config, kind, steps, &arrays, &device));
+    }
+    failures
+}
+
+/// One scheduler kind against a reference folder's arrays: timesteps, the initial sigma, each
+/// teacher-forced step and the free-running result.
+fn check_kind(
+    dir: &Path,
+    config: &SchedulerConfig,
+    kind: SchedulerKind,
+    steps: usize,
+    arrays: &HashMap<String, Array>,
+    device: &Device,
+) -> Vec<String> {
+    let key = |what: &str| format!("sched.{}.{what}", kind.name());
+    let mut failures = Vec::new();
+    let Some(timesteps) = arrays.get(&key("timesteps")) else {
+        failures.push(format!("{}: no {}", dir.display(), key("timesteps")));
+        return failures;
+    };
+    let mut scheduler = build_scheduler(config, kind, steps).unwrap();
+    let want_t: Vec<f32> = timesteps.values.clone();
+    let got_t: Vec<f32> = scheduler.timesteps().iter().map(|&t| t as f32).collect();
+    // Integer timesteps must match exactly; fractional ones (Euler with Karras or
+    // exponential sigmas) go through `ln` of the sigma table and may move by an ulp.
+    let close = got_t.len() == want_t.len()
+        && got_t
+            .iter()
+            .zip(&want_t)
+            .all(|(g, w)| g == w || (w.fract() != 0.0 && (g - w).abs() < 1e-3));
+    if !close {
+        failures.push(format!("{kind}: timesteps {got_t:?} != {want_t:?}"));
+        return failures;
+    }
+    let sigma = arrays[&key("init_noise_sigma")].values[0];
+    if (scheduler.init_noise_sigma() as f32 - sigma).abs() > 1e-6 * sigma.max(1.0) {
+        failures.push(format!(
+            "{kind}: init_noise_sigma {} != {sigma}",
+            scheduler.init_noise_sigma()
+        ));
+    }
+    let (samples, outputs, scaled) = (
+        &arrays[&key("samples")],
+        &arrays[&key("model_outputs")],
+        &arrays[&key("scaled_inputs")],
+    );
+    let noise = arrays.get(&key("step_noise"));
+    let mut free = samples.item(0, device);
+    let mut worst = 0.0f32;
+    for i in 0..got_t.len() {
+        let sample = samples.item(i, device);
+        let (d, m) = max_diff(
+            scheduler.scale_model_input(sample.clone(), i),
+            scaled.item(i, device),
         );
-        let noise = arrays.get(&key("step_noise"));
-        let mut free = samples.item(0, &device);
-        let mut worst = 0.0f32;
-        for i in 0..got_t.len() {
-            let sample = samples.item(i, &device);
-            let (d, m) = max_diff(
-                scheduler.scale_model_input(sample.clone(), i),
-                scaled.item(i, &device),
-            );
-            if d > 2e-6 * m.max(1.0) {
-                failures.push(format!("{kind}: scaled input {i} differs by {d} (max {m})"));
-            }
-            // Teacher-forced: each step starts from diffusers' own sample.
-            let step_noise = noise.map(|n| n.item(i, &device));
-            let prev = scheduler
-                .step(outputs.item(i, &device), i, sample, step_noise)
-                .unwrap();
-            let (d, m) = max_diff(prev, samples.item(i + 1, &device));
-            worst = worst.max(d / m.max(1.0));
-            if d > 1e-5 * m.max(1.0) {
-                failures.push(format!("{kind}: step {i} differs by {d} (max {m})"));
-            }
+        if d > 2e-6 * m.max(1.0) {
+            failures.push(format!("{kind}: scaled input {i} differs by {d} (max {m})"));
         }
-        // Free-running from the first sample (the multistep history now holds our own outputs).
-        let mut fresh = build_scheduler(&config, kind, steps).unwrap();
-        for i in 0..got_t.len() {
-            free = fresh
-                .step(
-                    outputs.item(i, &device),
-                    i,
-                    free,
-                    noise.map(|n| n.item(i, &device)),
-                )
-                .unwrap();
+        // Teacher-forced: each step starts from diffusers' own sample.
+        let step_noise = noise.map(|n| n.item(i, device));
+        let prev = scheduler
+            .step(outputs.item(i, device), i, sample, step_noise)
+            .unwrap();
+        let (d, m) = max_diff(prev, samples.item(i + 1, device));
+        worst = worst.max(d / m.max(1.0));
+        if d > 1e-5 * m.max(1.0) {
+            failures.push(format!("{kind}: step {i} differs by {d} (max {m})"));
         }
-        let (d, m) = max_diff(free, samples.item(got_t.len(), &device));
-        eprintln!(
-            "{} {kind}: worst step error {worst:.2e}, free-running {:.2e}",
-            dir.display(),
-            d / m.max(1.0)
-        );
-        if d > 1e-4 * m.max(1.0) {
-            failures.push(format!(
-                "{kind}: free-running final sample differs by {d} (max {m})"
-            ));
-        }
+    }
+    // Free-running from the first sample (the multistep history now holds our own outputs).
+    let mut fresh = build_scheduler(config, kind, steps).unwrap();
+    for i in 0..got_t.len() {
+        free = fresh
+            .step(
+                outputs.item(i, device),
+                i,
+                free,
+                noise.map(|n| n.item(i, device)),
+            )
+            .unwrap();
+    }
+    let (d, m) = max_diff(free, samples.item(got_t.len(), device));
+    eprintln!(
+        "{} {kind}: worst step error {worst:.2e}, free-running {:.2e}",
+        dir.display(),
+        d / m.max(1.0)
+    );
+    if d > 1e-4 * m.max(1.0) {
+        failures.push(format!(
+            "{kind}: free-running final sample differs by {d} (max {m})"
+        ));
     }
     failures
 }

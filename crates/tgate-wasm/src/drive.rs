@@ -1,0 +1,237 @@
+//! Driving a generation from the worker: every piece of work (text encoding, each step, the
+//! decoder) is enqueued with the model crate's [`Generation::advance`] and then awaited with a
+//! one-value asynchronous readback, raced against the caller's cancel promise, so the worker
+//! never blocks, step times are real, and a cancel is answered while the device is still busy
+//! (compiling the first step's kernels, say); the enqueued work then finishes unobserved.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
+
+use burn::tensor::Tensor;
+use js_sys::{Function, Promise};
+use serde::Serialize;
+use tgate::profile::{LaunchCounter, Launches, Timing};
+use tgate::stage::StepInfo;
+use tgate::text_to_image::{
+    interleave, Generation, ModelKind, NoiseSource, Output, Pipeline, Request, Work,
+};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use web_time::Instant;
+
+use crate::errors::{js_error, readback_error, to_js};
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StepReport {
+    /// `unet` (SD), `prior` or `decoder` (Würstchen).
+    stage: &'static str,
+    step: usize,
+    total: usize,
+    timestep: f64,
+    phase: &'static str,
+    ms: f64,
+    /// GPU kernels the step launched, and how many distinct compiled kernels that was.
+    launches: usize,
+    kernels: usize,
+}
+
+impl StepReport {
+    fn new(s: &StepInfo, launches: &Launches) -> Self {
+        StepReport {
+            stage: s.stage,
+            step: s.index,
+            total: s.total,
+            timestep: s.timestep,
+            phase: s.phase.name(),
+            ms: s.seconds * 1e3,
+            launches: launches.total(),
+            kernels: launches.distinct,
+        }
+    }
+}
+
+async fn read_back<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, JsValue> {
+    let data = t.into_data_async().await.map_err(readback_error)?;
+    data.try_to_vec::<f32>()
+        .map_err(|e| js_error("internal", format!("reading a result back failed: {e:?}")))
+}
+
+/// A cheap preview of latents `[1, c, h, w]`: the first three channels (for four-channel SD
+/// latents, the usual linear map to RGB), each stretched to its range, as RGBA.
+fn preview_rgba(values: &[f32], dims: [usize; 4], sd: bool) -> (Vec<u8>, usize, usize) {
+    let [_, c, h, w] = dims;
+    let n = h * w;
+    let mut rgb = vec![0f32; 3 * n];
+    // Contribution of each SD latent channel to R, G, B (a published approximation).
+    const SD_RGB: [[f32; 3]; 4] = [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ];
+    for i in 0..n {
+        for k in 0..3 {
+            rgb[k * n + i] = if sd && c == 4 {
+                (0..4).map(|ch| SD_RGB[ch][k] * values[ch * n + i]).sum()
+            } else {
+                values[(k % c) * n + i]
+            };
+        }
+    }
+    let mut rgba = vec![255u8; 4 * n];
+    for k in 0..3 {
+        let plane = &rgb[k * n..(k + 1) * n];
+        let lo = plane.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        for i in 0..n {
+            rgba[4 * i + k] = (((plane[i] - lo) / span) * 255.0).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    (rgba, w, h)
+}
+
+/// How the caller stops a generation: `on_step` returning `false`, or `cancel` (a promise the
+/// worker resolves when a cancel request arrives) settling.
+pub struct Control {
+    pub on_step: Function,
+    pub cancel: Option<Promise>,
+    pub preview: bool,
+}
+
+fn cancelled() -> JsValue {
+    js_error("cancelled", "cancelled")
+}
+
+/// Awaits `fut`, or fails with `cancelled` as soon as the cancel promise settles.
+async fn or_cancel<T>(
+    fut: impl Future<Output = Result<T, JsValue>>,
+    cancel: &Option<Promise>,
+) -> Result<T, JsValue> {
+    let Some(cancel) = cancel else {
+        return fut.await;
+    };
+    let mut fut = pin!(fut);
+    let mut stop = pin!(JsFuture::from(cancel.clone()));
+    std::future::poll_fn(move |cx| {
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(cancelled()));
+        }
+        fut.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// Runs a request to its result: `{ latents: { name: { data, shape } }, rgba, width, height,
+/// steps }`, the latents named as the CLI's `--save-latents` file.
+pub async fn run(
+    pipeline: &Pipeline,
+    request: Request,
+    control: Control,
+) -> Result<JsValue, JsValue> {
+    let plan = pipeline.plan(&request).map_err(to_js)?;
+    let seed = match request.noise {
+        NoiseSource::Seed(s) => Some(s),
+        NoiseSource::File { .. } => None,
+    };
+    let sd = pipeline.kind() == ModelKind::StableDiffusion;
+    let mut generation = pipeline.start(plan);
+    let mut reports = Vec::new();
+    loop {
+        let started = Instant::now();
+        // Counts the piece's launches, up to its readback (the fused kernels run there).
+        let counter = LaunchCounter::start(Timing::Off);
+        let Some(advance) = generation.advance().map_err(to_js)? else {
+            break;
+        };
+        let Work::Step(step) = advance.work else {
+            or_cancel(read_back(advance.probe), &control.cancel).await?;
+            continue;
+        };
+        let preview = match generation.latents().filter(|_| control.preview) {
+            Some(latents) => {
+                let dims = latents.dims();
+                let values = or_cancel(read_back(latents.clone()), &control.cancel).await?;
+                Some(preview_rgba(&values, dims, sd))
+            }
+            None => {
+                or_cancel(read_back(advance.probe), &control.cancel).await?;
+                None
+            }
+        };
+        let info = generation.record(step, started.elapsed().as_secs_f64());
+        let report = StepReport::new(&info, &counter.finish());
+        if !report_step(&report, preview, &control.on_step)? {
+            return Err(cancelled());
+        }
+        reports.push(report);
+    }
+    finish(generation, reports, seed, &control.cancel).await
+}
+
+/// Sends a step report (with its preview) to `on_step`; `false` when the caller cancels.
+fn report_step(
+    report: &StepReport,
+    preview: Option<(Vec<u8>, usize, usize)>,
+    on_step: &Function,
+) -> Result<bool, JsValue> {
+    let js = serde_wasm_bindgen::to_value(report)?;
+    if let Some((rgba, w, h)) = preview {
+        let p = js_sys::Object::new();
+        js_sys::Reflect::set(
+            &p,
+            &"rgba".into(),
+            &js_sys::Uint8ClampedArray::from(&rgba[..]).into(),
+        )?;
+        js_sys::Reflect::set(&p, &"width".into(), &w.into())?;
+        js_sys::Reflect::set(&p, &"height".into(), &h.into())?;
+        js_sys::Reflect::set(&js, &"preview".into(), &p)?;
+    }
+    Ok(on_step.call1(&JsValue::NULL, &js)? != JsValue::FALSE)
+}
+
+/// Reads the latents and the image back and builds the result; `finite` says whether every
+/// latent value is finite (an f16 overflow makes NaNs and a black image: the page then
+/// generates again in f32 with the same `seed`).
+async fn finish(
+    generation: Generation<'_>,
+    reports: Vec<StepReport>,
+    seed: Option<u64>,
+    cancel: &Option<Promise>,
+) -> Result<JsValue, JsValue> {
+    let Output { latents, image, .. } = generation.finish().map_err(to_js)?;
+    let named = js_sys::Object::new();
+    let mut finite = true;
+    for (name, t) in latents {
+        let shape = t.dims();
+        let values = or_cancel(read_back(t), cancel).await?;
+        finite &= values.iter().all(|v| v.is_finite());
+        let entry = js_sys::Object::new();
+        js_sys::Reflect::set(
+            &entry,
+            &"data".into(),
+            &js_sys::Float32Array::from(&values[..]).into(),
+        )?;
+        js_sys::Reflect::set(
+            &entry,
+            &"shape".into(),
+            &serde_wasm_bindgen::to_value(&shape.to_vec())?,
+        )?;
+        js_sys::Reflect::set(&named, &name.into(), &entry)?;
+    }
+    let [_, _, h, w] = image.dims();
+    let pixels = or_cancel(read_back(image), cancel).await?;
+    let rgba = interleave(&pixels, h, w, true);
+    let out = js_sys::Object::new();
+    let set = |k: &str, v: JsValue| js_sys::Reflect::set(&out, &k.into(), &v);
+    set("latents", named.into())?;
+    set("rgba", js_sys::Uint8ClampedArray::from(&rgba[..]).into())?;
+    set("width", w.into())?;
+    set("height", h.into())?;
+    set("steps", serde_wasm_bindgen::to_value(&reports)?)?;
+    set("finite", finite.into())?;
+    set("seed", seed.map_or(JsValue::NULL, |s| (s as f64).into()))?;
+    Ok(out.into())
+}

@@ -1,0 +1,140 @@
+//! One denoising loop as a state machine, shared by every model family.
+//!
+//! diffusers writes each loop inline in a pipeline's `__call__` (`for i, t in enumerate(timesteps)`);
+//! here a loop is a [`Stage`]: [`Stage::step`] enqueues one iteration on the device *without
+//! waiting for it*, so the caller decides how to wait (blocking natively with [`drive`], an
+//! awaited one-value readback in a browser) and when to stop. Stable Diffusion's UNet loop
+//! ([`crate::pipeline::Denoiser`]) and Würstchen's Stage C and Stage B loops
+//! ([`crate::pipeline_wuerstchen::StageDenoiser`]) implement it; [`crate::text_to_image`]
+//! sequences them.
+
+use std::ops::ControlFlow;
+
+use burn::tensor::Tensor;
+use web_time::Instant;
+
+use crate::error::{Error, Result};
+use crate::tgate::Phase;
+
+/// One denoising loop.
+pub trait Stage {
+    /// The loop's name in reports: `unet` (Stable Diffusion), `prior` or `decoder` (Würstchen).
+    fn name(&self) -> &'static str;
+    /// Number of iterations.
+    fn total(&self) -> usize;
+    /// The current latents (after the last enqueued iteration).
+    fn latents(&self) -> &Tensor<4>;
+    /// Enqueues the next iteration; `None` when all are done.
+    fn step(&mut self) -> Result<Option<EnqueuedStep>>;
+}
+
+/// One enqueued iteration: what [`StepInfo`] needs besides the time.
+#[derive(Clone, Copy, Debug)]
+pub struct EnqueuedStep {
+    /// The [`Stage::name`] of the loop.
+    pub stage: &'static str,
+    pub index: usize,
+    pub total: usize,
+    pub timestep: f64,
+    pub phase: Phase,
+}
+
+impl EnqueuedStep {
+    /// The step's report once the device has finished it.
+    pub fn finish(self, seconds: f64) -> StepInfo {
+        StepInfo {
+            stage: self.stage,
+            index: self.index,
+            total: self.total,
+            timestep: self.timestep,
+            phase: self.phase,
+            seconds,
+        }
+    }
+}
+
+/// What the progress callback sees after each iteration.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    /// The [`Stage::name`] of the loop.
+    pub stage: &'static str,
+    /// 0-based iteration.
+    pub index: usize,
+    pub total: usize,
+    pub timestep: f64,
+    pub phase: Phase,
+    /// Wall time of the iteration in seconds (measured after the device finished it).
+    pub seconds: f64,
+}
+
+/// Runs a stage to its end natively: enqueues each step, waits for the device (so step times
+/// are real) and reports it; `on_step` may stop the run ([`Error::Cancelled`]).
+pub fn drive(
+    stage: &mut dyn Stage,
+    on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+) -> Result<Vec<StepInfo>> {
+    let device = stage.latents().device();
+    let mut infos = Vec::with_capacity(stage.total());
+    loop {
+        let started = Instant::now();
+        let Some(enqueued) = stage.step()? else {
+            return Ok(infos);
+        };
+        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        let info = enqueued.finish(started.elapsed().as_secs_f64());
+        infos.push(info);
+        if on_step(&info).is_break() {
+            return Err(Error::Cancelled);
+        }
+    }
+}
+
+/// Per-phase means of a run's steps, for summaries: `(stage, phase, steps, mean seconds)` in
+/// the order the phases first ran.
+pub fn phase_means(steps: &[StepInfo]) -> Vec<(&'static str, Phase, usize, f64)> {
+    let mut out: Vec<(&'static str, Phase, usize, f64)> = Vec::new();
+    for s in steps {
+        match out
+            .iter_mut()
+            .find(|(st, ph, _, _)| *st == s.stage && *ph == s.phase)
+        {
+            Some(entry) => {
+                entry.2 += 1;
+                entry.3 += s.seconds;
+            }
+            None => out.push((s.stage, s.phase, 1, s.seconds)),
+        }
+    }
+    for entry in &mut out {
+        entry.3 /= entry.2 as f64;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_means_groups_by_stage_and_phase() {
+        let s = |stage, phase, seconds| StepInfo {
+            stage,
+            index: 0,
+            total: 4,
+            timestep: 0.0,
+            phase,
+            seconds,
+        };
+        let steps = [
+            s("prior", Phase::SemanticsPlanning, 2.0),
+            s("prior", Phase::SemanticsPlanning, 4.0),
+            s("prior", Phase::FidelityImproving, 1.0),
+            s("decoder", Phase::SemanticsPlanning, 5.0),
+        ];
+        let m = phase_means(&steps);
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[0].0, m[0].2, m[0].3), ("prior", 2, 3.0));
+        assert_eq!((m[1].1, m[1].2, m[1].3), (Phase::FidelityImproving, 1, 1.0));
+        assert_eq!((m[2].0, m[2].2, m[2].3), ("decoder", 1, 5.0));
+    }
+}
