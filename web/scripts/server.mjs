@@ -23,7 +23,7 @@ export const typeOf = (p) => TYPES[path.extname(p)] || 'application/octet-stream
 
 /**
  * Starts the server on 127.0.0.1, serving `dir`. `route(pathname, res)` may answer a request first (return
- * true); `onFile(pathname)` sees every file served.
+ * true); `onFile(pathname, { range })` sees every file served (`range`: only a byte range of it).
  */
 export async function serve({ port = 0, dir = root, route = () => false, onFile = () => {} } = {}) {
   const server = http.createServer((req, res) => {
@@ -35,8 +35,22 @@ export async function serve({ port = 0, dir = root, route = () => false, onFile 
     if (!file.startsWith(dir + path.sep) || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
       return send(res, 404, Buffer.from('not found'));
     }
-    onFile(p);
-    send(res, 200, fs.readFileSync(file), typeOf(p));
+    const body = fs.readFileSync(file);
+    // Byte ranges (`Range: bytes=a-b`), as static hosts serve them: the package reads weight
+    // headers this way before it downloads anything.
+    const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range || '');
+    onFile(p, { range: Boolean(range) });
+    if (range) {
+      const start = Number(range[1]);
+      const end = Math.min(range[2] ? Number(range[2]) : body.length - 1, body.length - 1);
+      if (start > end) return send(res, 416, Buffer.from('range not satisfiable'));
+      res.writeHead(206, {
+        'content-type': typeOf(p), 'content-length': end - start + 1, 'cache-control': 'no-store',
+        'content-range': `bytes ${start}-${end}/${body.length}`,
+      });
+      return res.end(body.subarray(start, end + 1));
+    }
+    send(res, 200, body, typeOf(p));
   });
   await new Promise((r) => server.listen(port, '127.0.0.1', r));
   return server;

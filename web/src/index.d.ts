@@ -99,6 +99,9 @@ export interface LoadResult {
   files: WeightChoice[];
   /** The download choices (loads from `baseUrl` only). */
   selected?: WeightChoice[];
+  /** The weights' size on the device in the compute dtype, from the safetensors headers read
+   * (with range requests) before downloading; loads from `baseUrl` only. */
+  weightDeviceBytes?: number;
   ms: number;
 }
 

@@ -150,7 +150,11 @@ async function fetchCached(url, signal, onBytes) {
   return { blob, fromCache: false };
 }
 
-/** Downloads `list` below `base` into `map` (see TOKENIZER / MODEL for the entry kinds). */
+/**
+ * Downloads the small files of `list` below `base` into `map` (see TOKENIZER / MODEL for the entry
+ * kinds) and picks each checkpoint's files without downloading them: the picks go to
+ * `ctx.pending`, for the fit check and then `downloadWeights`.
+ */
 async function fetchFolder(base, list, map, ctx) {
   const root = base.endsWith('/') ? base : `${base}/`;
   const take = async (path) => {
@@ -168,25 +172,26 @@ async function fetchFolder(base, list, map, ctx) {
         if (!await take(`${name}/${f}`)) throw missing([`${name}/tokenizer.json`, `${name}/${f}`]);
       }
     } else if (opts.weights) {
-      await fetchWeights(name, take, ctx, missing);
+      ctx.pending.push({ ...await chooseWeights(root, name, take, ctx, missing), take, missing });
     } else if (!await take(name) && !opts.optional) {
       throw missing([name]);
     }
   }
 }
 
-/** Downloads checkpoint `stem` in the first variant present: one file, or an index and its shards. */
-async function fetchWeights(stem, take, ctx, missing) {
+/**
+ * Picks checkpoint `stem` in the first variant present (one file, or an index and its shards)
+ * and reads the safetensors headers of its files, without downloading them.
+ */
+async function chooseWeights(root, stem, take, ctx, missing) {
   const [order, why] = ctx.variants;
   const part = stem.slice(0, stem.lastIndexOf('/'));
   const tried = [];
   for (const [i, v] of order.entries()) {
     const reason = i === 0 ? why : `${why}, but only this variant is present`;
     const [file, index] = checkpointNames(stem, v);
-    if (await take(file)) {
-      ctx.select({ part, files: [file], reason });
-      return;
-    }
+    const header = await headerOf(root + file, ctx.signal);
+    if (header !== undefined) return { part, files: [file], reason, headers: [header] };
     const blob = await take(index);
     if (blob) {
       let shards;
@@ -201,13 +206,95 @@ async function fetchWeights(stem, take, ctx, missing) {
         throw new TGateError('bad_weights', `${index}: \`${bad}\` is not a shard file beside the index`);
       }
       const files = shards.map((f) => `${part}/${f}`);
-      ctx.select({ part, files, reason });
-      for (const f of files) if (!await take(f)) throw missing([f]);
-      return;
+      const headers = [];
+      for (const f of files) {
+        const h = await headerOf(root + f, ctx.signal);
+        if (h === undefined) throw missing([f]);
+        headers.push(h);
+      }
+      return { part, files, reason, headers };
     }
     tried.push(file, index);
   }
   throw missing(tried);
+}
+
+/** Downloads the files `chooseWeights` picked. */
+async function downloadWeights({ part, files, reason, take, missing }, ctx) {
+  ctx.select({ part, files, reason });
+  for (const f of files) if (!await take(f)) throw missing([f]);
+}
+
+const DTYPE_BYTES = { F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1 };
+
+/**
+ * Refuses, before any weight is downloaded, a model that cannot fit: a tensor bigger than one
+ * binding of the adapter (in the compute dtype: float tensors become f16 or f32), or weights
+ * bigger in all than the memory a generation may use. Files whose header could not be read
+ * (a server without range requests) are checked by the worker as they load.
+ */
+function checkFit(picks, { bindingLimit, memoryBudget, f16 }) {
+  let total = 0;
+  for (const { part, headers } of picks) {
+    for (const header of headers) {
+      if (!header) continue;
+      for (const [name, t] of Object.entries(header)) {
+        if (name === '__metadata__' || !t || !Array.isArray(t.shape)) continue;
+        const float = ['F64', 'F32', 'F16', 'BF16'].includes(t.dtype);
+        const size = float ? (f16 ? 2 : 4) : (DTYPE_BYTES[t.dtype] || 4);
+        const bytes = t.shape.reduce((a, b) => a * b, 1) * size;
+        total += bytes;
+        if (bindingLimit && bytes > bindingLimit) {
+          throw new TGateError('out_of_memory', `${part}: tensor \`${name}\` needs ${bytes} bytes on the device, over the adapter's largest binding of ${bindingLimit} bytes (checked before downloading)`);
+        }
+      }
+    }
+  }
+  if (memoryBudget && total > memoryBudget) {
+    throw new TGateError('out_of_memory', `the weights need ${total} bytes on the device in all (${picks.map((p) => p.part).join(', ')}), over the ${memoryBudget} bytes available (checked before downloading)`);
+  }
+  return total;
+}
+
+/**
+ * Bytes [start, end) of `url`: from the cache, or with a range request. `undefined`: no such
+ * file; `null`: the server answers with whole files only (the body is not read).
+ */
+async function readRange(url, start, end, signal) {
+  const cache = globalThis.caches ? await caches.open(CACHE) : null;
+  const hit = cache ? await cache.match(url) : undefined;
+  if (hit) return new Uint8Array(await (await hit.blob()).slice(start, end).arrayBuffer());
+  let r;
+  try {
+    r = await fetch(url, { signal, headers: { range: `bytes=${start}-${end - 1}` } });
+  } catch (e) {
+    if (signal && signal.aborted) throw cancelled();
+    throw new TGateError('network', `${url}: ${e.message}`);
+  }
+  if (r.status === 404) return undefined;
+  if (r.status !== 206) {
+    if (r.body) r.body.cancel().catch(() => {});
+    if (r.ok) return null;
+    throw new TGateError('network', `${url}: HTTP ${r.status}`);
+  }
+  return new Uint8Array(await r.arrayBuffer());
+}
+
+/** The safetensors header of `url` (`{ name: { dtype, shape, data_offsets } }`); `undefined`
+ * when the file does not exist, `null` when it cannot be read without downloading it. */
+async function headerOf(url, signal) {
+  const head = await readRange(url, 0, 8, signal);
+  if (!head) return head;
+  if (head.length < 8) throw new TGateError('bad_weights', `${url}: too short for a safetensors file`);
+  const n = Number(new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true));
+  if (n > 100_000_000) throw new TGateError('bad_weights', `${url}: a ${n}-byte safetensors header`);
+  const json = await readRange(url, 8, 8 + n, signal);
+  if (!json) return json;
+  try {
+    return JSON.parse(new TextDecoder().decode(json));
+  } catch (e) {
+    throw new TGateError('bad_weights', `${url}: corrupt safetensors header (${e.message})`);
+  }
 }
 
 // User files: Blobs (a picked File is one) are handed to the worker as they are and read there
@@ -355,7 +442,7 @@ export class Generator {
       const f16 = dtype === 'f16' || (dtype === 'auto' && (await detect()).shaderF16);
       const selected = [];
       const ctx = {
-        stats, signal, report, variants: variantOrder(variant, f16),
+        stats, signal, report, variants: variantOrder(variant, f16), pending: [],
         select: (s) => { selected.push(s); onProgress && onProgress({ phase: 'select', ...s }); },
       };
       if (kind === 'sd') {
@@ -367,6 +454,17 @@ export class Generator {
       } else {
         await fetchFolder(baseUrl, [...WUERSTCHEN_DECODER, ...WUERSTCHEN_PRIOR('prior_')], map, ctx);
       }
+      // Nothing heavy is downloaded until the model is known to fit.
+      const limits = (await detect()).limits;
+      const bindings = [maxTensorBytes, limits && limits.maxStorageBufferBindingSize, limits && limits.maxBufferSize]
+        .filter((v) => typeof v === 'number');
+      const gib = globalThis.navigator && globalThis.navigator.deviceMemory;
+      stats.weightDeviceBytes = checkFit(ctx.pending, {
+        f16,
+        bindingLimit: bindings.length ? Math.min(...bindings) : undefined,
+        memoryBudget: maxMemoryBytes !== undefined ? maxMemoryBytes : (typeof gib === 'number' && gib > 0 ? gib * 2 ** 30 : undefined),
+      });
+      for (const pick of ctx.pending) await downloadWeights(pick, ctx);
       stats.selected = selected;
     }
     const upload = onProgress && ((r) => onProgress({ phase: 'upload', loaded: r.loaded, total: r.total }));

@@ -101,14 +101,22 @@ const server = await serve({
       if (body) send(res, 200, body, typeOf(p)); else send(res, 404, Buffer.from('not found'));
       return true;
     }
+    // /bk/<name>/... serves a small-model fixture: its own UNet, sd1's other parts.
+    const bk = p.match(/^\/bk\/(bk-sdm-[a-z]+)\/(.*)$/);
+    if (bk) {
+      const file = [path.join(root, 'tests/fixtures', bk[1], bk[2]), path.join(root, 'tests/fixtures/sd1', bk[2])]
+        .find((f) => fs.existsSync(f) && fs.statSync(f).isFile());
+      if (file) send(res, 200, fs.readFileSync(file), typeOf(p)); else send(res, 404, Buffer.from('not found'));
+      return true;
+    }
     const m = p.match(/^\/broken\/([a-z0-9]+)\/(.*)$/);
     if (!m) return false;
     const body = broken(m[1], m[2]);
     if (body) send(res, 200, body, typeOf(p)); else send(res, 404, Buffer.from('not found'));
     return true;
   },
-  onFile(p) {
-    if (p.endsWith('.safetensors') && p.includes('/fixtures/sd1/')) weightHits.push(p);
+  onFile(p, { range }) {
+    if (p.endsWith('.safetensors') && p.includes('/fixtures/sd1/') && !range) weightHits.push(p);
   },
 });
 const origin = `http://127.0.0.1:${server.address().port}`;
@@ -260,11 +268,26 @@ try {
       return { phases: r.phases, stepMs: r.timings.map((t) => Math.round(t.ms)) };
     });
   }
+  await step('bk-sdm-tiny (no mid block, two levels): gated matches tgate', async () => {
+    const loaded = await call('loadUrl', '/bk/bk-sdm-tiny/');
+    assert.equal(loaded.kind, 'sd');
+    const r = await call('sdCase', 'bk-sdm-tiny', { scheduler: 'ddim', gate: { step: 3 }, key: 'pipe.ddim.tgate' });
+    assert.ok(r.err <= tolerance * r.scale, `bk-sdm-tiny: max abs err ${r.err} (scale ${r.scale})`);
+    return { err: r.err, scale: r.scale, phases: r.phases, stepMs: r.timings.map((t) => Math.round(t.ms)) };
+  });
   await step('second load (browser cache)', async () => {
     const before = weightHits.length;
     const r = await call('load', 'sd1');
     assert.equal(weightHits.length, before, 'weights were downloaded again');
     assert.ok(r.fromCache >= 3, JSON.stringify(r));
+    return r;
+  });
+  // On the SD generator, whose kernels are compiled by now.
+  await step('non-finite latents are reported', async () => {
+    const r = await call('overflow', '/broken/overflow/');
+    assert.equal(r.finite, false, JSON.stringify(r));
+    assert.equal(r.retriedInF32, false, JSON.stringify(r));
+    assert.equal(r.normal, true, JSON.stringify(r));
     return r;
   });
   await step('cancel while the noise downloads', async () => {
@@ -349,18 +372,25 @@ try {
       return r;
     });
   }
-  await step('non-finite latents are reported', async () => {
-    const r = await call('overflow', '/broken/overflow/');
-    assert.equal(r.finite, false, JSON.stringify(r));
-    assert.equal(r.retriedInF32, false, JSON.stringify(r));
-    assert.equal(r.normal, true, JSON.stringify(r));
-    return r;
-  });
-  await step('typed error: a tensor over the binding limit', async () => {
-    // The tiny model's largest tensor is CLIP's token embedding, 193792 bytes in f32.
+  await step('typed error: a tensor over the binding limit, before any download', async () => {
+    // The tiny model's largest tensor is CLIP's token embedding, 193792 bytes in f32. With an
+    // empty cache, the weight headers are read with range requests and nothing is downloaded.
+    await call('purgeCache');
+    const before = weightHits.length;
     const r = await call('loadError', '/tests/fixtures/sd1/', 'sd', { dtype: 'f32', maxTensorBytes: 193791 });
     assert.equal(r.code, 'out_of_memory', JSON.stringify(r));
     assert.ok(r.message.includes('token_embedding') && r.message.includes('193792'), JSON.stringify(r));
+    assert.match(r.message, /before downloading/);
+    assert.equal(weightHits.length, before, 'weights were downloaded');
+    return r;
+  });
+  await step('typed error: weights over the memory budget, before any download', async () => {
+    const before = weightHits.length;
+    const r = await call('loadError', '/tests/fixtures/sd1/', 'sd', { dtype: 'f32', maxMemoryBytes: 1_000_000 });
+    assert.equal(r.code, 'out_of_memory', JSON.stringify(r));
+    assert.match(r.message, /in all/);
+    assert.match(r.message, /1000000/);
+    assert.equal(weightHits.length, before, 'weights were downloaded');
     return r;
   });
   await step('typed error: an image whose activations exceed the binding limit', async () => {

@@ -105,23 +105,37 @@ fn cancelled() -> JsValue {
     js_error("cancelled", "cancelled")
 }
 
-/// Awaits `fut`, or fails with `cancelled` as soon as the cancel promise settles.
-async fn or_cancel<T>(
-    fut: impl Future<Output = Result<T, JsValue>>,
+/// Awaits `fut`, or fails with `cancelled` as soon as the cancel promise settles. A readback
+/// that lost the race is not dropped (cubecl would hand its staging buffer, still being mapped,
+/// to the next readback): it finishes in the background, unobserved.
+async fn or_cancel<T: 'static>(
+    fut: impl Future<Output = Result<T, JsValue>> + 'static,
     cancel: &Option<Promise>,
 ) -> Result<T, JsValue> {
     let Some(cancel) = cancel else {
         return fut.await;
     };
-    let mut fut = pin!(fut);
+    let mut fut = Box::pin(fut);
     let mut stop = pin!(JsFuture::from(cancel.clone()));
-    std::future::poll_fn(move |cx| {
-        if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(cancelled()));
+    let won = std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
         }
-        fut.as_mut().poll(cx)
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     })
-    .await
+    .await;
+    match won {
+        Some(out) => out,
+        None => {
+            wasm_bindgen_futures::spawn_local(async move {
+                let _ = fut.await;
+            });
+            Err(cancelled())
+        }
+    }
 }
 
 /// Runs a request to its result: `{ latents: { name: { data, shape } }, rgba, width, height,

@@ -1,7 +1,9 @@
 //! diffusers' `UNet2DConditionModel`, built from its `config.json`.
 //!
-//! Supports what SD 1.x / 2.x checkpoints use: `CrossAttnDownBlock2D` / `DownBlock2D`,
-//! `UNetMidBlock2DCrossAttn`, `UpBlock2D` / `CrossAttnUpBlock2D`, `attention_head_dim` as an
+//! Supports what SD 1.x / 2.x checkpoints and their distilled variants use:
+//! `CrossAttnDownBlock2D` / `DownBlock2D`, `UNetMidBlock2DCrossAttn` or none (`mid_block_type:
+//! null`, BK-SDM-Small / -Tiny), `UpBlock2D` / `CrossAttnUpBlock2D`, any number of levels and
+//! layers per block, `attention_head_dim` as an
 //! int or a per-block list, conv or linear projections. Anything else is refused by name.
 
 use burn::tensor::{DType, Tensor};
@@ -39,6 +41,9 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     pub sample_size: usize,
     pub center_input_sample: bool,
+    /// `UNetMidBlock2DCrossAttn` between the down and up blocks; `false` for
+    /// `mid_block_type: null` (BK-SDM-Small and -Tiny remove it).
+    pub mid_block: bool,
 }
 
 /// `config.json` of `UNet2DConditionModel` as diffusers writes it: the keys this crate reads,
@@ -149,7 +154,10 @@ fn refuse_unsupported(file: &str, bytes: &[u8]) -> Result<()> {
     must_be("attention_type", &|x| x == "default")?;
     must_be("resnet_time_scale_shift", &|x| x == "default")?;
     must_be("time_embedding_type", &|x| x == "positional")?;
-    must_be("mid_block_type", &|x| x == "UNetMidBlock2DCrossAttn")?;
+    // `null` removes the mid block (BK-SDM); absent means diffusers' default, the cross-attention one.
+    must_be("mid_block_type", &|x| {
+        x.is_null() || x == "UNetMidBlock2DCrossAttn"
+    })?;
     // diffusers 0.42 itself refuses `num_attention_heads` for this model (its
     // `attention_head_dim` carries the head counts).
     must_be("num_attention_heads", &null)?;
@@ -177,6 +185,9 @@ impl UNetConfig {
         let raw: RawConfig =
             serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
         refuse_unsupported(file, bytes)?;
+        let mid_block = serde_json::from_slice::<serde_json::Map<String, Value>>(bytes)
+            .map(|m| !m.get("mid_block_type").is_some_and(Value::is_null))
+            .unwrap_or(true);
         let n = raw.block_out_channels.len();
         if n == 0 {
             return Err(Error::config(file, "`block_out_channels` is empty"));
@@ -224,6 +235,7 @@ impl UNetConfig {
             freq_shift: raw.freq_shift,
             sample_size: raw.sample_size,
             center_input_sample: raw.center_input_sample.unwrap_or(false),
+            mid_block,
             block_out_channels: raw.block_out_channels,
         };
         cfg.check(file)?;
@@ -275,7 +287,7 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     down_blocks: Vec<DownBlock>,
-    mid_block: MidBlock,
+    mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -355,12 +367,17 @@ impl UNet2DConditionModel {
             )?);
             c_in = boc[i];
         }
-        let mid_block = MidBlock::load(
-            &w.pp("mid_block"),
-            boc[n - 1],
-            cross(n - 1, true).unwrap_or(CrossAttn { heads: 1, depth: 1 }),
-            &common,
-        )?;
+        let mid_block = c
+            .mid_block
+            .then(|| {
+                MidBlock::load(
+                    &w.pp("mid_block"),
+                    boc[n - 1],
+                    cross(n - 1, true).unwrap_or(CrossAttn { heads: 1, depth: 1 }),
+                    &common,
+                )
+            })
+            .transpose()?;
 
         let mut up_blocks = Vec::with_capacity(n);
         let mut prev_out = boc[n - 1];
@@ -448,7 +465,9 @@ impl UNet2DConditionModel {
             x = block.forward(x, &temb, context, cache, &mut skips);
         }
         // 4. mid
-        x = self.mid_block.forward(x, &temb, context, cache);
+        if let Some(mid) = &self.mid_block {
+            x = mid.forward(x, &temb, context, cache);
+        }
         // 5. up
         for block in &self.up_blocks {
             let rest = skips.len().saturating_sub(block.num_layers());
@@ -497,6 +516,11 @@ mod config_tests {
             (vec![true, false], vec![false, true])
         );
         assert!(c.flip_sin_to_cos && !c.use_linear_projection);
+        assert!(c.mid_block, "absent means diffusers' default mid block");
+        let c = parse(r#", "mid_block_type": null"#).unwrap();
+        assert!(!c.mid_block, "BK-SDM's null removes it");
+        let c = parse(r#", "mid_block_type": "UNetMidBlock2DCrossAttn""#).unwrap();
+        assert!(c.mid_block);
     }
 
     #[test]
@@ -508,6 +532,10 @@ mod config_tests {
             ),
             (r#", "time_cond_proj_dim": 256"#, "time_cond_proj_dim"),
             (r#", "act_fn": "gelu""#, "act_fn"),
+            (
+                r#", "mid_block_type": "UNetMidBlock2DSimpleCrossAttn""#,
+                "mid_block_type",
+            ),
             (r#", "layers_per_block": 0"#, "layers_per_block"),
             (r#", "attention_head_dim": 5"#, "attention heads"),
             (r#", "sample_size": "64""#, "invalid type"),

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device};
 use common::*;
-use tgate::loader::Variant;
+use tgate::loader::{ModelSource, Variant};
 use tgate::pipeline::{GenerateParams, Noise, StableDiffusion};
 use tgate::pipeline_wuerstchen::{Wuerstchen, WuerstchenParams};
 use tgate::tgate::GateConfig;
@@ -26,7 +26,12 @@ fn gpu() -> Device {
 
 fn check(name: &str, sched: &str, run: &str, dtype: DType) {
     let device = gpu();
-    let model = StableDiffusion::load_as(&source(name), Variant::Auto, dtype, &device)
+    let src: Box<dyn ModelSource> = if name.starts_with("bk-") {
+        Box::new(small_model(name))
+    } else {
+        Box::new(source(name))
+    };
+    let model = StableDiffusion::load_as(src.as_ref(), Variant::Auto, dtype, &device)
         .expect("loads on wgpu");
     let json = reference_json(name);
     let r = reference(name);
@@ -122,6 +127,8 @@ fn wgpu_pipelines_match_references() {
     check("sd1", "pndm", "tgate", DType::F32);
     check("sd2", "ddim", "tgate_sp", DType::F32);
     check("sd2", "euler-a", "tgate", DType::F32);
+    // BK-SDM-Tiny's shape: no mid block, two levels, one layer per block.
+    check("bk-sdm-tiny", "ddim", "tgate", DType::F32);
     check_wuerstchen(DType::F32);
     check_split_attention();
     // The f16 kernels, where the adapter has `shader-f16` (lavapipe does on CPUs with F16C).

@@ -196,3 +196,28 @@ pub fn memory_of(root: &std::path::Path) -> MemorySource {
     walk(root, root, &mut m);
     m
 }
+
+/// A model folder made of two: files of `top` first, the rest from `base` (the small-model
+/// fixtures hold only their UNet and share sd1's other parts).
+pub struct Overlay {
+    pub top: DirSource,
+    pub base: DirSource,
+}
+
+impl ModelSource for Overlay {
+    fn read(&self, path: &str) -> tgate::Result<Option<Vec<u8>>> {
+        match self.top.read(path)? {
+            Some(bytes) => Ok(Some(bytes)),
+            None => self.base.read(path),
+        }
+    }
+}
+
+/// A small-model fixture (`tests/fixtures/<name>/unet`) on sd1's text encoder, VAE, tokenizer
+/// and scheduler.
+pub fn small_model(name: &str) -> Overlay {
+    Overlay {
+        top: source(name),
+        base: source("sd1"),
+    }
+}
