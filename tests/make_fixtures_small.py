@@ -35,18 +35,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-SD1 = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(16, 32, 32),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    attention_head_dim=4,
-    use_linear_projection=False,
-)
+# The sd1 fixture's UNet config; each variant removes what BK-SDM removes.
+SD1 = mf.unet_config("sd1")
 
 VARIANTS = {
     "bk-sdm-small": dict(SD1, layers_per_block=1, mid_block_type=None),

@@ -402,6 +402,14 @@ try {
     assert.ok(r.message.includes('VAE decoder feature map') && r.message.includes('262144'), JSON.stringify(r));
     return r;
   });
+  await step('typed errors a faulty environment shows: webgpu_unsupported, busy', async () => {
+    const r = await call('faultCodes', Boolean(only));
+    assert.equal(r.noWebgpu.code, 'webgpu_unsupported', JSON.stringify(r));
+    assert.match(r.noWebgpu.message, /no WebGPU/);
+    assert.equal(r.busy.code, 'busy', JSON.stringify(r));
+    assert.match(r.busy.message, /already running/);
+    return r;
+  });
   await step('npm pack: a scratch app installs the tarball, imports it and loads a model', async () => {
     const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'tgate-scratch-'));
     const web = path.join(root, 'web');

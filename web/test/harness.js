@@ -347,6 +347,36 @@ window.harness = {
     return { finite: bad.finite, retriedInF32: Boolean(bad.retriedInF32), seed: bad.seed, normal: good.finite };
   },
 
+  /**
+   * The error codes only a faulty environment shows: `webgpu_unsupported` (a worker without
+   * navigator.gpu) and `busy` (a load while a generation runs).
+   */
+  async faultCodes(own = false) {
+    const out = {};
+    // Each wait is bounded: a hang is reported as such, not as a stuck test.
+    const bounded = (p) => Promise.race([p, new Promise((_, reject) => setTimeout(() => reject(new Error('no answer within 240 s')), 240_000))]);
+    try {
+      await bounded(Generator.create({ workerUrl: new URL('./fault-worker.js', import.meta.url) }));
+      out.noWebgpu = { code: 'none' };
+    } catch (e) {
+      out.noWebgpu = errorInfo(e);
+    }
+    // `own`: a generator of its own (when the suite runs this step alone).
+    const g = own ? await Generator.create() : await gen();
+    await g.load({ baseUrl: '/tests/fixtures/sd1/', kind: 'sd' });
+    const params = { prompt: 'x', steps: 2, seed: 1, scheduler: 'ddim' };
+    // A long generation, so the load surely arrives while it runs.
+    const running = bounded(g.generate({ ...params, steps: 8 }));
+    try {
+      await g.load({ baseUrl: '/tests/fixtures/sd1/', kind: 'sd' });
+      out.busy = { code: 'none' };
+    } catch (e) {
+      out.busy = errorInfo(e);
+    }
+    await running;
+    return out;
+  },
+
   /** Loads from a URL and reports the typed error. */
   async loadError(baseUrl, kind = 'sd', options = {}) {
     try {
