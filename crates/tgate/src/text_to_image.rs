@@ -414,7 +414,7 @@ fn read_noise_tensor(
     if !st.contains(name) {
         return Err(Error::input(
             name,
-            format!("the noise file {file} has no tensor `{name}`"),
+            format!("{file} has no tensor `{name}`"),
         ));
     }
     st.read_f32_any(name)
