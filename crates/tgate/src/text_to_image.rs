@@ -412,10 +412,7 @@ fn read_noise_tensor(
     name: &str,
 ) -> Result<crate::safetensors::HostTensor> {
     if !st.contains(name) {
-        return Err(Error::input(
-            name,
-            format!("{file} has no tensor `{name}`"),
-        ));
+        return Err(Error::input(name, format!("{file} has no tensor `{name}`")));
     }
     st.read_f32_any(name)
 }

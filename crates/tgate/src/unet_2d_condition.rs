@@ -126,8 +126,9 @@ impl PerBlock {
     }
 }
 
-/// Refuses the configuration keys whose values change the computation and are not implemented.
-fn refuse_unsupported(file: &str, bytes: &[u8]) -> Result<()> {
+/// Refuses the configuration keys whose values change the computation and are not implemented;
+/// returns the config as a map for the keys whose absence and `null` differ.
+fn refuse_unsupported(file: &str, bytes: &[u8]) -> Result<serde_json::Map<String, Value>> {
     let v: serde_json::Map<String, Value> =
         serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
     let must_be = |k: &str, ok: &dyn Fn(&Value) -> bool| -> Result<()> {
@@ -164,7 +165,8 @@ fn refuse_unsupported(file: &str, bytes: &[u8]) -> Result<()> {
     must_be("conv_in_kernel", &|x| x.as_u64() == Some(3))?;
     must_be("conv_out_kernel", &|x| x.as_u64() == Some(3))?;
     must_be("mid_block_scale_factor", &|x| x.as_f64() == Some(1.0))?;
-    must_be("downsample_padding", &|x| x.as_u64() == Some(1))
+    must_be("downsample_padding", &|x| x.as_u64() == Some(1))?;
+    Ok(v)
 }
 
 /// Whether each block type has cross-attention (`cross`) or not (`plain`).
@@ -184,10 +186,8 @@ impl UNetConfig {
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Self> {
         let raw: RawConfig =
             serde_json::from_slice(bytes).map_err(|e| Error::config(file, e.to_string()))?;
-        refuse_unsupported(file, bytes)?;
-        let mid_block = serde_json::from_slice::<serde_json::Map<String, Value>>(bytes)
-            .map(|m| !m.get("mid_block_type").is_some_and(Value::is_null))
-            .unwrap_or(true);
+        let map = refuse_unsupported(file, bytes)?;
+        let mid_block = !map.get("mid_block_type").is_some_and(Value::is_null);
         let n = raw.block_out_channels.len();
         if n == 0 {
             return Err(Error::config(file, "`block_out_channels` is empty"));
