@@ -459,14 +459,21 @@ _RANDN_MODULES = [
     "diffusers.schedulers.scheduling_euler_discrete",
     "diffusers.schedulers.scheduling_euler_ancestral_discrete",
     "diffusers.schedulers.scheduling_dpmsolver_multistep",
+    "diffusers.schedulers.scheduling_lcm",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+    "diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img",
+]
+# The schedulers that draw noise at their steps: they get the stored tensors in order.
+_NOISY_SCHEDULERS = [
+    "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+    "diffusers.schedulers.scheduling_lcm",
 ]
 
 
 @contextmanager
 def noise_source(step_noise: torch.Tensor | None):
-    """Replace `randn_tensor` everywhere the runs might draw noise. The Euler-ancestral scheduler gets the
-    stored tensors in order; any other draw is an error (there must be no hidden randomness)."""
+    """Replace `randn_tensor` everywhere the runs might draw noise. The Euler-ancestral and LCM schedulers get
+    the stored tensors in order; any other draw is an error (there must be no hidden randomness)."""
     import importlib
 
     mods = [importlib.import_module(m) for m in _RANDN_MODULES]
@@ -477,9 +484,9 @@ def noise_source(step_noise: torch.Tensor | None):
         raise AssertionError("unexpected randn_tensor call (hidden randomness)")
 
     def feed(shape, generator=None, device=None, dtype=None, layout=None, **kw):
-        assert step_noise is not None, "euler-a drew noise but none was provided"
+        assert step_noise is not None, "a scheduler drew noise but none was provided"
         i = state["used"]
-        assert i < len(step_noise), f"euler-a wanted more than {len(step_noise)} noise tensors"
+        assert i < len(step_noise), f"a scheduler wanted more than {len(step_noise)} noise tensors"
         n = step_noise[i]
         assert tuple(shape) == tuple(n.shape), (shape, n.shape)
         state["used"] += 1
@@ -488,8 +495,8 @@ def noise_source(step_noise: torch.Tensor | None):
     for m, _ in saved:
         if hasattr(m, "randn_tensor"):
             m.randn_tensor = forbidden
-    ea = importlib.import_module("diffusers.schedulers.scheduling_euler_ancestral_discrete")
-    ea.randn_tensor = feed
+    for m in _NOISY_SCHEDULERS:
+        importlib.import_module(m).randn_tensor = feed
     try:
         yield state
     finally:

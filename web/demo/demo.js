@@ -1,6 +1,6 @@
 // The demo page: picks a model, loads it with progress, generates with a live preview and draws
 // the per-step time chart (semantics-planning vs. fidelity-improving).
-import { detect, Generator, TGateError } from '../src/index.js';
+import { detect, Generator, inspect, TGateError } from '../src/index.js';
 
 const $ = (id) => document.getElementById(id);
 const here = (path) => new URL(path, location.href).href;
@@ -11,9 +11,18 @@ const MODELS = {
     kind: 'wuerstchen', baseUrl: here('../../tests/fixtures/wuerstchen/'),
     preset: { steps: 20, guidance: 4, gateStep: 8, width: 128, height: 256, decoderSteps: 4 },
   },
+  // BK-SDM-Tiny: SD 1.4 with a third of its UNet removed (no mid block, one level fewer).
+  'bk-sdm-tiny': {
+    kind: 'sd', baseUrl: 'https://huggingface.co/nota-ai/bk-sdm-tiny/resolve/main/', small: true,
+    preset: { steps: 25, guidance: 7.5, gateStep: 10, width: 512, height: 512, scheduler: 'pndm', deepCache: true },
+  },
+  'lcm-dreamshaper': {
+    kind: 'sd', baseUrl: 'https://huggingface.co/SimianLuo/LCM_Dreamshaper_v7/resolve/main/',
+    preset: { steps: 4, guidance: 8.5, gateStep: 2, width: 512, height: 512, scheduler: 'lcm', deepCache: false },
+  },
   sd15: {
     kind: 'sd', baseUrl: 'https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/',
-    preset: { steps: 25, guidance: 7.5, gateStep: 10, width: 512, height: 512 },
+    preset: { steps: 25, guidance: 7.5, gateStep: 10, width: 512, height: 512, scheduler: 'pndm', deepCache: false },
   },
   wuerstchen: {
     kind: 'wuerstchen', baseUrl: 'https://huggingface.co/warp-ai/wuerstchen/resolve/main/',
@@ -51,8 +60,30 @@ function progress(fraction, text) {
 }
 
 function applyPreset(p = {}) {
-  for (const k of ['steps', 'guidance', 'gateStep', 'width', 'height', 'decoderSteps']) {
+  for (const k of ['steps', 'guidance', 'gateStep', 'width', 'height', 'decoderSteps', 'scheduler']) {
     if (p[k] !== undefined) $(k).value = p[k];
+  }
+  if (p.deepCache !== undefined) $('deepCache').checked = p.deepCache;
+}
+
+const gb = (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : `${(n / 1e6).toFixed(0)} MB`);
+
+/** Shows, before loading, what a remote model downloads and how much GPU memory its weights take. */
+async function describe(choice) {
+  const m = MODELS[choice];
+  const box = $('modelInfo');
+  box.textContent = '';
+  if (!m || !m.baseUrl.startsWith('http')) return;
+  box.textContent = 'Reading the model\'s file list…';
+  try {
+    const info = await inspect(m);
+    if ($('model').value !== choice) return;
+    const files = info.parts.map((p) => `${p.part}: ${p.files.join(', ')}`).join('; ');
+    box.textContent = info.downloadBytes === null
+      ? `Computing in ${info.dtype}. Files: ${files}.`
+      : `Download ${gb(info.downloadBytes)} (once; then from the browser cache) · weights take ${gb(info.deviceBytes)} of GPU memory in ${info.dtype}, plus the activations of the image size. Files: ${files}.`;
+  } catch (e) {
+    if ($('model').value === choice) box.textContent = `Could not read the model's files: ${e.message}`;
   }
 }
 
@@ -199,6 +230,7 @@ async function generate(event) {
   };
   if (kind === 'sd') params.scheduler = $('scheduler').value;
   else params.decoderSteps = Number($('decoderSteps').value);
+  if (kind === 'sd' && $('deepCache').checked) params.deepCache = { interval: Number($('deepCacheInterval').value) };
   const total = kind === 'sd' ? steps : steps + params.decoderSteps;
   const done = [];
   controller = new AbortController();
@@ -240,6 +272,7 @@ $('model').addEventListener('change', () => {
   $('local').hidden = choice !== 'folder';
   const m = MODELS[choice];
   if (m) { applyPreset(m.preset); setKind(m.kind); }
+  describe(choice);
 });
 $('load').addEventListener('click', load);
 $('form').addEventListener('submit', generate);
@@ -254,5 +287,11 @@ window.tgateDemo = { get generator() { return generator; } };
   $('support').textContent = d.webgpu
     ? `WebGPU ready · shader-f16 ${d.shaderF16 ? 'yes' : 'no'} · max binding ${(d.limits.maxStorageBufferBindingSize / 2 ** 20).toFixed(0)} MiB`
     : 'This browser has no WebGPU: generation is not possible here.';
+  // A small adapter (no f16, or bindings under 1 GiB): BK-SDM-Tiny is the real model to try.
+  const small = d.webgpu && (!d.shaderF16 || d.limits.maxStorageBufferBindingSize < 2 ** 30);
+  for (const [key, m] of Object.entries(MODELS)) {
+    const option = document.querySelector(`#model option[value="${key}"]`);
+    if (option && m.small && small) option.textContent += ' — recommended for this GPU';
+  }
   document.body.dataset.ready = 'true';
 })();

@@ -20,6 +20,26 @@ export interface DetectResult {
 export function detect(): Promise<DetectResult>;
 export function purgeCache(): Promise<void>;
 
+/** What `load` would download and hold on the GPU, read before any weight is downloaded. */
+export interface InspectResult {
+  kind: 'sd' | 'wuerstchen';
+  dtype: 'f16' | 'f32';
+  parts: Array<{ part: string; files: string[]; reason: string; downloadBytes: number | null; deviceBytes: number | null }>;
+  /** Tensor bytes of the weight files; `null` when the server has no range requests. */
+  downloadBytes: number | null;
+  /** Weight bytes on the GPU in the compute dtype (activations come on top). */
+  deviceBytes: number | null;
+}
+
+export function inspect(options: {
+  baseUrl: string;
+  priorBaseUrl?: string;
+  kind?: 'sd' | 'wuerstchen';
+  dtype?: 'auto' | 'f16' | 'f32';
+  variant?: 'auto' | 'fp32' | 'fp16' | 'bf16';
+  signal?: AbortSignal;
+}): Promise<InspectResult>;
+
 /** Path (as in the diffusers layout) → contents. Blobs (a picked `File` is one) are read tensor by tensor. */
 export type ModelFiles =
   | Map<string, Blob | Uint8Array | ArrayBuffer>
@@ -111,6 +131,8 @@ export interface StepReport {
   total: number;
   timestep: number;
   phase: 'semantics-planning' | 'fidelity-improving';
+  /** DeepCache ran only its shallow branch (SD with `deepCache`). */
+  shallow: boolean;
   ms: number;
   /** GPU kernels the step launched (fused ones counted once), and the distinct compiled kernels among them. */
   launches: number;
@@ -122,12 +144,12 @@ export interface StepReport {
 export interface GenerateOptions {
   prompt: string;
   negativePrompt?: string;
-  /** SD: denoising steps (25); Würstchen: prior steps (60). */
+  /** SD: denoising steps (25; LCM models 4); Würstchen: prior steps (60). */
   steps?: number;
-  /** SD: guidance scale (7.5); Würstchen: prior guidance (4). */
+  /** SD: guidance scale (7.5; LCM models 8.5, through their guidance embedding); Würstchen: prior guidance (4). */
   guidance?: number;
   /** SD only. */
-  scheduler?: 'ddim' | 'pndm' | 'euler' | 'euler-a' | 'dpm++2m';
+  scheduler?: 'ddim' | 'pndm' | 'euler' | 'euler-a' | 'dpm++2m' | 'lcm';
   /** Würstchen only (12 and 0, as diffusers). */
   decoderSteps?: number;
   /** Würstchen: the prior on diffusers' `DEFAULT_STAGE_C_TIMESTEPS` (29 steps) instead of `steps`. */
@@ -143,6 +165,8 @@ export interface GenerateOptions {
   noise?: Uint8Array | string;
   /** Default: on at 40% of the steps. Würstchen takes `{ step }` only. */
   gate?: boolean | { step?: number; spInterval?: number; fiInterval?: number; warmUp?: number };
+  /** SD only: DeepCache; `true` is `{ interval: 3, branch: 0 }` (tgate's defaults). */
+  deepCache?: boolean | { interval?: number; branch?: number };
   preview?: boolean;
   output?: 'imagedata' | 'png';
   signal?: AbortSignal;

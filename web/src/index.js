@@ -227,6 +227,72 @@ async function downloadWeights({ part, files, reason, take, missing }, ctx) {
 
 const DTYPE_BYTES = { F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1 };
 
+/** Stored and on-device bytes of one pick's tensors (`null` where a header could not be read). */
+function pickBytes({ headers }, f16) {
+  let stored = 0;
+  let device = 0;
+  for (const header of headers) {
+    if (!header) return { stored: null, device: null };
+    for (const [name, t] of Object.entries(header)) {
+      if (name === '__metadata__' || !t || !Array.isArray(t.shape)) continue;
+      const float = ['F64', 'F32', 'F16', 'BF16'].includes(t.dtype);
+      const n = t.shape.reduce((a, b) => a * b, 1);
+      device += n * (float ? (f16 ? 2 : 4) : (DTYPE_BYTES[t.dtype] || 4));
+      const [start, end] = Array.isArray(t.data_offsets) ? t.data_offsets : [0, 0];
+      stored += end - start;
+    }
+  }
+  return { stored, device };
+}
+
+/**
+ * Picks every weight file of a model folder (URLs) without downloading them: the configs and
+ * tokenizers are fetched (into the cache), each checkpoint's variant is chosen and its
+ * safetensors headers read with range requests. Fills `map` (and returns the prior's map).
+ */
+async function pickFolder({ baseUrl, priorBaseUrl, kind }, map, ctx) {
+  if (kind === 'sd') {
+    await fetchFolder(baseUrl, SD_FILES, map, ctx);
+    return null;
+  }
+  if (priorBaseUrl) {
+    await fetchFolder(baseUrl, WUERSTCHEN_DECODER, map, ctx);
+    const priorMap = new Map();
+    await fetchFolder(priorBaseUrl, [['model_index.json'], ...WUERSTCHEN_PRIOR('')], priorMap, ctx);
+    return priorMap;
+  }
+  await fetchFolder(baseUrl, [...WUERSTCHEN_DECODER, ...WUERSTCHEN_PRIOR('prior_')], map, ctx);
+  return null;
+}
+
+/**
+ * What loading a model folder from URLs would take, before anything heavy is downloaded (for a
+ * model picker): `{ kind, dtype, parts: [{ part, files, reason, downloadBytes, deviceBytes }],
+ * downloadBytes, deviceBytes }`. `downloadBytes` counts the weight files' tensor data in the
+ * variant that `load` would pick for `dtype` ('auto': f16 where the adapter has shader-f16);
+ * `deviceBytes` the weights on the GPU in the compute dtype (activations come on top, see
+ * `generate`'s `out_of_memory`). Sizes are `null` where the server answers without range
+ * requests. Configs and tokenizers are fetched into the browser cache (a later `load` reuses them).
+ */
+export async function inspect({ baseUrl, priorBaseUrl, kind = 'sd', dtype = 'auto', variant = 'auto', signal } = {}) {
+  if (!baseUrl) throw new TGateError('invalid_parameter', 'give baseUrl');
+  if (kind !== 'sd' && kind !== 'wuerstchen') {
+    throw new TGateError('invalid_parameter', `kind must be 'sd' or 'wuerstchen', got '${kind}'`);
+  }
+  const f16 = dtype === 'f16' || (dtype === 'auto' && (await detect()).shaderF16);
+  const ctx = {
+    stats: { bytes: 0, fromCache: 0, fromNetwork: 0 }, signal, report: () => {}, variants: variantOrder(variant, f16),
+    pending: [], select: () => {},
+  };
+  await pickFolder({ baseUrl, priorBaseUrl, kind }, new Map(), ctx);
+  const parts = ctx.pending.map((p) => {
+    const b = pickBytes(p, f16);
+    return { part: p.part, files: p.files, reason: p.reason, downloadBytes: b.stored, deviceBytes: b.device };
+  });
+  const sum = (k) => (parts.some((p) => p[k] === null) ? null : parts.reduce((a, p) => a + p[k], 0));
+  return { kind, dtype: f16 ? 'f16' : 'f32', parts, downloadBytes: sum('downloadBytes'), deviceBytes: sum('deviceBytes') };
+}
+
 /**
  * Refuses, before any weight is downloaded, a model that cannot fit: a tensor bigger than one
  * binding of the adapter (in the compute dtype: float tensors become f16 or f32), or weights
@@ -445,15 +511,7 @@ export class Generator {
         stats, signal, report, variants: variantOrder(variant, f16), pending: [],
         select: (s) => { selected.push(s); onProgress && onProgress({ phase: 'select', ...s }); },
       };
-      if (kind === 'sd') {
-        await fetchFolder(baseUrl, SD_FILES, map, ctx);
-      } else if (priorBaseUrl) {
-        await fetchFolder(baseUrl, WUERSTCHEN_DECODER, map, ctx);
-        priorMap = new Map();
-        await fetchFolder(priorBaseUrl, [['model_index.json'], ...WUERSTCHEN_PRIOR('')], priorMap, ctx);
-      } else {
-        await fetchFolder(baseUrl, [...WUERSTCHEN_DECODER, ...WUERSTCHEN_PRIOR('prior_')], map, ctx);
-      }
+      priorMap = await pickFolder({ baseUrl, priorBaseUrl, kind }, map, ctx);
       // Nothing heavy is downloaded until the model is known to fit.
       const limits = (await detect()).limits;
       const bindings = [maxTensorBytes, limits && limits.maxStorageBufferBindingSize, limits && limits.maxBufferSize]
@@ -483,7 +541,10 @@ export class Generator {
 
   /**
    * Generates an image. `noise`: the CLI's `--noise` safetensors (bytes or a URL); `gate`:
-   * `false` or `{ step, spInterval, fiInterval, warmUp }` (Würstchen: `{ step }`); `output`:
+   * `false` or `{ step, spInterval, fiInterval, warmUp }` (Würstchen: `{ step }`); `deepCache`
+   * (Stable Diffusion): `true` (interval 3, branch 0, tgate's defaults) or `{ interval, branch }`:
+   * the whole UNet runs every `interval` steps, only its shallow branch in between (step reports
+   * say `shallow: true`); `output`:
    * 'imagedata' (default) or 'png'. Resolves to `{ image, latents, timings, finite, seed }`:
    * `latents` are named as in the CLI's `--save-latents` file, `{ name: { data: Float32Array,
    * shape } }`; `finite` is false when a latent value is NaN or infinite. An f16 generation

@@ -101,8 +101,9 @@ const server = await serve({
       if (body) send(res, 200, body, typeOf(p)); else send(res, 404, Buffer.from('not found'));
       return true;
     }
-    // /bk/<name>/... serves a small-model fixture: its own UNet, sd1's other parts.
-    const bk = p.match(/^\/bk\/(bk-sdm-[a-z]+)\/(.*)$/);
+    // /bk/<name>/... serves a small-model fixture (BK-SDM, LCM): its own UNet (and scheduler),
+    // sd1's other parts.
+    const bk = p.match(/^\/bk\/(bk-sdm-[a-z]+|lcm)\/(.*)$/);
     if (bk) {
       const file = [path.join(root, 'tests/fixtures', bk[1], bk[2]), path.join(root, 'tests/fixtures/sd1', bk[2])]
         .find((f) => fs.existsSync(f) && fs.statSync(f).isFile());
@@ -275,12 +276,49 @@ try {
     assert.ok(r.err <= tolerance * r.scale, `bk-sdm-tiny: max abs err ${r.err} (scale ${r.scale})`);
     return { err: r.err, scale: r.scale, phases: r.phases, stepMs: r.timings.map((t) => Math.round(t.ms)) };
   });
+  await step('lcm (guidance embedding, LCMScheduler, one batch): gated matches the no-guidance gate', async () => {
+    const loaded = await call('loadUrl', '/bk/lcm/');
+    assert.equal(loaded.kind, 'sd');
+    const r = await call('sdCase', 'lcm', { scheduler: 'lcm', gate: { step: 2 }, key: 'pipe.lcm.gated' });
+    assert.ok(r.err <= tolerance * r.scale, `lcm: max abs err ${r.err} (scale ${r.scale})`);
+    return { err: r.err, scale: r.scale, phases: r.phases, stepMs: r.timings.map((t) => Math.round(t.ms)) };
+  });
   await step('second load (browser cache)', async () => {
     const before = weightHits.length;
     const r = await call('load', 'sd1');
     assert.equal(weightHits.length, before, 'weights were downloaded again');
     assert.ok(r.fromCache >= 3, JSON.stringify(r));
     return r;
+  });
+  await step('inspect: download and GPU bytes of a folder, without downloading its weights', async () => {
+    const before = weightHits.length;
+    const r = await call('inspectCase', '/tests/fixtures/sd1/', { dtype: 'f32' });
+    assert.equal(weightHits.length, before, 'weights were downloaded');
+    // The tensor data of each safetensors file: its size less the 8-byte length and the header.
+    const data = (rel) => {
+      const buf = fs.readFileSync(path.join(root, 'tests/fixtures/sd1', rel));
+      return buf.length - 8 - Number(buf.readBigUInt64LE(0));
+    };
+    const want = { text_encoder: data('text_encoder/model.safetensors'), unet: data('unet/diffusion_pytorch_model.safetensors'), vae: data('vae/diffusion_pytorch_model.safetensors') };
+    assert.deepEqual(Object.fromEntries(r.parts.map((p) => [p.part, p.downloadBytes])), want);
+    // All f32 on disk and on the device here.
+    assert.equal(r.deviceBytes, r.downloadBytes);
+    assert.equal(r.dtype, 'f32');
+    const half = await call('inspectCase', '/tests/fixtures/sd1/', { dtype: 'f16' });
+    // Float tensors take half the bytes in f16 (integer ones, if any, keep theirs).
+    assert.ok(Math.abs(half.deviceBytes * 2 - r.deviceBytes) <= r.deviceBytes * 0.01, JSON.stringify(half));
+    assert.equal(half.dtype, 'f16');
+    return { parts: r.parts, downloadBytes: r.downloadBytes, deviceBytesF16: half.deviceBytes };
+  });
+  await step('T-GATE + DeepCache (interval 3, branch 0) matches tgate\'s TgateSDDeepCacheLoader', async () => {
+    const key = 'pipe.tgate_deepcache.ddim.i3b0';
+    const r = await call('sdCase', 'sd1', {
+      scheduler: 'ddim', gate: { step: 3 }, deepCache: { interval: 3, branch: 0 }, key, expected: 'deepcache',
+    });
+    assert.ok(r.err <= tolerance * r.scale, `${key}: max abs err ${r.err} (scale ${r.scale})`);
+    // Full steps at 0, 2 and 3 (restarts at the gate step and the one before) and 6.
+    assert.deepEqual(r.shallow, [1, 4, 5, 7]);
+    return { err: r.err, scale: r.scale, shallow: r.shallow, stepMs: r.timings.map((t) => Math.round(t.ms)) };
   });
   // On the SD generator, whose kernels are compiled by now.
   await step('non-finite latents are reported', async () => {

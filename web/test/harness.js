@@ -1,5 +1,5 @@
 // Browser-side half of the tests: drives the public API against the fixtures served over HTTP.
-import { detect, Generator, purgeCache, TGateError } from '../src/index.js';
+import { detect, Generator, inspect, purgeCache, TGateError } from '../src/index.js';
 
 /** Minimal safetensors reader (F32 only, which is what the reference files hold). */
 function readSafetensors(buffer) {
@@ -199,13 +199,15 @@ window.harness = {
   },
 
   /** Generates with the reference noise and compares the latents with `key`. */
-  async sdCase(fixture, { scheduler, gate, key }) {
+  async sdCase(fixture, { scheduler, gate, key, deepCache, expected }) {
     const { ref, json } = await reference(fixture);
+    // `expected`: another fixture's references hold `key` (DeepCache's runs of sd1).
+    const want = expected ? (await reference(expected)).ref : ref;
     const noise = writeSafetensors({ noise: ref['pipe.noise'], step_noise: ref['pipe.step_noise'] });
     const g = await gen();
-    const out = await g.generate({
+    const params = {
       prompt: json.prompt,
-      negativePrompt: json.negative_prompt,
+      negativePrompt: json.negative_prompt || '',
       steps: json.steps,
       guidance: json.guidance,
       scheduler,
@@ -213,9 +215,12 @@ window.harness = {
       height: json.height,
       gate,
       noise,
-    });
+    };
+    if (deepCache) params.deepCache = deepCache;
+    const out = await g.generate(params);
     return {
-      ...compare(out.latents.latents.data, ref[key].data),
+      ...compare(out.latents.latents.data, want[key].data),
+      shallow: out.timings.steps.filter((t) => t.shallow).map((t) => t.step),
       timings: out.timings.steps,
       phases: phases(out.timings.steps, 'unet'),
       width: out.image.width,
@@ -375,6 +380,11 @@ window.harness = {
     }
     await running;
     return out;
+  },
+
+  /** What `inspect` says a model folder would download and hold on the GPU. */
+  async inspectCase(baseUrl, options = {}) {
+    return inspect({ baseUrl, kind: 'sd', ...options });
   },
 
   /** Loads from a URL and reports the typed error. */

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use burn::tensor::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use tgate::deepcache::DeepCacheConfig;
 use tgate::loader::{tighter_limit, DirSource, ModelSource, Variant};
 use tgate::pipeline::to_rgb8;
 use tgate::safetensors::write_f32;
@@ -78,14 +79,15 @@ struct GenerateArgs {
     prompt: String,
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Denoising steps (Würstchen: prior steps). Default: 25 (SD), 60 (Würstchen).
+    /// Denoising steps (Würstchen: prior steps). Default: 25 (SD), 4 (LCM), 60 (Würstchen).
     #[arg(long)]
     steps: Option<usize>,
     /// Würstchen: run the prior on diffusers' DEFAULT_STAGE_C_TIMESTEPS (29 steps) instead of --steps.
     #[arg(long, conflicts_with = "steps")]
     default_timesteps: bool,
-    /// Classifier-free guidance scale, off at 1 or below (Würstchen: the prior's).
-    /// Default: 7.5 (SD), 4.0 (Würstchen).
+    /// Classifier-free guidance scale, off at 1 or below (Würstchen: the prior's; an LCM UNet
+    /// takes it through its guidance embedding, one batch). Default: 7.5 (SD), 8.5 (LCM), 4.0
+    /// (Würstchen).
     #[arg(long)]
     guidance: Option<f64>,
     /// Würstchen: decoder (Stage B) steps (default 12).
@@ -94,7 +96,7 @@ struct GenerateArgs {
     /// Würstchen: decoder guidance scale, off at 1 or below (default 0).
     #[arg(long)]
     decoder_guidance: Option<f64>,
-    /// ddim, pndm, euler, euler-a or dpm++2m (default: the model folder's scheduler).
+    /// ddim, pndm, euler, euler-a, dpm++2m or lcm (default: the model folder's scheduler).
     #[arg(long)]
     scheduler: Option<String>,
     /// Default: the UNet's sample_size × 8.
@@ -117,9 +119,18 @@ struct GenerateArgs {
     /// Steps at the start that never reuse self-attention (default 0; SD only).
     #[arg(long)]
     warm_up: Option<usize>,
+    /// DeepCache (SD only): run the whole UNet every N steps and only its shallow branch in
+    /// between (default 3 when --deepcache-branch is given; off otherwise). With the gate, as
+    /// tgate's TgateSDDeepCacheLoader.
+    #[arg(long)]
+    deepcache_interval: Option<usize>,
+    /// DeepCache's cache_branch_id: the shallow branch ends at down block K/3, layer K%3
+    /// (default 0 when --deepcache-interval is given).
+    #[arg(long)]
+    deepcache_branch: Option<usize>,
     #[arg(long, conflicts_with = "noise")]
     seed: Option<u64>,
-    /// safetensors with `noise` [1,4,H/8,W/8] (and `step_noise` [steps,1,4,H/8,W/8] for euler-a);
+    /// safetensors with `noise` [1,4,H/8,W/8] (and `step_noise` [steps,1,4,H/8,W/8] for euler-a and lcm);
     /// Würstchen: `prior_noise`, `prior_step_noise`, `decoder_noise`, `decoder_step_noise`.
     #[arg(long)]
     noise: Option<PathBuf>,
@@ -257,6 +268,16 @@ fn request(a: &GenerateArgs) -> Result<(Request, String), Error> {
         fi_interval: a.fi_interval,
         warm_up: a.warm_up,
     });
+    r.deep_cache = match (a.deepcache_interval, a.deepcache_branch) {
+        (None, None) => None,
+        (interval, branch) => {
+            let d = DeepCacheConfig::tgate_default();
+            Some(DeepCacheConfig {
+                interval: interval.unwrap_or(d.interval),
+                branch: branch.unwrap_or(d.branch),
+            })
+        }
+    };
     Ok((r, note))
 }
 
@@ -313,8 +334,13 @@ impl Bars {
         if let Some((b, _)) = &self.bar {
             b.set_position(s.index as u64 + 1);
             b.set_message(format!(
-                "{} t={:.3} {:.0} ms",
+                "{}{} t={:.3} {:.0} ms",
                 s.phase.name(),
+                if s.shallow {
+                    " (DeepCache: shallow)"
+                } else {
+                    ""
+                },
                 s.timestep,
                 s.seconds * 1e3
             ));
@@ -387,6 +413,20 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         eprintln!(
             "{label:>26}: {count:>3} steps, mean {:.1} ms/step",
             mean * 1e3
+        );
+    }
+    let shallow: Vec<f64> = out
+        .steps
+        .iter()
+        .filter(|s| s.shallow)
+        .map(|s| s.seconds)
+        .collect();
+    if !shallow.is_empty() {
+        eprintln!(
+            "{:>26}: {:>3} steps, mean {:.1} ms/step (counted in the phases above)",
+            "of which DeepCache shallow",
+            shallow.len(),
+            shallow.iter().sum::<f64>() / shallow.len() as f64 * 1e3
         );
     }
     let total: f64 = out.steps.iter().map(|s| s.seconds).sum();

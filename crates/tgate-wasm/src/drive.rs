@@ -31,6 +31,8 @@ struct StepReport {
     total: usize,
     timestep: f64,
     phase: &'static str,
+    /// DeepCache ran only its shallow branch.
+    shallow: bool,
     ms: f64,
     /// GPU kernels the step launched, and how many distinct compiled kernels that was.
     launches: usize,
@@ -45,6 +47,7 @@ impl StepReport {
             total: s.total,
             timestep: s.timestep,
             phase: s.phase.name(),
+            shallow: s.shallow,
             ms: s.seconds * 1e3,
             launches: launches.total(),
             kernels: launches.distinct,

@@ -2,6 +2,7 @@
 //! (every default and check lives there).
 
 use serde::Deserialize;
+use tgate::deepcache::DeepCacheConfig;
 use tgate::text_to_image::{GateKnobs, NoiseSource, Request};
 use wasm_bindgen::prelude::*;
 
@@ -30,6 +31,9 @@ pub struct Params {
     decoder_guidance: Option<f64>,
     /// `false` (no gate) or the knobs; absent or `true`: the default gate.
     gate: Option<GateParam>,
+    /// SD: DeepCache. Absent or `false`: off; `true`: tgate's defaults (interval 3, branch 0);
+    /// `{ interval, branch }` (either may be left out).
+    deep_cache: Option<DeepCacheParam>,
     /// Send a small RGBA preview of the latents with every step report.
     #[serde(default)]
     pub preview: bool,
@@ -40,6 +44,20 @@ pub struct Params {
 enum GateParam {
     Enabled(bool),
     Knobs(JsGateKnobs),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DeepCacheParam {
+    Enabled(bool),
+    Knobs(JsDeepCache),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsDeepCache {
+    interval: Option<usize>,
+    branch: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -84,6 +102,15 @@ impl Params {
                 sp_interval: k.sp_interval,
                 fi_interval: k.fi_interval,
                 warm_up: k.warm_up,
+            }),
+        };
+        let d = DeepCacheConfig::tgate_default();
+        r.deep_cache = match &self.deep_cache {
+            None | Some(DeepCacheParam::Enabled(false)) => None,
+            Some(DeepCacheParam::Enabled(true)) => Some(d),
+            Some(DeepCacheParam::Knobs(k)) => Some(DeepCacheConfig {
+                interval: k.interval.unwrap_or(d.interval),
+                branch: k.branch.unwrap_or(d.branch),
             }),
         };
         Ok(r)

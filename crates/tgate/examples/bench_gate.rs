@@ -3,10 +3,13 @@
 //! ```text
 //! cargo run -p tgate --example bench_gate [--features wgpu] -- [--backend cpu|wgpu]
 //!     [--model sd15|small|both] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
-//!     [--no-kernels] [--memory-only]
+//!     [--no-kernels] [--memory-only] [--deepcache-interval N] [--deepcache-branch K]
 //! ```
 //! Prints per-phase step times, the gated / ungated ratio for the whole loop (both measured in
-//! the same run), and the MACs per step of each phase (counted from the layers actually run).
+//! the same run), and the MACs per step of each phase (counted from the layers actually run);
+//! then the same loop with DeepCache alone and with gate + DeepCache (tgate's
+//! `TgateSDDeepCacheLoader`; interval 3, branch 0 by default), full and shallow steps apart, and
+//! the whole-loop speed-up of each against the plain loop, all in the same run.
 //! On wgpu it first accounts for the kernels (`tgate::profile`): launches per UNet forward
 //! (planning batch 2, gated batch 1), distinct kernels compiled by a cold run, device time per op
 //! class (each kernel timed alone), the kernels each attention shape launches (flash or the
@@ -15,6 +18,7 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use tgate::deepcache::DeepCacheConfig;
 use tgate::nn::{macs, reset_macs};
 use tgate::noise::randn;
 use tgate::pipeline::{denoise, GenerateParams, Noise, StepInfo};
@@ -50,6 +54,7 @@ struct Args {
     kernels: bool,
     dtype: DType,
     memory_only: bool,
+    deep_cache: DeepCacheConfig,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -62,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         kernels: true,
         dtype: DType::F32,
         memory_only: false,
+        deep_cache: DeepCacheConfig::tgate_default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +81,16 @@ fn parse_args() -> Result<Args, String> {
                 a.gate_step = Some(val()?.parse().map_err(|e| format!("--gate-step: {e}"))?)
             }
             "--no-kernels" => a.kernels = false,
+            "--deepcache-interval" => {
+                a.deep_cache.interval = val()?
+                    .parse()
+                    .map_err(|e| format!("--deepcache-interval: {e}"))?
+            }
+            "--deepcache-branch" => {
+                a.deep_cache.branch = val()?
+                    .parse()
+                    .map_err(|e| format!("--deepcache-branch: {e}"))?
+            }
             "--memory-only" => a.memory_only = true,
             "--dtype" => {
                 a.dtype = match val()?.as_str() {
@@ -109,12 +125,23 @@ fn device(backend: &str) -> Result<(Device, Option<u64>), String> {
 }
 
 struct Run {
-    steps: Vec<(Phase, f64, u64)>,
+    /// Phase, seconds, MACs, DeepCache shallow.
+    steps: Vec<(Phase, f64, u64, bool)>,
 }
 
 impl Run {
     fn phase(&self, phase: Phase) -> Option<(usize, f64, u64)> {
-        let s: Vec<_> = self.steps.iter().filter(|s| s.0 == phase).collect();
+        self.select(|s| s.0 == phase)
+    }
+    /// Steps of `phase` that ran the whole UNet (`shallow` false) or DeepCache's branch.
+    fn deep(&self, phase: Phase, shallow: bool) -> Option<(usize, f64, u64)> {
+        self.select(|s| s.0 == phase && s.3 == shallow)
+    }
+    fn select(
+        &self,
+        keep: impl Fn(&&(Phase, f64, u64, bool)) -> bool,
+    ) -> Option<(usize, f64, u64)> {
+        let s: Vec<_> = self.steps.iter().filter(keep).collect();
         (!s.is_empty()).then(|| {
             (
                 s.len(),
@@ -143,7 +170,7 @@ fn run(
         cond.clone(),
         Some(cond.clone()),
         &mut |s: &StepInfo| {
-            steps.push((s.phase, s.seconds, macs()));
+            steps.push((s.phase, s.seconds, macs(), s.shallow));
             reset_macs();
             ControlFlow::Continue(())
         },
@@ -199,6 +226,9 @@ fn kernels(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Op
         cold.total(),
         t0.elapsed().as_secs_f64()
     );
+    // A planning step of a generation: the text keys and values are already projected (once
+    // per generation, by its first step).
+    forward(unet, &mut cache, 2, side, cond, compute);
     let ((), planning) = observe(Timing::Off, || {
         forward(unet, &mut cache, 2, side, cond, compute)
     });
@@ -348,6 +378,7 @@ fn bench(
         width: size,
         height: size,
         gate: None,
+        deep_cache: None,
         noise: Noise::Seed(0),
         clip_skip: 0,
     };
@@ -373,8 +404,55 @@ fn bench(
     let ungated = run(&unet, &sched, &p, &cond)?;
     p.gate = Some(GateConfig::original(gate_step));
     let gated = run(&unet, &sched, &p, &cond)?;
+    report(&ungated, &gated)?;
 
-    report(&ungated, &gated)
+    p.gate = None;
+    p.deep_cache = Some(a.deep_cache);
+    let deep = run(&unet, &sched, &p, &cond)?;
+    p.gate = Some(GateConfig::original(gate_step));
+    let both = run(&unet, &sched, &p, &cond)?;
+    report_deep(&a.deep_cache, &ungated, &gated, &deep, &both);
+    Ok(())
+}
+
+/// DeepCache alone and with the gate, full and shallow steps apart, and the whole-loop
+/// speed-ups of the gate, DeepCache and both against the plain loop (same run).
+fn report_deep(c: &DeepCacheConfig, ungated: &Run, gated: &Run, deep: &Run, both: &Run) {
+    let (_, _, m_u) = ungated
+        .phase(Phase::SemanticsPlanning)
+        .unwrap_or((0, 0.0, 1));
+    println!(
+        "  DeepCache interval {} branch {} (alone, and with the gate as tgate's TgateSDDeepCacheLoader):",
+        c.interval, c.branch
+    );
+    for (label, r) in [("deepcache", deep), ("gate+deepcache", both)] {
+        for phase in [Phase::SemanticsPlanning, Phase::FidelityImproving] {
+            for shallow in [false, true] {
+                if let Some((n, t, m)) = r.deep(phase, shallow) {
+                    println!(
+                        "  {label:<15}{:<19} {:<7}: {n:>3} steps, {:>9.1} ms/step, {:>8.2} GMAC/step ({:.2} of ungated)",
+                        phase.name(),
+                        if shallow { "shallow" } else { "full" },
+                        t * 1e3,
+                        m as f64 / 1e9,
+                        m as f64 / m_u.max(1) as f64
+                    );
+                }
+            }
+        }
+    }
+    let base = ungated.total();
+    println!(
+        "  {:<26}: gate x{:.2}, DeepCache x{:.2}, both x{:.2} (ungated {:.2} s; gate {:.2} s, DeepCache {:.2} s, both {:.2} s)",
+        "whole-loop speed-up",
+        base / gated.total(),
+        base / deep.total(),
+        base / both.total(),
+        base,
+        gated.total(),
+        deep.total(),
+        both.total()
+    );
 }
 
 fn main() {

@@ -166,10 +166,15 @@ impl BasicTransformerBlock {
         // The norms sit inside the closures, so a layer served from the cache costs nothing.
         let a = cache.self_attention(|| self.attn1.forward(self.norm1.forward(x.clone()), None));
         let x = x + a;
-        let a = cache.cross_attention(|| {
-            self.attn2
-                .forward(self.norm2.forward(x.clone()), Some(context))
-        });
+        // The text's keys and values are projected once per generation (see AttentionCache).
+        let a = cache.cross_attention_text(
+            context.dims()[0],
+            || self.attn2.key_value(context.clone()),
+            |k, v| {
+                self.attn2
+                    .attend(self.attn2.query(self.norm2.forward(x.clone())), k, v)
+            },
+        );
         let x = x + a;
         let h = self.norm3.forward(x.clone());
         x + self.ff.forward(h)

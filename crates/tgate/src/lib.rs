@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod deepcache;
 pub mod embeddings;
 pub mod error;
 pub mod loader;

@@ -10,6 +10,8 @@ use std::ops::ControlFlow;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::deepcache::{DeepCache, DeepCacheConfig, DeepStep};
+use crate::embeddings::guidance_scale_embedding;
 use crate::error::{Error, Result};
 use crate::loader::{
     check_dtype, load_weights_as, read_required, LoadedFiles, ModelSource, Variant,
@@ -52,6 +54,8 @@ pub struct GenerateParams {
     pub height: usize,
     /// `None`: no gate (plain diffusers).
     pub gate: Option<GateConfig>,
+    /// `None`: no DeepCache. With the gate, tgate's `TgateSDDeepCacheLoader` semantics.
+    pub deep_cache: Option<DeepCacheConfig>,
     pub noise: Noise,
     /// Skip the last `clip_skip` text-encoder layers (diffusers' `clip_skip`).
     pub clip_skip: usize,
@@ -205,7 +209,11 @@ impl StableDiffusion {
     /// generation with `p`: in the UNet (batch 2 with guidance) or the VAE decoder.
     pub fn largest_activation(&self, p: &GenerateParams) -> ActivationSize {
         let (h, w) = (p.height / 8, p.width / 8);
-        let batch = if p.guidance > 1.0 { 2 } else { 1 };
+        let batch = if classifier_free_guidance(&self.unet, p.guidance) {
+            2
+        } else {
+            1
+        };
         self.unet
             .largest_activation(batch, h, w)
             .max(self.vae.largest_activation(h, w))
@@ -220,7 +228,7 @@ impl StableDiffusion {
     ) -> Result<Latents> {
         self.validate(p)?;
         let cond = self.encode_prompt(&p.prompt, p.clip_skip)?;
-        let uncond = if p.guidance > 1.0 {
+        let uncond = if classifier_free_guidance(&self.unet, p.guidance) {
             Some(self.encode_prompt(&p.negative_prompt, p.clip_skip)?)
         } else {
             None
@@ -236,6 +244,14 @@ impl StableDiffusion {
             .add_scalar(0.5)
             .clamp(0.0, 1.0)
     }
+}
+
+/// Whether a generation runs classifier-free guidance (two batches), as diffusers'
+/// `do_classifier_free_guidance`: a scale above 1 on a UNet without a guidance embedding.
+/// Latent-consistency UNets (`time_cond_proj_dim`) take the scale through `timestep_cond` and
+/// run one batch.
+pub fn classifier_free_guidance(unet: &UNet2DConditionModel, guidance: f64) -> bool {
+    guidance > 1.0 && unet.config().time_cond_proj_dim.is_none()
 }
 
 /// Most steps a run may ask for (far beyond any schedule in use; keeps sizes bounded).
@@ -262,6 +278,9 @@ pub fn validate(p: &GenerateParams) -> Result<()> {
     }
     if let Some(g) = &p.gate {
         g.validate(p.steps)?;
+    }
+    if let Some(d) = &p.deep_cache {
+        d.validate()?;
     }
     Ok(())
 }
@@ -303,6 +322,11 @@ pub struct Denoiser<'a> {
     cond: Tensor<3>,
     both: Option<Tensor<3>>,
     guidance: f64,
+    /// The guidance embedding of a latent-consistency UNet (`[1, time_cond_proj_dim]`), made
+    /// once per generation.
+    timestep_cond: Option<Tensor<2>>,
+    /// DeepCache's schedule and kept feature (`None`: every step runs the whole UNet).
+    deep: Option<DeepCache>,
     latents: Tensor<4>,
     shape: [usize; 4],
     step_noise: Option<StepNoise>,
@@ -382,8 +406,12 @@ impl<'a> Denoiser<'a> {
         let latents = Tensor::<4>::from_data(TensorData::new(noise, shape), &device)
             .mul_scalar(scheduler.init_noise_sigma());
         let both = uncond
-            .filter(|_| p.guidance > 1.0)
+            .filter(|_| classifier_free_guidance(unet, p.guidance))
             .map(|u| Tensor::cat(vec![u, cond.clone()], 0));
+        let timestep_cond = unet
+            .config()
+            .time_cond_proj_dim
+            .map(|dim| guidance_scale_embedding(&[p.guidance - 1.0], dim, &device));
         Ok(Denoiser {
             unet,
             scheduler,
@@ -393,6 +421,8 @@ impl<'a> Denoiser<'a> {
             cond,
             both,
             guidance: p.guidance,
+            timestep_cond,
+            deep: p.deep_cache.map(DeepCache::new).transpose()?,
             latents,
             shape,
             step_noise: step_noise.filter(|_| needs_noise),
@@ -421,6 +451,9 @@ impl<'a> Denoiser<'a> {
             return Ok(None);
         };
         self.next += 1;
+        if let Some(deep) = self.deep.as_mut().filter(|_| self.gate.at_gate(i)) {
+            deep.restart();
+        }
         let plan = self.gate.begin_iteration(i, self.both.is_some());
         let latents = self.latents.clone();
         let (input, context) = match (&self.both, plan.guidance) {
@@ -428,7 +461,23 @@ impl<'a> Denoiser<'a> {
             _ => (latents.clone(), &self.cond),
         };
         let input = self.scheduler.scale_model_input(input, i);
-        let mut pred = self.unet.forward(input, t, context, self.gate.cache());
+        // DeepCache counts steps by the timestep's (first) place in the schedule.
+        let index = self.timesteps.iter().position(|&x| x == t).unwrap_or(i);
+        let batch = input.dims()[0];
+        let unet = self.unet;
+        let deep = self.deep.as_mut().and_then(|d| {
+            let place = unet.branch_place(d.config());
+            (!unet.branch_skips_nothing(place)).then(|| d.step(index, place, batch))
+        });
+        let shallow = matches!(deep, Some(DeepStep::Shallow { .. }));
+        let mut pred = unet.forward_deep(
+            input,
+            t,
+            context,
+            self.timestep_cond.as_ref(),
+            self.gate.cache(),
+            deep,
+        );
         if plan.guidance {
             let uncond = pred.clone().narrow(0, 0, 1);
             let text = pred.narrow(0, 1, 1);
@@ -445,6 +494,7 @@ impl<'a> Denoiser<'a> {
             total: self.timesteps.len(),
             timestep: t,
             phase: plan.phase,
+            shallow,
         }))
     }
 }

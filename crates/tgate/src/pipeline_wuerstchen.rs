@@ -879,6 +879,7 @@ impl<'a> StageDenoiser<'a> {
             total: self.sched.steps(),
             timestep: r as f64,
             phase,
+            shallow: false,
         }))
     }
 }

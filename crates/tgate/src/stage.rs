@@ -37,6 +37,8 @@ pub struct EnqueuedStep {
     pub total: usize,
     pub timestep: f64,
     pub phase: Phase,
+    /// DeepCache ran only its shallow branch (the deep features came from its cache).
+    pub shallow: bool,
 }
 
 impl EnqueuedStep {
@@ -48,6 +50,7 @@ impl EnqueuedStep {
             total: self.total,
             timestep: self.timestep,
             phase: self.phase,
+            shallow: self.shallow,
             seconds,
         }
     }
@@ -63,6 +66,8 @@ pub struct StepInfo {
     pub total: usize,
     pub timestep: f64,
     pub phase: Phase,
+    /// DeepCache ran only its shallow branch (the deep features came from its cache).
+    pub shallow: bool,
     /// Wall time of the iteration in seconds (measured after the device finished it).
     pub seconds: f64,
 }
@@ -123,6 +128,7 @@ mod tests {
             total: 4,
             timestep: 0.0,
             phase,
+            shallow: false,
             seconds,
         };
         let steps = [

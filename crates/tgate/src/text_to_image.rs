@@ -13,9 +13,10 @@ use std::ops::ControlFlow;
 use burn::tensor::{DType, Device, Tensor};
 use web_time::Instant;
 
+use crate::deepcache::DeepCacheConfig;
 use crate::error::{Error, Result};
 use crate::loader::{LoadedFiles, ModelSource, Variant};
-use crate::pipeline::{GenerateParams, Noise, StableDiffusion};
+use crate::pipeline::{classifier_free_guidance, GenerateParams, Noise, StableDiffusion};
 use crate::pipeline_wuerstchen::{Wuerstchen, WuerstchenLayout, WuerstchenNoise, WuerstchenParams};
 use crate::safetensors::SafeTensors;
 use crate::schedulers::ddpm_wuerstchen::default_stage_c_timesteps;
@@ -76,7 +77,8 @@ pub struct GateKnobs {
 
 /// What a front end asks for, with diffusers' names; unset fields take the model family's
 /// defaults (Stable Diffusion: 25 steps, guidance 7.5, the folder's scheduler, `sample_size × 8`
-/// pixels; Würstchen: 512×512, prior 60 steps at guidance 4, decoder 12 steps without guidance).
+/// pixels, and for latent-consistency UNets 4 steps at guidance 8.5; Würstchen: 512×512, prior
+/// 60 steps at guidance 4, decoder 12 steps without guidance).
 #[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: String,
@@ -85,19 +87,23 @@ pub struct Request {
     pub steps: Option<usize>,
     /// Würstchen: run the prior on diffusers' `DEFAULT_STAGE_C_TIMESTEPS` (29 steps).
     pub default_timesteps: bool,
-    /// Classifier-free guidance scale (Würstchen: the prior's), on above 1.
+    /// Classifier-free guidance scale (Würstchen: the prior's), on above 1; a latent-consistency
+    /// UNet takes it through its guidance embedding instead (one batch).
     pub guidance: Option<f64>,
     /// Würstchen: Stage B steps.
     pub decoder_steps: Option<usize>,
     /// Würstchen: Stage B guidance.
     pub decoder_guidance: Option<f64>,
-    /// Stable Diffusion: a scheduler name (`ddim`, `pndm`, `euler`, `euler-a`, `dpm++2m`, or
+    /// Stable Diffusion: a scheduler name (`ddim`, `pndm`, `euler`, `euler-a`, `dpm++2m`, `lcm`, or
     /// diffusers' class name).
     pub scheduler: Option<String>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// `None`: no gate (plain diffusers).
     pub gate: Option<GateKnobs>,
+    /// Stable Diffusion: DeepCache (`None`: off); with the gate, as tgate's
+    /// `TgateSDDeepCacheLoader`.
+    pub deep_cache: Option<DeepCacheConfig>,
     pub noise: NoiseSource,
     /// Stable Diffusion: skip the last `clip_skip` text-encoder layers.
     pub clip_skip: usize,
@@ -118,6 +124,7 @@ impl Request {
             width: None,
             height: None,
             gate: Some(GateKnobs::default()),
+            deep_cache: None,
             noise,
             clip_skip: 0,
         }
@@ -266,6 +273,9 @@ impl Plan {
                         g.gate_step, g.sp_interval, g.fi_interval, g.warm_up
                     ),
                     None => "no gate".into(),
+                } + &match p.deep_cache {
+                    Some(d) => format!(", DeepCache interval {} branch {}", d.interval, d.branch),
+                    None => String::new(),
                 },
                 match &p.noise {
                     Noise::Seed(s) => format!("seed {s}"),
@@ -314,7 +324,9 @@ fn plan_sd(m: &StableDiffusion, r: &Request) -> Result<GenerateParams> {
         ],
         "only for Würstchen models",
     )?;
-    let steps = r.steps.unwrap_or(25);
+    // A latent-consistency UNet (a guidance embedding) takes diffusers' LCM pipeline defaults.
+    let lcm = m.unet.config().time_cond_proj_dim.is_some();
+    let steps = r.steps.unwrap_or(if lcm { 4 } else { 25 });
     let scheduler = match r.scheduler.as_deref() {
         Some(name) => name.parse::<SchedulerKind>()?,
         None => m.default_scheduler()?,
@@ -357,11 +369,12 @@ fn plan_sd(m: &StableDiffusion, r: &Request) -> Result<GenerateParams> {
         prompt: r.prompt.clone(),
         negative_prompt: r.negative_prompt.clone(),
         steps,
-        guidance: r.guidance.unwrap_or(7.5),
+        guidance: r.guidance.unwrap_or(if lcm { 8.5 } else { 7.5 }),
         scheduler: Some(scheduler),
         width,
         height,
         gate,
+        deep_cache: r.deep_cache,
         noise,
         clip_skip: r.clip_skip,
     };
@@ -426,6 +439,7 @@ fn plan_wuerstchen(w: &Wuerstchen, r: &Request) -> Result<WuerstchenParams> {
             ("fi_interval", knobs.fi_interval.is_some()),
             ("warm_up", knobs.warm_up.is_some()),
             ("clip_skip", r.clip_skip != 0),
+            ("deep_cache", r.deep_cache.is_some()),
         ],
         "not available for Würstchen (one scheduler, DDPMWuerstchenScheduler; the Stage C gate \
          takes only its step)",
@@ -646,7 +660,7 @@ impl<'m> Generation<'m> {
         match (self.pipeline, &self.plan) {
             (Pipeline::StableDiffusion(m), Plan::StableDiffusion(p)) => {
                 let cond = m.encode_prompt(&p.prompt, p.clip_skip)?;
-                let uncond = if p.guidance > 1.0 {
+                let uncond = if classifier_free_guidance(&m.unet, p.guidance) {
                     Some(m.encode_prompt(&p.negative_prompt, p.clip_skip)?)
                 } else {
                     None

@@ -147,10 +147,17 @@ impl GateConfig {
 
 /// Per-layer caches of one generation, addressed by the order in which the model visits its
 /// attention layers (the same every step).
+///
+/// Besides the gate's outputs it keeps, per cross-attention layer, the keys and values of the
+/// text (`to_k` / `to_v` of the prompt embeddings): they are the same at every step of a
+/// generation, so each layer projects them once per batch size (2 with guidance, 1 without) and
+/// then reuses them; once a layer serves its gated output, its keys and values are dropped.
 #[derive(Debug, Default)]
 pub struct AttentionCache {
     cross: Vec<Option<Tensor<3>>>,
     self_attn: Vec<Option<Tensor<3>>>,
+    /// Per cross-attention layer: (batch, keys, values) of the text.
+    text_kv: Vec<Option<(usize, Tensor<3>, Tensor<3>)>>,
     cross_mode: Option<CacheMode>,
     self_mode: Option<CacheMode>,
     cross_cursor: usize,
@@ -176,6 +183,13 @@ impl AttentionCache {
         self.self_cursor = 0;
     }
 
+    /// Passes over `blocks` transformer blocks that do not run in this call (the deep layers
+    /// DeepCache skips): each has one self- and one cross-attention slot, whose caches stay.
+    pub fn skip_blocks(&mut self, blocks: usize) {
+        self.self_cursor += blocks;
+        self.cross_cursor += blocks;
+    }
+
     /// Number of cross-attention tensors held (for tests and reports).
     pub fn cross_entries(&self) -> usize {
         self.cross.iter().flatten().count()
@@ -191,6 +205,44 @@ impl AttentionCache {
             self.self_mode.unwrap_or(CacheMode::Compute),
             compute,
         )
+    }
+
+    /// Runs (or skips) the next cross-attention layer whose keys and values come from the text
+    /// alone: `kv` projects them (called once per generation and batch size `batch`), `attend`
+    /// computes the layer from them.
+    pub fn cross_attention_text(
+        &mut self,
+        batch: usize,
+        kv: impl FnOnce() -> (Tensor<3>, Tensor<3>),
+        attend: impl FnOnce(Tensor<3>, Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        let slot = self.cross_cursor;
+        if self.text_kv.len() <= slot {
+            self.text_kv.resize(slot + 1, None);
+        }
+        if self.cross_mode == Some(CacheMode::Reuse) {
+            if let Some(Some(gated)) = self.cross.get(slot) {
+                // From here on the gated output is returned: the text is no longer needed.
+                let out = gated.clone();
+                self.text_kv[slot] = None;
+                self.cross_cursor += 1;
+                return out;
+            }
+        }
+        let (k, v) = match &self.text_kv[slot] {
+            Some((b, k, v)) if *b == batch => (k.clone(), v.clone()),
+            _ => {
+                let (k, v) = kv();
+                self.text_kv[slot] = Some((batch, k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        self.cross_attention(|| attend(k, v))
+    }
+
+    /// Number of text key/value pairs held (for tests and reports).
+    pub fn text_kv_entries(&self) -> usize {
+        self.text_kv.iter().flatten().count()
     }
 
     /// Runs (or skips) the next cross-attention layer.
@@ -343,6 +395,18 @@ impl Gate {
         }
     }
 
+    /// Whether iteration `i` is the gate step or the one before it (`cur == gate_step - 1` or
+    /// `cur == gate_step`), where tgate's DeepCache pipeline restarts DeepCache: the
+    /// cross-attention cache is taken over the whole model at the first, and the batch halves at
+    /// the second. Never without a gate.
+    pub fn at_gate(&self, i: usize) -> bool {
+        let Some(config) = self.config else {
+            return false;
+        };
+        let cur = i as i64 - self.num_warmup as i64;
+        cur == config.gate_step as i64 - 1 || cur == config.gate_step as i64
+    }
+
     /// The caches the model reads and writes during the current iteration.
     pub fn cache(&mut self) -> &mut AttentionCache {
         &mut self.cache
@@ -380,6 +444,48 @@ mod tests {
             sa,
             [Compute, Store, Store, Reuse, Store, StoreMean, Store, Reuse, Store]
         );
+    }
+
+    /// The text keys and values are projected once per layer and batch size, and dropped once
+    /// the gated output is served.
+    #[test]
+    fn text_keys_and_values_are_projected_once() {
+        let device = burn::tensor::Device::flex();
+        let t = |b: usize| Tensor::<3>::zeros([b, 2, 3], &device);
+        let mut cache = AttentionCache::new();
+        let mut projections = 0;
+        let layer = |cache: &mut AttentionCache, b: usize, projections: &mut usize| {
+            cache.cross_attention_text(
+                b,
+                || {
+                    *projections += 1;
+                    (t(b), t(b))
+                },
+                |k, _| k,
+            )
+        };
+        for (mode, batch) in [(Compute, 2), (Compute, 2), (StoreMean, 2)] {
+            cache.begin(mode, Compute);
+            layer(&mut cache, batch, &mut projections);
+            layer(&mut cache, batch, &mut projections);
+        }
+        assert_eq!(projections, 2, "two layers, once each");
+        assert_eq!(cache.text_kv_entries(), 2);
+        // A batch-1 call without a gated output (e.g. the gate off) projects again.
+        cache.begin(Compute, Compute);
+        layer(&mut cache, 1, &mut projections);
+        assert_eq!(projections, 3);
+        // Served from the gate: nothing projected, the text dropped.
+        cache.begin(Reuse, Compute);
+        let out = layer(&mut cache, 1, &mut projections);
+        layer(&mut cache, 1, &mut projections);
+        assert_eq!(projections, 3);
+        assert_eq!(
+            out.dims(),
+            [1, 2, 3],
+            "the batch mean kept at the gate step"
+        );
+        assert_eq!(cache.text_kv_entries(), 0);
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct Transformer2DConfig {
 }
 
 impl Transformer2DModel {
+    /// Transformer blocks (each one self-attention and one cross-attention).
+    pub fn depth(&self) -> usize {
+        self.transformer_blocks.len()
+    }
+
     pub fn load(w: &Weights, cfg: Transformer2DConfig) -> Result<Self> {
         let inner = cfg.heads * cfg.head_dim;
         let proj = |name: &str, a: usize, b: usize| -> Result<Projection> {

@@ -110,24 +110,49 @@ impl DownBlock {
     /// Returns the output and pushes every intermediate state onto `skips`.
     pub fn forward(
         &self,
-        mut x: Tensor<4>,
+        x: Tensor<4>,
         temb: &Tensor<2>,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
     ) -> Tensor<4> {
-        for (j, resnet) in self.resnets.iter().enumerate() {
+        self.forward_layers(x, temb, context, cache, skips, self.num_layers(), true)
+    }
+
+    /// The first `layers` (resnet, transformer) layers and, when `downsample`, the downsampler
+    /// (DeepCache's shallow branch stops inside a block).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_layers(
+        &self,
+        mut x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+        skips: &mut Vec<Tensor<4>>,
+        layers: usize,
+        downsample: bool,
+    ) -> Tensor<4> {
+        for (j, resnet) in self.resnets.iter().enumerate().take(layers) {
             x = resnet.forward(x, Some(temb));
             if let Some(attn) = self.attentions.get(j) {
                 x = attn.forward(x, context, cache);
             }
             skips.push(x.clone());
         }
-        if let Some(down) = &self.downsampler {
+        if let (Some(down), true) = (&self.downsampler, downsample) {
             x = down.forward(x);
             skips.push(x.clone());
         }
         x
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// Transformer blocks (one self- and one cross-attention each) in layers `from..`.
+    pub fn attention_blocks_from(&self, from: usize) -> usize {
+        self.attentions.iter().skip(from).map(|a| a.depth()).sum()
     }
 }
 
@@ -176,6 +201,11 @@ impl MidBlock {
             x = resnet.forward(x, Some(temb));
         }
         x
+    }
+
+    /// Transformer blocks (one self- and one cross-attention each).
+    pub fn attention_blocks(&self) -> usize {
+        self.attentions.iter().map(|a| a.depth()).sum()
     }
 }
 
@@ -240,14 +270,32 @@ impl UpBlock {
     /// Consumes skips from the end of `skips`; `upsample_to` is the size of the next level.
     pub fn forward(
         &self,
-        mut x: Tensor<4>,
+        x: Tensor<4>,
         temb: &Tensor<2>,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
         upsample_to: Option<[usize; 2]>,
     ) -> Tensor<4> {
-        for (j, resnet) in self.resnets.iter().enumerate() {
+        let x = self.forward_layers(x, temb, context, cache, skips, 0..self.num_layers());
+        self.upsample(x, upsample_to)
+    }
+
+    /// The (resnet, transformer) layers `layers` (DeepCache enters a block part-way), each
+    /// consuming one skip from the end of `skips`.
+    pub fn forward_layers(
+        &self,
+        mut x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+        skips: &mut Vec<Tensor<4>>,
+        layers: std::ops::Range<usize>,
+    ) -> Tensor<4> {
+        for j in layers {
+            let Some(resnet) = self.resnets.get(j) else {
+                break;
+            };
             if let Some(skip) = skips.pop() {
                 x = Tensor::cat(vec![x, skip], 1);
             }
@@ -256,12 +304,24 @@ impl UpBlock {
                 x = attn.forward(x, context, cache);
             }
         }
-        if let Some(up) = &self.upsampler {
-            let [_, _, h, w] = x.dims();
-            let size = upsample_to.unwrap_or([h * 2, w * 2]);
-            x = up.forward(upsample_nearest(x, size));
-        }
         x
+    }
+
+    /// The upsampler, if the block has one; `upsample_to` is the size of the next level.
+    pub fn upsample(&self, x: Tensor<4>, upsample_to: Option<[usize; 2]>) -> Tensor<4> {
+        match &self.upsampler {
+            Some(up) => {
+                let [_, _, h, w] = x.dims();
+                let size = upsample_to.unwrap_or([h * 2, w * 2]);
+                up.forward(upsample_nearest(x, size))
+            }
+            None => x,
+        }
+    }
+
+    /// Transformer blocks (one self- and one cross-attention each) in layers `..to`.
+    pub fn attention_blocks_before(&self, to: usize) -> usize {
+        self.attentions.iter().take(to).map(|a| a.depth()).sum()
     }
 }
 

@@ -10,6 +10,7 @@ use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::deepcache::{BranchPlace, DeepCacheConfig, DeepStep};
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::error::{Error, Result};
 use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm};
@@ -44,6 +45,10 @@ pub struct UNetConfig {
     /// `UNetMidBlock2DCrossAttn` between the down and up blocks; `false` for
     /// `mid_block_type: null` (BK-SDM-Small and -Tiny remove it).
     pub mid_block: bool,
+    /// The width of the guidance embedding latent-consistency models add to the time embedding
+    /// (`time_cond_proj_dim`; LCM-distilled SD 1.5 has 256). Such a model runs without
+    /// classifier-free guidance: the guidance scale goes in through this embedding.
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 /// `config.json` of `UNet2DConditionModel` as diffusers writes it: the keys this crate reads,
@@ -80,6 +85,8 @@ struct RawConfig {
     sample_size: usize,
     #[serde(default)]
     center_input_sample: Option<bool>,
+    #[serde(default)]
+    time_cond_proj_dim: Option<usize>,
 }
 
 fn four() -> usize {
@@ -142,7 +149,6 @@ fn refuse_unsupported(file: &str, bytes: &[u8]) -> Result<serde_json::Map<String
     for k in [
         "class_embed_type",
         "addition_embed_type",
-        "time_cond_proj_dim",
         "encoder_hid_dim",
         "num_class_embeds",
     ] {
@@ -236,6 +242,7 @@ impl UNetConfig {
             sample_size: raw.sample_size,
             center_input_sample: raw.center_input_sample.unwrap_or(false),
             mid_block,
+            time_cond_proj_dim: raw.time_cond_proj_dim,
             block_out_channels: raw.block_out_channels,
         };
         cfg.check(file)?;
@@ -245,6 +252,9 @@ impl UNetConfig {
     /// Refuses shapes the model cannot be built with.
     fn check(&self, file: &str) -> Result<()> {
         let err = |m: String| Error::config(file, m);
+        if self.time_cond_proj_dim == Some(0) {
+            return Err(err("`time_cond_proj_dim` must be at least 1".into()));
+        }
         if self.norm_num_groups == 0 {
             return Err(err("`norm_num_groups` must be at least 1".into()));
         }
@@ -404,6 +414,7 @@ impl UNet2DConditionModel {
                 &w.pp("time_embedding"),
                 boc[0],
                 c.time_embed_dim(),
+                c.time_cond_proj_dim,
             )?,
             down_blocks,
             mid_block,
@@ -438,6 +449,52 @@ impl UNet2DConditionModel {
         context: &Tensor<3>,
         cache: &mut AttentionCache,
     ) -> Tensor<4> {
+        self.forward_with_cond(sample, timestep, context, None, cache)
+    }
+
+    /// [`Self::forward`] with diffusers' `timestep_cond` (`[b, time_cond_proj_dim]`, the guidance
+    /// embedding of latent-consistency models; ignored by a UNet without `time_cond_proj_dim`).
+    pub fn forward_with_cond(
+        &self,
+        sample: Tensor<4>,
+        timestep: f64,
+        context: &Tensor<3>,
+        timestep_cond: Option<&Tensor<2>>,
+        cache: &mut AttentionCache,
+    ) -> Tensor<4> {
+        self.forward_deep(sample, timestep, context, timestep_cond, cache, None)
+    }
+
+    /// Whether a shallow step at `place` computes everything: every down layer runs and there is
+    /// no mid block to skip (BK-SDM-Small and -Tiny with a branch at or below their deepest
+    /// level).
+    pub fn branch_skips_nothing(&self, place: BranchPlace) -> bool {
+        let n = self.down_blocks.len();
+        let all_down = place.full_down_blocks >= n
+            || (place.full_down_blocks + 1 == n
+                && place
+                    .partial_down_layers
+                    .is_some_and(|l| l >= self.config.layers_per_block[n - 1]));
+        self.mid_block.is_none() && all_down
+    }
+
+    /// Where a DeepCache branch leaves and re-enters this UNet.
+    pub fn branch_place(&self, config: &DeepCacheConfig) -> BranchPlace {
+        BranchPlace::new(config, &self.config.layers_per_block)
+    }
+
+    /// [`Self::forward_with_cond`] under DeepCache: a full step keeps the feature entering the
+    /// up path at the branch's place, a shallow step computes only the branch (see
+    /// [`crate::deepcache`]).
+    pub fn forward_deep(
+        &self,
+        sample: Tensor<4>,
+        timestep: f64,
+        context: &Tensor<3>,
+        timestep_cond: Option<&Tensor<2>>,
+        cache: &mut AttentionCache,
+        deep: Option<DeepStep>,
+    ) -> Tensor<4> {
         let b = sample.dims()[0];
         let device = sample.device();
         let sample = sample.cast(self.dtype);
@@ -451,37 +508,145 @@ impl UNet2DConditionModel {
             &device,
         )
         .cast(self.dtype);
-        let temb = self.time_embedding.forward(t);
+        let cond = timestep_cond.map(|c| c.clone().cast(self.dtype));
+        let temb = self.time_embedding.forward(t, cond);
         // 2. pre-process
         let sample = if self.config.center_input_sample {
             sample.mul_scalar(2.0).sub_scalar(1.0)
         } else {
             sample
         };
-        let mut x = self.conv_in.forward(sample);
-        // 3. down
+        let x = self.conv_in.forward(sample);
         let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            x = block.forward(x, &temb, context, cache, &mut skips);
-        }
-        // 4. mid
-        if let Some(mid) = &self.mid_block {
-            x = mid.forward(x, &temb, context, cache);
-        }
-        // 5. up
-        for block in &self.up_blocks {
-            let rest = skips.len().saturating_sub(block.num_layers());
-            let upsample_to = rest.checked_sub(1).and_then(|k| skips.get(k)).map(|s| {
-                let [_, _, h, w] = s.dims();
-                [h, w]
-            });
-            x = block.forward(x, &temb, context, cache, &mut skips, upsample_to);
-        }
+        let x = match deep {
+            // Without a mid block, a branch that keeps every down layer skips nothing.
+            Some(DeepStep::Shallow { place, .. }) if self.branch_skips_nothing(place) => {
+                let x = self.down_and_mid(x, &temb, context, cache, &mut skips);
+                self.up_path(x, &temb, context, cache, &mut skips, None)
+            }
+            Some(DeepStep::Shallow { place, feature }) => {
+                self.shallow_path(x, &temb, context, cache, &mut skips, place, feature)
+            }
+            Some(DeepStep::Full { place, keep }) => {
+                let x = self.down_and_mid(x, &temb, context, cache, &mut skips);
+                self.up_path(x, &temb, context, cache, &mut skips, Some((place, keep)))
+            }
+            None => {
+                let x = self.down_and_mid(x, &temb, context, cache, &mut skips);
+                self.up_path(x, &temb, context, cache, &mut skips, None)
+            }
+        };
         // 6. post-process
         self.conv_out
             .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
             .cast(DType::F32)
     }
+}
+
+impl UNet2DConditionModel {
+    /// 3. down and 4. mid.
+    fn down_and_mid(
+        &self,
+        mut x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+        skips: &mut Vec<Tensor<4>>,
+    ) -> Tensor<4> {
+        for block in &self.down_blocks {
+            x = block.forward(x, temb, context, cache, skips);
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.forward(x, temb, context, cache);
+        }
+        x
+    }
+
+    /// 5. up, from the first up block; `keep`: the DeepCache place whose entering feature is
+    /// kept, and where.
+    fn up_path(
+        &self,
+        mut x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+        skips: &mut Vec<Tensor<4>>,
+        mut keep: Option<(BranchPlace, &mut Option<Tensor<4>>)>,
+    ) -> Tensor<4> {
+        for (u, block) in self.up_blocks.iter().enumerate() {
+            let upsample_to = upsample_size(skips, block.num_layers());
+            let split = match &keep {
+                Some((place, _)) if place.up_block == u => place.up_layer,
+                _ => 0,
+            };
+            x = block.forward_layers(x, temb, context, cache, skips, 0..split);
+            if let Some((place, slot)) = keep.as_mut() {
+                if place.up_block == u {
+                    **slot = Some(x.clone());
+                }
+            }
+            x = block.forward_layers(x, temb, context, cache, skips, split..block.num_layers());
+            x = block.upsample(x, upsample_to);
+        }
+        x
+    }
+
+    /// A DeepCache shallow step after `conv_in`: the down path to the branch's place, the
+    /// skipped layers passed over in the attention caches, then the up path from the place on,
+    /// entered with the kept `feature`.
+    #[allow(clippy::too_many_arguments)]
+    fn shallow_path(
+        &self,
+        mut x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+        skips: &mut Vec<Tensor<4>>,
+        place: BranchPlace,
+        feature: Tensor<4>,
+    ) -> Tensor<4> {
+        let mut skipped = 0;
+        for (d, block) in self.down_blocks.iter().enumerate() {
+            if d < place.full_down_blocks {
+                x = block.forward(x, temb, context, cache, skips);
+            } else if d == place.full_down_blocks && place.partial_down_layers.is_some() {
+                let layers = place.partial_down_layers.unwrap_or(0);
+                x = block.forward_layers(x, temb, context, cache, skips, layers, false);
+                skipped += block.attention_blocks_from(layers);
+            } else {
+                skipped += block.attention_blocks_from(0);
+            }
+        }
+        skipped += self.mid_block.as_ref().map_or(0, |m| m.attention_blocks());
+        for block in &self.up_blocks[..place.up_block] {
+            skipped += block.attention_blocks_before(block.num_layers());
+        }
+        let entry = &self.up_blocks[place.up_block];
+        skipped += entry.attention_blocks_before(place.up_layer);
+        cache.skip_blocks(skipped);
+        let mut x = feature;
+        for (u, block) in self.up_blocks.iter().enumerate().skip(place.up_block) {
+            let from = if u == place.up_block {
+                place.up_layer
+            } else {
+                0
+            };
+            let upsample_to = upsample_size(skips, block.num_layers() - from);
+            x = block.forward_layers(x, temb, context, cache, skips, from..block.num_layers());
+            x = block.upsample(x, upsample_to);
+        }
+        x
+    }
+}
+
+/// The size of the next skip an up block will meet after consuming `consumed` skips (its
+/// upsampler's target: odd sizes round up on the way down).
+fn upsample_size(skips: &[Tensor<4>], consumed: usize) -> Option<[usize; 2]> {
+    let rest = skips.len().saturating_sub(consumed);
+    rest.checked_sub(1).and_then(|k| skips.get(k)).map(|s| {
+        let [_, _, h, w] = s.dims();
+        [h, w]
+    })
 }
 
 #[cfg(test)]
@@ -521,6 +686,9 @@ mod config_tests {
         assert!(!c.mid_block, "BK-SDM's null removes it");
         let c = parse(r#", "mid_block_type": "UNetMidBlock2DCrossAttn""#).unwrap();
         assert!(c.mid_block);
+        assert_eq!(c.time_cond_proj_dim, None);
+        let c = parse(r#", "time_cond_proj_dim": 256"#).unwrap();
+        assert_eq!(c.time_cond_proj_dim, Some(256), "LCM's guidance embedding");
     }
 
     #[test]
@@ -530,7 +698,8 @@ mod config_tests {
                 r#", "attention_head_dim": [4, 8, 8]"#,
                 "`attention_head_dim` has 3 entries",
             ),
-            (r#", "time_cond_proj_dim": 256"#, "time_cond_proj_dim"),
+            (r#", "time_cond_proj_dim": 0"#, "time_cond_proj_dim"),
+            (r#", "addition_embed_type": "text""#, "addition_embed_type"),
             (r#", "act_fn": "gelu""#, "act_fn"),
             (
                 r#", "mid_block_type": "UNetMidBlock2DSimpleCrossAttn""#,

@@ -54,6 +54,7 @@ fn check(name: &str, sched: &str, run: &str, dtype: DType) {
         width: 64,
         height: 64,
         gate,
+        deep_cache: None,
         noise: Noise::Tensors {
             noise: host(&r, "pipe.noise").data,
             step_noise: Some(host(&r, "pipe.step_noise").data),
@@ -99,6 +100,89 @@ fn check_wuerstchen(dtype: DType) {
     assert_close(image, &r, "pipe.image", image_rel);
 }
 
+/// An LCM-distilled UNet (guidance embedding, `LCMScheduler`, one batch) under the no-guidance
+/// gate, with the folder's defaults (4 steps, guidance 8.5, gate step 2).
+fn check_lcm() {
+    use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request};
+    let model = Pipeline::load(
+        &small_model("lcm"),
+        None,
+        None,
+        Variant::Auto,
+        DType::F32,
+        &gpu(),
+    )
+    .expect("loads on wgpu");
+    let r = reference("lcm");
+    let (n, s) = (host(&r, "pipe.noise"), host(&r, "pipe.step_noise"));
+    let bytes = tgate::safetensors::write_f32(&[
+        ("noise", &n.shape, &n.data),
+        ("step_noise", &s.shape, &s.data),
+    ]);
+    let mut req = Request::new(
+        reference_json("lcm")["prompt"].as_str().unwrap(),
+        NoiseSource::File {
+            name: "noise".into(),
+            bytes,
+        },
+    );
+    req.gate = Some(GateKnobs::default());
+    let out = model
+        .generate(&req, &mut |_| ControlFlow::Continue(()))
+        .expect("generates");
+    assert_close(out.latents[0].1.clone(), &r, "pipe.lcm.gated", 1e-3);
+}
+
+/// T-GATE + DeepCache (tgate's `TgateSDDeepCacheLoader`; PNDM, interval 2, branch 4: a down
+/// block cut part-way) on sd1.
+fn check_deepcache() {
+    use tgate::deepcache::DeepCacheConfig;
+    use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request};
+    let model = Pipeline::load(
+        &source("sd1"),
+        None,
+        None,
+        Variant::Auto,
+        DType::F32,
+        &gpu(),
+    )
+    .expect("loads on wgpu");
+    let r = reference("sd1");
+    let json = reference_json("sd1");
+    let (n, s) = (host(&r, "pipe.noise"), host(&r, "pipe.step_noise"));
+    let bytes = tgate::safetensors::write_f32(&[
+        ("noise", &n.shape, &n.data),
+        ("step_noise", &s.shape, &s.data),
+    ]);
+    let mut req = Request::new(
+        json["prompt"].as_str().unwrap(),
+        NoiseSource::File {
+            name: "noise".into(),
+            bytes,
+        },
+    );
+    req.negative_prompt = json["negative_prompt"].as_str().unwrap().into();
+    req.steps = json["steps"].as_u64().map(|v| v as usize);
+    req.scheduler = Some("pndm".into());
+    req.gate = Some(GateKnobs {
+        step: Some(3),
+        ..GateKnobs::default()
+    });
+    req.deep_cache = Some(DeepCacheConfig {
+        interval: 2,
+        branch: 4,
+    });
+    let out = model
+        .generate(&req, &mut |_| ControlFlow::Continue(()))
+        .expect("generates");
+    assert_close(
+        out.latents[0].1.clone(),
+        &reference("deepcache"),
+        "pipe.tgate_deepcache.pndm.i2b4",
+        1e-3,
+    );
+}
+
 /// Attention split by query rows (to fit the binding limit) on wgpu's attention kernels.
 fn check_split_attention() {
     use burn::tensor::{Distribution, Tensor};
@@ -129,6 +213,8 @@ fn wgpu_pipelines_match_references() {
     check("sd2", "euler-a", "tgate", DType::F32);
     // BK-SDM-Tiny's shape: no mid block, two levels, one layer per block.
     check("bk-sdm-tiny", "ddim", "tgate", DType::F32);
+    check_lcm();
+    check_deepcache();
     check_wuerstchen(DType::F32);
     check_split_attention();
     // The f16 kernels, where the adapter has `shader-f16` (lavapipe does on CPUs with F16C).

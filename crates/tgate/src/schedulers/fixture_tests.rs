@@ -4,12 +4,13 @@
 //! `reference.safetensors` with, for each scheduler name `N`: `sched.N.timesteps` [n],
 //! `sched.N.init_noise_sigma` [1], `sched.N.samples` [n+1, ...] (`samples[i + 1]` is diffusers'
 //! step from `samples[i]`), `sched.N.scaled_inputs` [n, ...], `sched.N.model_outputs` [n, ...]
-//! and, for `euler-a`, `sched.N.step_noise` [n, ...]. diffusers built each scheduler as
+//! and, for `euler-a` and `lcm`, `sched.N.step_noise` [n, ...]. diffusers built each scheduler as
 //! `Class.from_config(pipe.scheduler.config)` and called `set_timesteps(steps)`; the step count
 //! is `reference.json`'s `scheduler_steps` (or `num_inference_steps`), 10 when absent; its optional
 //! `expect_error` lists the kinds diffusers refused for that config.
 //!
-//! `tests/fixtures/{sd1,sd2}` are checked when present; `TGATE_SCHEDULER_REFERENCES` may name a
+//! `tests/fixtures/{sd1,sd2,lcm}` are checked when present (`scheduler_kinds` in reference.json
+//! names the kinds a folder covers; without it, all but `lcm`); `TGATE_SCHEDULER_REFERENCES` may name a
 //! directory of further reference folders (run with `--ignored`).
 
 use std::collections::HashMap;
@@ -121,9 +122,21 @@ fn check_reference_folder(dir: &Path) -> Vec<String> {
         .flatten()
         .filter_map(Value::as_str)
         .collect();
+    // The kinds the folder has trajectories for (`scheduler_kinds`); folders made before LCM
+    // was ported hold the other five.
+    let kinds: Vec<SchedulerKind> = match meta.get("scheduler_kinds").and_then(Value::as_array) {
+        Some(names) => names
+            .iter()
+            .filter_map(|n| n.as_str()?.parse().ok())
+            .collect(),
+        None => SchedulerKind::ALL
+            .into_iter()
+            .filter(|&k| k != SchedulerKind::Lcm)
+            .collect(),
+    };
     let arrays = read_safetensors(&dir.join("reference.safetensors"));
     let mut failures = Vec::new();
-    for kind in SchedulerKind::ALL {
+    for kind in kinds {
         if refused.contains(&kind.name()) {
             if build_scheduler(&config, kind, steps).is_ok() {
                 failures.push(format!(
@@ -237,7 +250,7 @@ fn fixture_dir(name: &str) -> PathBuf {
 #[test]
 fn schedulers_match_fixtures() {
     let mut failures = Vec::new();
-    for name in ["sd1", "sd2"] {
+    for name in ["sd1", "sd2", "lcm"] {
         let dir = fixture_dir(name);
         if !dir.join("reference.safetensors").exists() {
             eprintln!("skipping {}: no reference.safetensors yet", dir.display());

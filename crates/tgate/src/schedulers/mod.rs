@@ -3,8 +3,8 @@
 //! Host-side maths is f64; tensors are touched only in `scale_model_input` and `step`,
 //! with scalar coefficients, so nothing is read back from the device.
 //!
-//! The five schedulers port diffusers 0.42.1 (`DDIMScheduler`, `PNDMScheduler`,
-//! `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `DPMSolverMultistepScheduler`).
+//! The six schedulers port diffusers 0.42.1 (`DDIMScheduler`, `PNDMScheduler`,
+//! `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `DPMSolverMultistepScheduler`, `LCMScheduler`).
 //! Their training tables (betas, `alphas_cumprod`, sigmas) are computed with the same float32
 //! rounding torch and numpy apply, so timesteps and coefficients match diffusers to the last bit
 //! of the tables (see [`tables`]).
@@ -22,6 +22,7 @@ pub mod ddpm_wuerstchen;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
+mod lcm;
 mod pndm;
 mod tables;
 
@@ -32,9 +33,10 @@ pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
+pub use lcm::LcmScheduler;
 pub use pndm::PndmScheduler;
 
-/// The schedulers selectable by name (`ddim`, `pndm`, `euler`, `euler-a`, `dpm++2m`).
+/// The schedulers selectable by name (`ddim`, `pndm`, `euler`, `euler-a`, `dpm++2m`, `lcm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchedulerKind {
     Ddim,
@@ -42,6 +44,7 @@ pub enum SchedulerKind {
     Euler,
     EulerAncestral,
     DpmSolverMultistep,
+    Lcm,
 }
 
 /// One denoising scheduler, set up for a fixed number of inference steps.
@@ -76,15 +79,17 @@ pub trait Scheduler {
 
 impl SchedulerKind {
     /// Every kind, in the order the names are listed in messages.
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::Lcm,
     ];
 
-    /// The short name used on the command line (`ddim`, `pndm`, `euler`, `euler-a`, `dpm++2m`).
+    /// The short name used on the command line (`ddim`, `pndm`, `euler`, `euler-a`, `dpm++2m`,
+    /// `lcm`).
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
@@ -92,6 +97,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmSolverMultistep => "dpm++2m",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -103,10 +109,11 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
         }
     }
 
-    /// The kind of a diffusers `_class_name`, if it is one of the five ported classes.
+    /// The kind of a diffusers `_class_name`, if it is one of the six ported classes.
     pub fn from_class_name(class_name: &str) -> Option<Self> {
         Self::ALL
             .into_iter()
@@ -198,12 +205,12 @@ impl SchedulerConfig {
         self.values.get("_class_name").and_then(Value::as_str)
     }
 
-    /// The kind the file names in `_class_name`, if it is one of the five ported classes.
+    /// The kind the file names in `_class_name`, if it is one of the six ported classes.
     pub fn class_kind(&self) -> Option<SchedulerKind> {
         self.class_name().and_then(SchedulerKind::from_class_name)
     }
 
-    /// The file's `prediction_type` (`epsilon` when absent, the default of all five classes).
+    /// The file's `prediction_type` (`epsilon` when absent, the default of all six classes).
     pub fn prediction_type(&self) -> Result<PredictionType> {
         match self.string_or("prediction_type", "epsilon")?.as_str() {
             "epsilon" => Ok(PredictionType::Epsilon),
@@ -358,6 +365,7 @@ pub fn build_scheduler(
             config,
             num_inference_steps,
         )?),
+        SchedulerKind::Lcm => Box::new(LcmScheduler::new(config, num_inference_steps)?),
     })
 }
 
@@ -399,7 +407,10 @@ mod tests {
             );
         }
         let err = "lms".parse::<SchedulerKind>().unwrap_err().to_string();
-        assert!(err.contains("ddim, pndm, euler, euler-a, dpm++2m"), "{err}");
+        assert!(
+            err.contains("ddim, pndm, euler, euler-a, dpm++2m, lcm"),
+            "{err}"
+        );
         assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
     }
 
@@ -444,7 +455,10 @@ mod tests {
                 build_scheduler(&cfg, kind, 1001),
                 Err(Error::InvalidParameter { .. })
             ));
-            assert!(build_scheduler(&cfg, kind, 1000).is_ok(), "{kind}");
+            // LCM takes at most its `original_inference_steps` (50 by default).
+            let most = if kind == SchedulerKind::Lcm { 50 } else { 1000 };
+            assert!(build_scheduler(&cfg, kind, most).is_ok(), "{kind}");
+            assert!(build_scheduler(&cfg, kind, most + 1).is_err(), "{kind}");
         }
         // PNDM's default Runge-Kutta warm-up needs 4 steps (diffusers fails below that too).
         assert!(build_scheduler(&cfg, SchedulerKind::Pndm, 3).is_err());

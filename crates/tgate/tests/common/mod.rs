@@ -117,6 +117,7 @@ pub fn sd_params(json: &serde_json::Value, r: &tgate::safetensors::SafeTensors) 
         width: json["width"].as_u64().unwrap() as usize,
         height: json["height"].as_u64().unwrap() as usize,
         gate: None,
+        deep_cache: None,
         noise: Noise::Tensors {
             noise: host(r, "pipe.noise").data,
             step_noise: Some(host(r, "pipe.step_noise").data),
