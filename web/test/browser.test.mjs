@@ -356,7 +356,7 @@ try {
     return r;
   });
   // From here on the harness runs on a generator of its own, whose first worker loses its device.
-  await step('wuerstchen: device lost, then generate', async () => {
+  await step('wuerstchen: device lost, then generate; a failed readback is internal', async () => {
     const seen = pageErrors.length;
     const r = await call('deviceLost', 'wuerstchen', 'wuerstchen');
     assert.equal(r.lost && r.lost.code, 'device_lost', JSON.stringify(r));
@@ -365,6 +365,12 @@ try {
     assert.ok(pageErrors.slice(seen).some((e) => e.includes('device was lost (Destroyed)')), JSON.stringify(pageErrors.slice(seen)));
     assert.equal(r.stepsBeforeLoss, 0, JSON.stringify(r));
     assert.equal(r.nextSteps, 4);
+    // A mapping that fails on a live device: `internal` (not `device_lost`: the worker is not
+    // replaced), naming the failed read. The next generation on that worker is reported, not
+    // asserted: after this injected failure cubecl's next readback fails too (see README).
+    assert.ok(r.readbackDisarmed, 'the test worker did not see the request to fail a mapping');
+    assert.equal(r.failedRead && r.failedRead.code, 'internal', JSON.stringify(r));
+    assert.match(r.failedRead.message, /reading a result back failed: .*\n.*\n.*staging buffer could not be mapped/s);
     return r;
   });
   await step('wuerstchen: load', async () => {

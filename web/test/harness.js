@@ -320,9 +320,30 @@ window.harness = {
     const disarmed = !(await caches.has('tgate-test-device-lost'));
     const t1 = performance.now();
     const next = await g.generate(params);
+    const nextMs = performance.now() - t1;
+    // A failed readback on the live device: `internal`, and the same worker generates again (no
+    // reload: it answers without compiling anything).
+    await caches.open('tgate-test-readback-fails');
+    let failedRead = null;
+    const readTimeout = new Promise((_, reject) => setTimeout(() => reject(new Error('no answer within 300 s')), 300_000));
+    try {
+      await Promise.race([g.generate(params), readTimeout]);
+    } catch (e) {
+      failedRead = errorInfo(e);
+    }
+    const t2 = performance.now();
+    let afterSteps = null;
+    let afterError = null;
+    try {
+      afterSteps = (await g.generate(params)).timings.steps.length;
+    } catch (e) {
+      afterError = errorInfo(e);
+    }
     generator = g;
     return {
-      lost, disarmed, stepsBeforeLoss: steps, lostMs, nextMs: performance.now() - t1, nextSteps: next.timings.steps.length,
+      lost, disarmed, stepsBeforeLoss: steps, lostMs, nextMs, nextSteps: next.timings.steps.length,
+      failedRead, afterMs: performance.now() - t2, afterSteps, afterError,
+      readbackDisarmed: !(await caches.has('tgate-test-readback-fails')),
     };
   },
 
