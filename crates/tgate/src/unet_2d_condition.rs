@@ -485,7 +485,8 @@ impl UNet2DConditionModel {
 
     /// [`Self::forward_with_cond`] under DeepCache: a full step keeps the feature entering the
     /// up path at the branch's place, a shallow step computes only the branch (see
-    /// [`crate::deepcache`]).
+    /// [`crate::deepcache`]). Callers pass no step for a place that skips nothing
+    /// ([`Self::branch_skips_nothing`]).
     pub fn forward_deep(
         &self,
         sample: Tensor<4>,
@@ -519,11 +520,6 @@ impl UNet2DConditionModel {
         let x = self.conv_in.forward(sample);
         let mut skips = vec![x.clone()];
         let x = match deep {
-            // Without a mid block, a branch that keeps every down layer skips nothing.
-            Some(DeepStep::Shallow { place, .. }) if self.branch_skips_nothing(place) => {
-                let x = self.down_and_mid(x, &temb, context, cache, &mut skips);
-                self.up_path(x, &temb, context, cache, &mut skips, None)
-            }
             Some(DeepStep::Shallow { place, feature }) => {
                 self.shallow_path(x, &temb, context, cache, &mut skips, place, feature)
             }

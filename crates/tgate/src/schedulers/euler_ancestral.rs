@@ -4,14 +4,16 @@
 
 use burn::tensor::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 use super::euler::{
     derivative_weights, euler_init_noise_sigma, euler_timesteps, interpolated_sigmas,
     scale_by_sigma,
 };
 use super::tables::{TimestepSpacing, TrainSchedule};
-use super::{step_index_error, weighted_sum, PredictionType, Scheduler, SchedulerConfig};
+use super::{
+    step_index_error, step_noise, weighted_sum, PredictionType, Scheduler, SchedulerConfig,
+};
 
 /// `EulerAncestralDiscreteScheduler`, set up for a number of steps.
 #[derive(Debug, Clone)]
@@ -89,22 +91,7 @@ impl Scheduler for EulerAncestralScheduler {
         if i >= self.timesteps.len() {
             return Err(step_index_error(i, self.timesteps.len()));
         }
-        let noise = noise.ok_or_else(|| {
-            Error::input(
-                "noise",
-                "the Euler ancestral step needs standard-normal noise",
-            )
-        })?;
-        if noise.dims() != sample.dims() {
-            return Err(Error::input(
-                "noise",
-                format!(
-                    "shape {:?} differs from the sample's {:?}",
-                    noise.dims(),
-                    sample.dims()
-                ),
-            ));
-        }
+        let noise = step_noise(noise, &sample, "the Euler ancestral step")?;
         let (from, to) = (self.sigmas[i], self.sigmas[i + 1]);
         let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();

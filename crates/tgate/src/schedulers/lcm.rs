@@ -12,7 +12,9 @@ use burn::tensor::Tensor;
 use crate::error::{Error, Result};
 
 use super::tables::{TimestepSpacing, TrainSchedule};
-use super::{step_index_error, weighted_sum, PredictionType, Scheduler, SchedulerConfig};
+use super::{
+    step_index_error, step_noise, weighted_sum, PredictionType, Scheduler, SchedulerConfig,
+};
 
 /// `LCMScheduler`, set up for a number of steps.
 #[derive(Debug, Clone)]
@@ -173,18 +175,7 @@ impl Scheduler for LcmScheduler {
         if last {
             return Ok(denoised);
         }
-        let noise = noise
-            .ok_or_else(|| Error::input("noise", "the LCM step needs standard-normal noise"))?;
-        if noise.dims() != sample.dims() {
-            return Err(Error::input(
-                "noise",
-                format!(
-                    "shape {:?} differs from the sample's {:?}",
-                    noise.dims(),
-                    sample.dims()
-                ),
-            ));
-        }
+        let noise = step_noise(noise, &sample, "the LCM step")?;
         Ok(weighted_sum(
             (denoised, f64::from(alpha_prev.sqrt())),
             [(noise, f64::from((1.0 - alpha_prev).sqrt()))],

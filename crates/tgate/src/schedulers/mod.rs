@@ -385,6 +385,23 @@ fn weighted_sum(
         .fold(scale(first), |sum, term| sum + scale(term))
 }
 
+/// The step noise an ancestral step (`who`) was given: present and of the sample's shape.
+fn step_noise(noise: Option<Tensor<4>>, sample: &Tensor<4>, who: &str) -> Result<Tensor<4>> {
+    let noise =
+        noise.ok_or_else(|| Error::input("noise", format!("{who} needs standard-normal noise")))?;
+    if noise.dims() != sample.dims() {
+        return Err(Error::input(
+            "noise",
+            format!(
+                "shape {:?} differs from the sample's {:?}",
+                noise.dims(),
+                sample.dims()
+            ),
+        ));
+    }
+    Ok(noise)
+}
+
 /// The error for a step index past the end of the schedule.
 fn step_index_error(i: usize, len: usize) -> Error {
     Error::param(
