@@ -4,7 +4,11 @@
 //! cargo run -p tgate --example bench_gate [--features wgpu] -- [--backend cpu|wgpu]
 //!     [--model sd15|small|both] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
 //!     [--no-kernels] [--memory-only] [--deepcache-interval N] [--deepcache-branch K]
+//!     [--before-after] [--no-deepcache]
 //! ```
+//! `--before-after` (GPU backends): the kernel accounting and the plain / gated loops first with
+//! burn's generic ops only, then with tgate's own kernels (`shaders/`), same run; then a line of
+//! before → after ratios. `--no-deepcache` skips the DeepCache loops.
 //! Prints per-phase step times, the gated / ungated ratio for the whole loop (both measured in
 //! the same run), and the MACs per step of each phase (counted from the layers actually run);
 //! then the same loop with DeepCache alone and with gate + DeepCache (tgate's
@@ -55,6 +59,8 @@ struct Args {
     dtype: DType,
     memory_only: bool,
     deep_cache: DeepCacheConfig,
+    before_after: bool,
+    deepcache_runs: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,6 +74,8 @@ fn parse_args() -> Result<Args, String> {
         dtype: DType::F32,
         memory_only: false,
         deep_cache: DeepCacheConfig::tgate_default(),
+        before_after: false,
+        deepcache_runs: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +89,8 @@ fn parse_args() -> Result<Args, String> {
                 a.gate_step = Some(val()?.parse().map_err(|e| format!("--gate-step: {e}"))?)
             }
             "--no-kernels" => a.kernels = false,
+            "--before-after" => a.before_after = true,
+            "--no-deepcache" => a.deepcache_runs = false,
             "--deepcache-interval" => {
                 a.deep_cache.interval = val()?
                     .parse()
@@ -207,7 +217,13 @@ fn print_launches(label: &str, l: &Launches) {
 }
 
 /// Kernel accounting on cubecl devices (see the module docs).
-fn kernels(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Option<u64>) {
+/// Returns (launches per planning forward, per gated forward, distinct kernels cold).
+fn kernels(
+    unet: &UNet2DConditionModel,
+    side: usize,
+    cond: &Tensor<3>,
+    limit: Option<u64>,
+) -> (usize, usize, usize) {
     let (compute, store, reuse) = (
         (CacheMode::Compute, CacheMode::Compute),
         (CacheMode::StoreMean, CacheMode::Compute),
@@ -280,6 +296,7 @@ fn kernels(unet: &UNet2DConditionModel, side: usize, cond: &Tensor<3>, limit: Op
             in_use as f64 / 1048576.0
         );
     }
+    (planning.total(), gated.total(), cold.distinct)
 }
 
 fn short(name: &str) -> String {
@@ -387,25 +404,73 @@ fn bench(
         memory(&unet, size, &cond, a.dtype, device);
         return Ok(());
     }
-    if a.kernels && a.backend != "cpu" {
-        kernels(&unet, size / 8, &cond, limit);
+    let gpu = a.backend != "cpu";
+    let modes: &[bool] = if a.before_after && gpu {
+        &[false, true]
+    } else {
+        &[true]
+    };
+    let mut results = Vec::new();
+    for &custom in modes {
+        tgate::nn::set_custom_kernels(custom);
+        if gpu {
+            println!(
+                "-- {}",
+                if custom {
+                    "tgate's kernels (shaders/) where they apply, burn's ops elsewhere"
+                } else {
+                    "burn's generic ops only (before)"
+                }
+            );
+        }
+        let counts = (a.kernels && gpu).then(|| kernels(&unet, size / 8, &cond, limit));
+        // Warm-up: kernel compilation and autotuning on wgpu, allocator growth on CPU.
+        run(
+            &unet,
+            &sched,
+            &GenerateParams {
+                steps: 2,
+                gate: Some(GateConfig::original(1)),
+                ..p.clone()
+            },
+            &cond,
+        )?;
+        p.gate = None;
+        let ungated = run(&unet, &sched, &p, &cond)?;
+        p.gate = Some(GateConfig::original(gate_step));
+        let gated = run(&unet, &sched, &p, &cond)?;
+        report(&ungated, &gated)?;
+        results.push((counts, ungated, gated));
     }
-    // Warm-up: kernel compilation and autotuning on wgpu, allocator growth on CPU.
-    run(
-        &unet,
-        &sched,
-        &GenerateParams {
-            steps: 2,
-            gate: Some(GateConfig::original(1)),
-            ..p.clone()
-        },
-        &cond,
-    )?;
-    let ungated = run(&unet, &sched, &p, &cond)?;
-    p.gate = Some(GateConfig::original(gate_step));
-    let gated = run(&unet, &sched, &p, &cond)?;
-    report(&ungated, &gated)?;
-
+    if let [(before_counts, before_u, before_g), (after_counts, after_u, after_g)] = &results[..] {
+        let step = |r: &Run, phase| r.phase(phase).map(|(_, t, _)| t).unwrap_or(f64::NAN);
+        println!("  before -> after (same run):");
+        if let (Some(b), Some(a)) = (before_counts, after_counts) {
+            println!(
+                "    launches per planning forward {} -> {} ({:.2}x fewer), gated forward {} -> {} ({:.2}x fewer), distinct kernels cold {} -> {}",
+                b.0, a.0, b.0 as f64 / a.0 as f64, b.1, a.1, b.1 as f64 / a.1 as f64, b.2, a.2
+            );
+        }
+        let sp = Phase::SemanticsPlanning;
+        let fi = Phase::FidelityImproving;
+        println!(
+            "    planning step {:.1} -> {:.1} ms ({:.2}x), gated step {:.1} -> {:.1} ms ({:.2}x), gated loop {:.2} -> {:.2} s; gated/ungated loop {:.3} -> {:.3}",
+            step(before_u, sp) * 1e3,
+            step(after_u, sp) * 1e3,
+            step(before_u, sp) / step(after_u, sp),
+            step(before_g, fi) * 1e3,
+            step(after_g, fi) * 1e3,
+            step(before_g, fi) / step(after_g, fi),
+            before_g.total(),
+            after_g.total(),
+            before_g.total() / before_u.total(),
+            after_g.total() / after_u.total()
+        );
+    }
+    if !a.deepcache_runs {
+        return Ok(());
+    }
+    let (_, ungated, gated) = results.pop().ok_or("no runs")?;
     p.gate = None;
     p.deep_cache = Some(a.deep_cache);
     let deep = run(&unet, &sched, &p, &cond)?;

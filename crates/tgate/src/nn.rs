@@ -11,12 +11,25 @@ use crate::weights::Weights;
 std::thread_local! {
     static MACS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static SPLIT_BLOCKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static CUSTOM_KERNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 /// Attention blocks this thread computed because a score matrix was split to fit the buffer
 /// limit (see [`multi_head_attention`]); for tests and benchmarks.
 pub fn split_attention_blocks() -> u64 {
     SPLIT_BLOCKS.with(|m| m.get())
+}
+
+/// Whether GPU devices run tgate's own kernels (`shaders/`; today: attention) where they apply
+/// (the default), or burn's generic ops everywhere. For benchmarks (before → after in one run)
+/// and tests of the generic path; the CPU always runs burn's ops. Per thread.
+pub fn set_custom_kernels(on: bool) {
+    CUSTOM_KERNELS.with(|c| c.set(on));
+}
+
+/// See [`set_custom_kernels`].
+pub fn custom_kernels() -> bool {
+    CUSTOM_KERNELS.with(|c| c.get())
 }
 
 /// Multiply-accumulates issued by this thread's linear, convolution and attention layers since
@@ -273,6 +286,10 @@ pub fn replication_pad1(x: Tensor<4>) -> Tensor<4> {
 pub struct GroupNorm {
     gamma: Tensor<1>,
     beta: Tensor<1>,
+    /// The same scale and shift in f32 (tgate's norm kernel computes in f32); shared with the
+    /// above when the parameters are f32.
+    gamma32: Tensor<1>,
+    beta32: Tensor<1>,
     groups: usize,
     eps: f64,
 }
@@ -285,17 +302,49 @@ impl GroupNorm {
                 format!("{channels} channels cannot be split into {groups} groups"),
             ));
         }
+        let gamma: Tensor<1> = w.get("weight", [channels])?;
+        let beta: Tensor<1> = w.get("bias", [channels])?;
         Ok(GroupNorm {
-            gamma: w.get("weight", [channels])?,
-            beta: w.get("bias", [channels])?,
+            gamma32: gamma.clone().cast(DType::F32),
+            beta32: beta.clone().cast(DType::F32),
+            gamma,
+            beta,
             groups,
             eps,
         })
     }
 
     /// Normalises `[b, c, ...]` (any rank ≥ 3); the statistics are computed in f32, the affine
-    /// part in the activation dtype.
+    /// part in the activation dtype (on GPUs: tgate's norm kernel, all in f32, one launch).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_act(x, false)
+    }
+
+    /// `silu(norm(x))`, the pair every ResNet block and every `conv_norm_out` runs: one launch
+    /// on GPUs.
+    pub fn forward_silu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_act(x, true)
+    }
+
+    fn forward_act<const D: usize>(&self, x: Tensor<D>, silu: bool) -> Tensor<D> {
+        #[cfg(feature = "wgpu")]
+        if custom_kernels() {
+            let (g, b) = (&self.gamma32, &self.beta32);
+            if let Some(out) =
+                tgate_shaders::group_norm(x.clone(), g, b, self.groups, self.eps, silu)
+            {
+                return out;
+            }
+        }
+        let out = self.burn_forward(x);
+        if silu {
+            Activation::Silu.forward(out)
+        } else {
+            out
+        }
+    }
+
+    fn burn_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
@@ -335,6 +384,14 @@ impl LayerNorm {
 
     /// Computed in f32 whatever the activation dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        #[cfg(feature = "wgpu")]
+        if custom_kernels() {
+            if let Some(out) =
+                tgate_shaders::layer_norm(x.clone(), &self.gamma, &self.beta, self.eps)
+            {
+                return out;
+            }
+        }
         let dtype = x.dtype();
         layer_norm(
             x.cast(DType::F32),
@@ -398,6 +455,10 @@ impl Activation {
 
 /// Multi-head scaled dot-product attention on `[b, n, heads * d]` projections.
 ///
+/// On a GPU device without mask or causality it is one launch of tgate's attention kernel
+/// (`shaders/src/attention.rs`: f32 accumulation in the projections' dtype and layout, no score
+/// matrix); otherwise burn's attention as below.
+///
 /// `mask` (`[b, 1, n_q, n_k]`-broadcastable, true = masked) and `causal` follow PyTorch's SDPA.
 /// Scores and softmax are computed in f32 whatever the activation dtype (burn's attention
 /// fallback would keep them in the input dtype).
@@ -420,6 +481,18 @@ pub fn multi_head_attention(
     let n_k = k.dims()[1];
     let d = inner / heads;
     add_macs(2 * b * n_q * n_k * inner);
+    #[cfg(feature = "wgpu")]
+    if mask.is_none()
+        && !causal
+        && custom_kernels()
+        && q.dtype() == k.dtype()
+        && k.dtype() == v.dtype()
+        && tgate_shaders::attention_supported(&q, heads)
+    {
+        if let Some(out) = tgate_shaders::attention(q.clone(), k.clone(), v.clone(), heads) {
+            return out;
+        }
+    }
     let dtype = q.dtype();
     let split =
         |t: Tensor<3>, n: usize| t.cast(DType::F32).reshape([b, n, heads, d]).swap_dims(1, 2);

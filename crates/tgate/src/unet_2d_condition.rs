@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::deepcache::{BranchPlace, DeepCacheConfig, DeepStep};
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::error::{Error, Result};
-use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm};
+use crate::nn::{ActivationSize, Conv2d, GroupNorm};
 use crate::tgate::AttentionCache;
 use crate::unet_2d_blocks::{BlockCommon, CrossAttn, DownBlock, MidBlock, UpBlock};
 use crate::weights::Weights;
@@ -534,7 +534,7 @@ impl UNet2DConditionModel {
         };
         // 6. post-process
         self.conv_out
-            .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
+            .forward(self.conv_norm_out.forward_silu(x))
             .cast(DType::F32)
     }
 }

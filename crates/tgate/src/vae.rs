@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::attention::{Attention, AttentionKeys};
 use crate::error::{Error, Result};
-use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm};
+use crate::nn::{ActivationSize, Conv2d, GroupNorm};
 use crate::resnet::ResnetBlock2D;
 use crate::unet_2d_blocks::upsample_nearest;
 use crate::weights::Weights;
@@ -278,7 +278,7 @@ impl VaeDecoder {
             }
         }
         self.conv_out
-            .forward(Activation::Silu.forward(self.conv_norm_out.forward(x)))
+            .forward(self.conv_norm_out.forward_silu(x))
             .cast(DType::F32)
     }
 

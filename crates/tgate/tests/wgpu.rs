@@ -189,6 +189,8 @@ fn check_split_attention() {
     let device = gpu();
     let t = |n: usize| Tensor::<3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device);
     let (q, k, v) = (t(256), t(256), t(256));
+    // The split belongs to burn's attention; tgate's own kernel builds no score matrix.
+    tgate::nn::set_custom_kernels(false);
     let attend = |limit| {
         tgate::nn::multi_head_attention(q.clone(), k.clone(), v.clone(), 4, None, false, limit)
             .into_data()
@@ -202,6 +204,78 @@ fn check_split_attention() {
     let (err, scale) = compare(&attend(Some(100_000)), &attend(None));
     eprintln!("wgpu split attention: max abs err {err:.3e} (scale {scale:.3})");
     assert!(err <= 1e-5 * scale, "split attention differs: {err}");
+    tgate::nn::set_custom_kernels(true);
+}
+
+/// tgate's attention kernel (`shaders/`) against burn's attention on random inputs: SD's head
+/// dims and odd ones, query counts that leave a cube partly empty, key counts below, at and
+/// past a shared-memory tile, f32 and (where the adapter has it) f16. It runs inside the
+/// launch-counter test (the launch observer is one per process).
+fn check_attention_kernel() {
+    use burn::tensor::{Distribution, Tensor};
+    use tgate::profile::{observe, Timing};
+    let device = gpu();
+    let dtypes: &[DType] = if device.supports_dtype(DType::F16) {
+        &[DType::F32, DType::F16]
+    } else {
+        eprintln!("no shader-f16 on this adapter: the attention kernel is checked in f32 only");
+        &[DType::F32]
+    };
+    let cases = [
+        // (batch, n_q, n_k, heads, head_dim)
+        (2, 64, 77, 8, 40),
+        (1, 33, 77, 2, 80),
+        (2, 16, 16, 1, 160),
+        (1, 100, 130, 3, 64),
+        (2, 5, 1, 2, 8),
+        (1, 1, 200, 1, 3),
+        (1, 70, 45, 4, 16),
+    ];
+    for &dtype in dtypes {
+        for (b, n_q, n_k, heads, d) in cases {
+            let t = |n: usize| {
+                Tensor::<3>::random([b, n, heads * d], Distribution::Normal(0.0, 1.5), &device)
+                    .cast(dtype)
+            };
+            let (q, k, v) = (t(n_q), t(n_k), t(n_k));
+            let attend = |custom: bool| {
+                tgate::nn::set_custom_kernels(custom);
+                let out = tgate::nn::multi_head_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    heads,
+                    None,
+                    false,
+                    None,
+                );
+                tgate::nn::set_custom_kernels(true);
+                assert_eq!(out.dims(), [b, n_q, heads * d]);
+                assert_eq!(out.dtype(), dtype);
+                out.cast(DType::F32)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+            };
+            let (ours, launches) = observe(Timing::Off, || attend(true));
+            let theirs = attend(false);
+            let kernels: usize = launches
+                .kernels
+                .iter()
+                .filter(|(name, _)| name.starts_with("TgateAttention"))
+                .map(|(_, s)| s.launches)
+                .sum();
+            assert!(kernels >= 1, "{:?}", launches.kernels.keys());
+            let (err, scale) = compare(&ours, &theirs);
+            let tol = if dtype == DType::F16 { 2e-3 } else { 4e-6 };
+            eprintln!("attention kernel {dtype:?} b{b} q{n_q} k{n_k} h{heads} d{d}: max abs err {err:.2e} (scale {scale:.2})");
+            assert!(
+                err <= tol * scale.max(1.0),
+                "{dtype:?} {:?}: {err}",
+                (b, n_q, n_k, heads, d)
+            );
+        }
+    }
 }
 
 /// One test, so kernels compiled for the first case serve the others.
@@ -245,4 +319,106 @@ fn launch_counter_sees_wgpu_kernels() {
         .unwrap()
         .1;
     assert!(matmuls.launches >= 1, "{:?}", l.kernels.keys());
+    check_attention_kernel();
+    check_norm_kernel();
+}
+
+/// tgate's norm kernel (`shaders/`) against burn's composition: GroupNorm with and without
+/// SiLU and LayerNorm, f32 and (where the adapter has it) f16; groups of 1 to thousands of
+/// values (one cube walks a row however long), channels per group of 1 and many, a
+/// non-contiguous LayerNorm input. The kernel must launch (the pipelines test runs alongside:
+/// launch counts are lower bounds).
+fn check_norm_kernel() {
+    use burn::tensor::{Distribution, Tensor};
+    use tgate::nn::{GroupNorm, LayerNorm};
+    use tgate::profile::{observe, Timing};
+    use tgate::weights::Weights;
+    let device = gpu();
+    let dtypes: &[DType] = if device.supports_dtype(DType::F16) {
+        &[DType::F32, DType::F16]
+    } else {
+        &[DType::F32]
+    };
+    let compare_paths = |label: String, run: &dyn Fn() -> Tensor<4>, dtype: DType| {
+        tgate::nn::set_custom_kernels(true);
+        let (ours, launches) = observe(Timing::Off, || {
+            let out = run();
+            assert_eq!(out.dtype(), dtype, "{label}");
+            out.cast(DType::F32)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        });
+        tgate::nn::set_custom_kernels(false);
+        let theirs = run()
+            .cast(DType::F32)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        tgate::nn::set_custom_kernels(true);
+        let norms: usize = launches
+            .kernels
+            .iter()
+            .filter(|(name, _)| name.starts_with("TgateNorm"))
+            .map(|(_, s)| s.launches)
+            .sum();
+        assert!(norms >= 1, "{label}: {:?}", launches.kernels.keys());
+        let (err, scale) = compare(&ours, &theirs);
+        let tol = if dtype == DType::F16 { 4e-3 } else { 4e-6 };
+        eprintln!("{label}: max abs err {err:.2e} (scale {scale:.2})");
+        assert!(err <= tol * scale.max(1.0), "{label}: {err}");
+    };
+    for &dtype in dtypes {
+        // (batch, channels, groups, h, w)
+        for (b, c, groups, h, w) in [
+            (2, 64, 32, 8, 8),
+            (1, 6, 3, 7, 5),
+            (2, 32, 32, 1, 1),
+            (1, 8, 1, 40, 30),
+        ] {
+            let norm = GroupNorm::load(
+                &Weights::random(c as u64, &device).with_dtype(dtype),
+                groups,
+                c,
+                1e-5,
+            )
+            .unwrap();
+            let x = Tensor::<4>::random([b, c, h, w], Distribution::Normal(0.5, 2.0), &device)
+                .cast(dtype);
+            for silu in [false, true] {
+                let run = || {
+                    if silu {
+                        norm.forward_silu(x.clone())
+                    } else {
+                        norm.forward(x.clone())
+                    }
+                };
+                compare_paths(
+                    format!(
+                        "group norm {dtype:?} {:?} silu {silu}",
+                        (b, c, groups, h, w)
+                    ),
+                    &run,
+                    dtype,
+                );
+            }
+        }
+        for dim in [3usize, 320, 1000] {
+            let norm = LayerNorm::load(
+                &Weights::random(dim as u64, &device).with_dtype(dtype),
+                dim,
+                1e-5,
+            )
+            .unwrap();
+            // [1, 2, dim, 5] swapped to [1, 2, 5, dim]: the kernel gets a strided input.
+            let x = Tensor::<4>::random([1, 2, dim, 5], Distribution::Normal(-0.3, 1.5), &device)
+                .cast(dtype)
+                .swap_dims(2, 3);
+            compare_paths(
+                format!("layer norm {dtype:?} dim {dim}"),
+                &|| norm.forward(x.clone()),
+                dtype,
+            );
+        }
+    }
 }

@@ -1,0 +1,172 @@
+//! Attention in one pass per query row (the "flash" formulation): each unit owns one query row
+//! of one head, keeps the row's running maximum, normaliser and weighted sum of values in f32
+//! registers, and walks the keys in tiles that the cube loads once into shared memory. The
+//! `[n_q, n_k]` score matrix never exists. q, k, v and the output are read and written in the
+//! projections' own layout, `[batch, tokens, heads × head_dim]`, so no head split, transpose or
+//! copy runs around it, and f16 storage is read and written as f16 with f32 arithmetic.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+use cubecl::CubeDim;
+
+/// Largest head dim the kernel keeps in registers (SD 2.x / SDXL use 64, SD 1.x 40–160).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// f32 values of keys plus values one tile holds in shared memory: 16 KiB, WebGPU's default
+/// `maxComputeWorkgroupStorageSize`.
+const SHARED_FLOATS: usize = 4096;
+
+/// Keys per shared-memory tile for a head dim (keys and values of a tile fit in 16 KiB).
+pub fn key_tile(head_dim: usize) -> usize {
+    (SHARED_FLOATS / 2 / head_dim.max(1)).clamp(1, 64)
+}
+
+#[cube(launch, address_type = "dynamic")]
+fn tgate_attention<E: Float>(
+    q: &Tensor<E>,
+    k: &Tensor<E>,
+    v: &Tensor<E>,
+    out: &mut Tensor<E>,
+    scale: f32,
+    #[comptime] head_dim: usize,
+    #[comptime] tile: usize,
+    #[comptime] rows: usize,
+    #[define(E)] _dtype: ElemType,
+) {
+    let heads = out.shape(2) / head_dim;
+    let n_q = q.shape(1);
+    let n_k = k.shape(1);
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / heads;
+    let head = bh % heads;
+    let row = CUBE_POS_X as usize * rows + UNIT_POS as usize;
+    // Units past the last row still load their share of every tile and meet every barrier;
+    // they read a valid row and write nothing.
+    let valid = row < n_q;
+    let q_row = select(valid, row, n_q - 1);
+
+    let q_base = b * q.stride(0) + q_row * q.stride(1) + head * head_dim;
+    let mut qv = Array::<f32>::new(head_dim);
+    let mut acc = Array::<f32>::new(head_dim);
+    for c in 0..head_dim {
+        qv[c] = f32::cast_from(q[q_base + c]) * scale;
+        acc[c] = f32::new(0.0);
+    }
+    let mut scores = Array::<f32>::new(tile);
+    let mut keys = Shared::<[f32]>::new_slice(tile * head_dim);
+    let mut values = Shared::<[f32]>::new_slice(tile * head_dim);
+
+    let k_base = b * k.stride(0) + head * head_dim;
+    let v_base = b * v.stride(0) + head * head_dim;
+    let mut maximum = f32::new(-3.0e38);
+    let mut total = f32::new(0.0);
+    let mut start = 0usize;
+    while start < n_k {
+        let count = min(tile, n_k - start);
+        let mut i = UNIT_POS as usize;
+        while i < count * head_dim {
+            let j = i / head_dim;
+            let c = i % head_dim;
+            keys[i] = f32::cast_from(k[k_base + (start + j) * k.stride(1) + c]);
+            values[i] = f32::cast_from(v[v_base + (start + j) * v.stride(1) + c]);
+            i += rows;
+        }
+        sync_cube();
+
+        let mut tile_max = maximum;
+        for j in 0..count {
+            let mut dot = f32::new(0.0);
+            for c in 0..head_dim {
+                dot += qv[c] * keys[j * head_dim + c];
+            }
+            scores[j] = dot;
+            tile_max = max(tile_max, dot);
+        }
+        let correction = (maximum - tile_max).exp();
+        maximum = tile_max;
+        total *= correction;
+        for c in 0..head_dim {
+            acc[c] *= correction;
+        }
+        for j in 0..count {
+            let p = (scores[j] - maximum).exp();
+            total += p;
+            for c in 0..head_dim {
+                acc[c] += p * values[j * head_dim + c];
+            }
+        }
+        sync_cube();
+        start += tile;
+    }
+
+    if valid {
+        let o_base = b * out.stride(0) + row * out.stride(1) + head * head_dim;
+        let inv = f32::new(1.0) / total;
+        for c in 0..head_dim {
+            out[o_base + c] = E::cast_from(acc[c] * inv);
+        }
+    }
+}
+
+/// Launch on `[b, n_q, heads·d]` / `[b, n_k, heads·d]` tensors (made contiguous in the last axis
+/// if they are not).
+pub(crate) fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, heads: usize) -> CubeTensor {
+    let (q, k, v) = (rows_contiguous(q), rows_contiguous(k), rows_contiguous(v));
+    let [b, n_q, inner] = q.meta.shape().dims();
+    let head_dim = inner / heads;
+    let out = empty_device_dtype(
+        q.client.clone(),
+        q.device.clone(),
+        Shape::new([b, n_q, inner]),
+        q.dtype,
+    );
+    if b * n_q * inner == 0 {
+        return out;
+    }
+    let rows = if n_q <= 32 { 32 } else { 64 };
+    let tile = key_tile(head_dim);
+    let cube_dim = CubeDim::new_1d(rows as u32);
+    let cube_count = CubeCount::Static(n_q.div_ceil(rows) as u32, (b * heads) as u32, 1);
+    let address_type = [
+        q.required_address_type(),
+        k.required_address_type(),
+        v.required_address_type(),
+        out.required_address_type(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or_default();
+    let dtype = burn::backend::cubecl::dtype_to_storage_type(q.dtype);
+    tgate_attention::launch(
+        &out.client,
+        cube_count,
+        cube_dim,
+        address_type,
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        1.0 / (head_dim as f32).sqrt(),
+        head_dim,
+        tile,
+        rows,
+        dtype,
+    );
+    out
+}
+
+fn rows_contiguous(t: CubeTensor) -> CubeTensor {
+    if t.meta.strides().last() == Some(&1) {
+        t
+    } else {
+        into_contiguous(t)
+    }
+}
+
+#[allow(dead_code)]
+fn _dtype_is_float(d: DType) -> bool {
+    d.is_float()
+}

@@ -1,0 +1,178 @@
+//! GPU kernels for the tgate model crate, written in CubeCL (`#[cube]`), so the same source
+//! compiles to SPIR-V/WGSL natively and to WGSL in the browser (no subgroup or cooperative-matrix
+//! instructions: the browser build has neither).
+//!
+//! They reach burn through a backend extension ([`Kernels`]): implemented for the cubecl backend
+//! (and its fusion wrapper, so they queue with burn's other ops). On any other backend (the CPU's
+//! Flex) [`attention`] answers `None` and the caller keeps burn's own op.
+//!
+//! - [`group_norm`], [`layer_norm`]: the norm (statistics in f32), its scale and shift and
+//!   optionally SiLU in one launch.
+//! - [`attention`]: softmax(QKᵀ/√d)·V over multi-head projections laid out as diffusers keeps
+//!   them (`[batch, tokens, heads × head_dim]`), in one launch, never building the score matrix.
+
+mod attention;
+mod norm;
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Backend, DispatchDevice};
+use burn::tensor::{DType, Tensor};
+use burn_cubecl::CubeBackend;
+
+pub use attention::{key_tile, MAX_HEAD_DIM};
+pub use norm::RowLayout;
+
+/// tgate's custom kernels as a burn backend extension.
+#[backend_extension(Cube, Fusion)]
+pub trait Kernels: Backend {
+    /// Multi-head attention over `[b, n_q, heads·d]` queries and `[b, n_k, heads·d]` keys and
+    /// values; the output has the queries' shape and dtype.
+    #[fusion(dtype = q, shape = q)]
+    fn multi_head_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+
+    /// Normalises rows of a contiguous tensor (see [`RowLayout`]) with f32 statistics, then
+    /// `· gamma + beta` (f32, per channel) and SiLU when asked; the output has `x`'s shape and
+    /// dtype.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(dtype = x, shape = x)]
+    fn norm_rows(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        row_len: usize,
+        per_channel: usize,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> FloatTensor<Self>;
+}
+
+impl Kernels for CubeBackend {
+    fn multi_head_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        attention::launch(q, k, v, heads)
+    }
+
+    fn norm_rows(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        row_len: usize,
+        per_channel: usize,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let layout = RowLayout {
+            row_len,
+            per_channel,
+            groups,
+        };
+        norm::launch(x, gamma, beta, layout, eps, silu)
+    }
+}
+
+fn on_cube<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
+}
+
+fn norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    layout: RowLayout,
+    eps: f64,
+    silu: bool,
+) -> Option<Tensor<D>> {
+    let affine_f32 = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
+    if !on_cube(&x) || !affine_f32 || layout.row_len == 0 || layout.per_channel == 0 {
+        return None;
+    }
+    let out = <burn::backend::Dispatch as Kernels>::norm_rows(
+        x.into_dispatch(),
+        gamma.clone().into_dispatch(),
+        beta.clone().into_dispatch(),
+        layout.row_len,
+        layout.per_channel,
+        layout.groups,
+        eps as f32,
+        silu,
+    );
+    Some(Tensor::from_dispatch(out))
+}
+
+/// `torch.nn.GroupNorm` over `x: [b, c, ...]` (then SiLU when `silu`), one launch; `gamma`,
+/// `beta`: `[c]` in f32. `None` off cubecl devices, or for an affine not in f32, or channels
+/// not divisible by `groups`: the caller runs burn's ops.
+pub fn group_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Option<Tensor<D>> {
+    let dims = x.dims();
+    if D < 2 || groups == 0 || dims[1] % groups != 0 || gamma.dims()[0] != dims[1] {
+        return None;
+    }
+    let spatial: usize = dims[2..].iter().product();
+    let layout = RowLayout {
+        row_len: dims[1] / groups * spatial,
+        per_channel: spatial,
+        groups,
+    };
+    norm(x, gamma, beta, layout, eps, silu)
+}
+
+/// `torch.nn.LayerNorm` over the last axis of `x`, one launch; `gamma`, `beta` in f32. `None`
+/// where [`group_norm`] would be.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    eps: f64,
+) -> Option<Tensor<D>> {
+    let dim = x.dims()[D - 1];
+    if gamma.dims()[0] != dim {
+        return None;
+    }
+    let layout = RowLayout {
+        row_len: dim,
+        per_channel: 1,
+        groups: 1,
+    };
+    norm(x, gamma, beta, layout, eps, false)
+}
+
+/// Whether `attention` runs the custom kernel for these sizes (a cubecl device, a head dim the
+/// kernel holds in registers).
+pub fn attention_supported(q: &Tensor<3>, heads: usize) -> bool {
+    let [_, _, inner] = q.dims();
+    on_cube(q) && heads > 0 && inner % heads == 0 && inner / heads <= MAX_HEAD_DIM
+}
+
+/// softmax(q·kᵀ/√d)·v per head, `q: [b, n_q, heads·d]`, `k`, `v: [b, n_k, heads·d]` (same dtype),
+/// in one kernel launch with f32 accumulation. `None` where [`attention_supported`] is false:
+/// the caller computes it with burn's op instead.
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Option<Tensor<3>> {
+    if !attention_supported(&q, heads) {
+        return None;
+    }
+    let out = <burn::backend::Dispatch as Kernels>::multi_head_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        heads,
+    );
+    Some(Tensor::from_dispatch(out))
+}
