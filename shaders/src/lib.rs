@@ -35,18 +35,17 @@ pub trait Kernels: Backend {
         heads: usize,
     ) -> FloatTensor<Self>;
 
-    /// Normalises rows of a contiguous tensor (see [`RowLayout`]) with f32 statistics, then
-    /// `· gamma + beta` (f32, per channel) and SiLU when asked; the output has `x`'s shape and
-    /// dtype.
+    /// Normalises the rows of a `[B, C, H, W]` tensor (any strides; see [`RowLayout`]) with
+    /// f32 statistics, then `· gamma + beta` (f32) and SiLU when asked; the output has `x`'s
+    /// shape, dtype and memory order.
     #[allow(clippy::too_many_arguments)]
     #[fusion(dtype = x, shape = x)]
     fn norm_rows(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
-        row_len: usize,
-        per_channel: usize,
         groups: usize,
+        affine_per_position: bool,
         eps: f32,
         silu: bool,
     ) -> FloatTensor<Self>;
@@ -66,104 +65,105 @@ impl Kernels for CubeBackend {
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
-        row_len: usize,
-        per_channel: usize,
         groups: usize,
+        affine_per_position: bool,
         eps: f32,
         silu: bool,
     ) -> FloatTensor<Self> {
         let layout = RowLayout {
-            row_len,
-            per_channel,
             groups,
+            affine_per_position,
         };
         norm::launch(x, gamma, beta, layout, eps, silu)
     }
 }
 
 fn on_cube<const D: usize>(x: &Tensor<D>) -> bool {
-    matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
+    is_cube_device(&x.device())
 }
 
-fn norm<const D: usize>(
-    x: Tensor<D>,
+/// Whether `device` runs on the cubecl backend (where these kernels apply).
+pub fn is_cube_device(device: &burn::tensor::Device) -> bool {
+    matches!(device.as_dispatch(), DispatchDevice::Cube(_))
+}
+
+fn norm(
+    x: Tensor<4>,
     gamma: &Tensor<1>,
     beta: &Tensor<1>,
     layout: RowLayout,
     eps: f64,
     silu: bool,
-) -> Option<Tensor<D>> {
+) -> Option<Tensor<4>> {
     let affine_f32 = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
-    if !on_cube(&x) || !affine_f32 || layout.row_len == 0 || layout.per_channel == 0 {
+    if !on_cube(&x) || !affine_f32 || layout.groups == 0 {
         return None;
     }
     let out = <burn::backend::Dispatch as Kernels>::norm_rows(
         x.into_dispatch(),
         gamma.clone().into_dispatch(),
         beta.clone().into_dispatch(),
-        layout.row_len,
-        layout.per_channel,
         layout.groups,
+        layout.affine_per_position,
         eps as f32,
         silu,
     );
     Some(Tensor::from_dispatch(out))
 }
 
-/// `torch.nn.GroupNorm` over `x: [b, c, ...]` (then SiLU when `silu`), one launch; `gamma`,
-/// `beta`: `[c]` in f32. `None` off cubecl devices, or for an affine not in f32, or channels
-/// not divisible by `groups`: the caller runs burn's ops.
-pub fn group_norm<const D: usize>(
-    x: Tensor<D>,
+/// `torch.nn.GroupNorm` over `x: [b, c, h, w]` (then SiLU when `silu`), one launch, in `x`'s
+/// memory order; `gamma`, `beta`: `[c]` in f32. `None` off cubecl devices, or for an affine not
+/// in f32, or channels not divisible by `groups`: the caller runs burn's ops.
+pub fn group_norm(
+    x: Tensor<4>,
     gamma: &Tensor<1>,
     beta: &Tensor<1>,
     groups: usize,
     eps: f64,
     silu: bool,
-) -> Option<Tensor<D>> {
-    let dims = x.dims();
-    if D < 2 || groups == 0 || dims[1] % groups != 0 || gamma.dims()[0] != dims[1] {
+) -> Option<Tensor<4>> {
+    let c = x.dims()[1];
+    if groups == 0 || c % groups != 0 || gamma.dims()[0] != c || beta.dims()[0] != c {
         return None;
     }
-    let spatial: usize = dims[2..].iter().product();
     let layout = RowLayout {
-        row_len: dims[1] / groups * spatial,
-        per_channel: spatial,
         groups,
+        affine_per_position: false,
     };
     norm(x, gamma, beta, layout, eps, silu)
 }
 
-/// `torch.nn.LayerNorm` over the last axis of `x`, one launch; `gamma`, `beta` in f32. `None`
-/// where [`group_norm`] would be.
-pub fn layer_norm<const D: usize>(
-    x: Tensor<D>,
+/// `torch.nn.LayerNorm` over the last axis of `x: [b, n, dim]`, one launch, in `x`'s memory
+/// order; `gamma`, `beta` in f32. `None` where [`group_norm`] would be.
+pub fn layer_norm(
+    x: Tensor<3>,
     gamma: &Tensor<1>,
     beta: &Tensor<1>,
     eps: f64,
-) -> Option<Tensor<D>> {
-    let dim = x.dims()[D - 1];
-    if gamma.dims()[0] != dim {
+) -> Option<Tensor<3>> {
+    let [_, n, dim] = x.dims();
+    if gamma.dims()[0] != dim || beta.dims()[0] != dim || n == 0 {
         return None;
     }
+    // [b, n, dim, 1]: a row per token (n groups of one channel), the affine along the plane.
     let layout = RowLayout {
-        row_len: dim,
-        per_channel: 1,
-        groups: 1,
+        groups: n,
+        affine_per_position: true,
     };
-    norm(x, gamma, beta, layout, eps, false)
+    norm(x.unsqueeze_dim(3), gamma, beta, layout, eps, false).map(|y| y.squeeze_dim(3))
 }
 
-/// Whether `attention` runs the custom kernel for these sizes (a cubecl device, a head dim the
+/// Whether [`attention`] runs the custom kernel for these sizes (a cubecl device, a head dim the
 /// kernel holds in registers).
 pub fn attention_supported(q: &Tensor<3>, heads: usize) -> bool {
     let [_, _, inner] = q.dims();
     on_cube(q) && heads > 0 && inner % heads == 0 && inner / heads <= MAX_HEAD_DIM
 }
 
-/// softmax(q·kᵀ/√d)·v per head, `q: [b, n_q, heads·d]`, `k`, `v: [b, n_k, heads·d]` (same dtype),
-/// in one kernel launch with f32 accumulation. `None` where [`attention_supported`] is false:
-/// the caller computes it with burn's op instead.
+/// softmax(q·kᵀ/√d)·v per head, `q: [b, n_q, heads·d]`, `k`, `v: [b, n_k, heads·d]` (same dtype;
+/// rows may be strided views, the last axis contiguous), in one kernel launch with f32
+/// accumulation. `None` where [`attention_supported`] is false: the caller computes it with
+/// burn's op instead.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Option<Tensor<3>> {
     if !attention_supported(&q, heads) {
         return None;

@@ -4,23 +4,27 @@
 //! then the scale and shift (kept in f32) and the activation, written in the input's dtype.
 //! Burn's composition of the same norm is a cast, a layout copy, two reductions and two or
 //! three element-wise passes, plus an f32 copy of the whole map in f16 mode.
+//!
+//! The kernel reads its input through a 4-d strided view `[B, C, H, W]` and writes the output
+//! in the input's memory order: a channels-last feature map (what cubecl's convolutions produce
+//! and read) stays channels last, so no layout copy runs before the norm or after it.
 
 use burn::tensor::Shape;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::permute;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::CubeDim;
 
-/// How the rows of a contiguous tensor map to the per-channel scale and shift.
+/// How the rows of a `[B, C, H, W]` view map to the normalised groups and the scale and shift.
 #[derive(Clone, Copy, Debug)]
 pub struct RowLayout {
-    /// Elements per normalised row.
-    pub row_len: usize,
-    /// Consecutive elements sharing one scale/shift channel (H·W for GroupNorm, 1 for LayerNorm).
-    pub per_channel: usize,
-    /// Rows per batch item (GroupNorm's groups; 1 for LayerNorm's rows of one token).
+    /// Rows per batch item: GroupNorm's groups of `C / groups` channels (each row covers its
+    /// channels × H × W values).
     pub groups: usize,
+    /// The scale and shift are indexed by the position inside the `H × W` plane (LayerNorm over
+    /// a `[b, n, dim, 1]` view, one channel per row) rather than by channel (GroupNorm).
+    pub affine_per_position: bool,
 }
 
 #[cube(launch, address_type = "dynamic")]
@@ -30,29 +34,38 @@ fn tgate_norm<E: Float>(
     gamma: &Tensor<f32>,
     beta: &Tensor<f32>,
     out: &mut Tensor<E>,
-    rows: usize,
-    row_len: usize,
-    per_channel: usize,
     groups: usize,
     eps: f32,
     #[comptime] units: usize,
     #[comptime] silu: bool,
+    #[comptime] affine_per_position: bool,
     #[define(E)] _dtype: ElemType,
 ) {
+    let rows = x.shape(0) * groups;
     let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
     // The whole cube shares its row: it leaves together, before any barrier.
     if row >= rows {
         terminate!();
     }
+    let channels_per_row = x.shape(1) / groups;
+    let width = x.shape(3);
+    let plane = x.shape(2) * width;
+    let row_len = channels_per_row * plane;
+    let b = row / groups;
+    let first_channel = (row % groups) * channels_per_row;
+    let x_base = b * x.stride(0) + first_channel * x.stride(1);
+    let o_base = b * out.stride(0) + first_channel * out.stride(1);
     let unit = UNIT_POS as usize;
-    let base = row * row_len;
     let count = f32::cast_from(row_len);
     let mut partial = Shared::<[f32]>::new_slice(units);
 
     let mut sum = f32::new(0.0);
     let mut i = unit;
     while i < row_len {
-        sum += f32::cast_from(x[base + i]);
+        let c = i / plane;
+        let s = i % plane;
+        let at = x_base + c * x.stride(1) + (s / width) * x.stride(2) + (s % width) * x.stride(3);
+        sum += f32::cast_from(x[at]);
         i += units;
     }
     partial[unit] = sum;
@@ -71,7 +84,10 @@ fn tgate_norm<E: Float>(
     let mut squares = f32::new(0.0);
     let mut j = unit;
     while j < row_len {
-        let d = f32::cast_from(x[base + j]) - mean;
+        let c = j / plane;
+        let s = j % plane;
+        let at = x_base + c * x.stride(1) + (s / width) * x.stride(2) + (s % width) * x.stride(3);
+        let d = f32::cast_from(x[at]) - mean;
         squares += d * d;
         j += units;
     }
@@ -87,20 +103,50 @@ fn tgate_norm<E: Float>(
     }
     let inv = f32::new(1.0) / (partial[0] / count + eps).sqrt();
 
-    let first_channel = (row % groups) * (row_len / per_channel);
     let mut k = unit;
     while k < row_len {
-        let ch = first_channel + k / per_channel;
-        let mut y = (f32::cast_from(x[base + k]) - mean) * inv * gamma[ch] + beta[ch];
+        let c = k / plane;
+        let s = k % plane;
+        let (h, w) = (s / width, s % width);
+        let at = x_base + c * x.stride(1) + h * x.stride(2) + w * x.stride(3);
+        let to = o_base + c * out.stride(1) + h * out.stride(2) + w * out.stride(3);
+        let a = if affine_per_position {
+            s
+        } else {
+            first_channel + c
+        };
+        let mut y = (f32::cast_from(x[at]) - mean) * inv * gamma[a] + beta[a];
         if silu {
             y = y / (f32::new(1.0) + (-y).exp());
         }
-        out[base + k] = E::cast_from(y);
+        out[to] = E::cast_from(y);
         k += units;
     }
 }
 
-/// Launch over `x` (made contiguous if it is not) viewed as rows of `layout.row_len`.
+/// An uninitialised tensor of `x`'s shape laid out in `x`'s memory order (axes by decreasing
+/// stride), so element-wise consumers and producers keep the same layout.
+fn empty_like_layout(x: &CubeTensor) -> CubeTensor {
+    let shape = x.meta.shape();
+    let strides = x.meta.strides();
+    let rank = shape.num_dims();
+    let mut order: Vec<usize> = (0..rank).collect();
+    order.sort_by(|&a, &b| strides[b].cmp(&strides[a]).then(a.cmp(&b)));
+    let dims: Vec<usize> = order.iter().map(|&a| shape[a]).collect();
+    let dense = empty_device_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::from(dims),
+        x.dtype,
+    );
+    let mut inverse = vec![0; rank];
+    for (i, &a) in order.iter().enumerate() {
+        inverse[a] = i;
+    }
+    permute(dense, &inverse)
+}
+
+/// Launch over a 4-d `x` (`[B, C, H, W]`, any strides).
 pub(crate) fn launch(
     x: CubeTensor,
     gamma: CubeTensor,
@@ -109,19 +155,14 @@ pub(crate) fn launch(
     eps: f32,
     silu: bool,
 ) -> CubeTensor {
-    let x = if x.is_contiguous() {
-        x
-    } else {
-        into_contiguous(x)
-    };
-    let shape: Shape = x.meta.shape().clone();
-    let out = empty_device_dtype(x.client.clone(), x.device.clone(), shape.clone(), x.dtype);
-    let total = shape.num_elements();
-    if total == 0 || layout.row_len == 0 {
+    let out = empty_like_layout(&x);
+    let shape = x.meta.shape().clone();
+    if shape.num_elements() == 0 {
         return out;
     }
-    let rows = total / layout.row_len;
-    let units = layout.row_len.next_power_of_two().clamp(32, 256);
+    let rows = shape[0] * layout.groups;
+    let row_len = shape.num_elements() / rows.max(1);
+    let units = row_len.next_power_of_two().clamp(32, 256);
     // Rows over x (up to 65535 cubes) and y.
     let (cx, cy) = (rows.min(65535), rows.div_ceil(65535));
     let address_type = [
@@ -142,13 +183,11 @@ pub(crate) fn launch(
         gamma.into_tensor_arg(),
         beta.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        rows,
-        layout.row_len,
-        layout.per_channel,
         layout.groups,
         eps,
         units,
         silu,
+        layout.affine_per_position,
         dtype,
     );
     out

@@ -58,9 +58,11 @@ impl log::Log for ConsoleLog {
 
 static LOGGER: ConsoleLog = ConsoleLog;
 
-/// Records panics (the worker turns the resulting trap into a typed error), forwards log errors
-/// to the console, and keeps kernel autotuning short: every candidate is compiled in the
-/// browser, which is slow on first use.
+/// Records panics (the worker turns the resulting trap into a typed error) and forwards log
+/// errors to the console. The browser build has no kernel autotuning (burn's `autotune` feature
+/// is off: tuning compiles and times every candidate in a fresh worker, minutes on first use), so
+/// cubecl picks matmul, convolution and reduction kernels by rule; the level below only matters
+/// to a build that turns tuning back on.
 #[wasm_bindgen(start)]
 pub fn start() {
     errors::record_panics();

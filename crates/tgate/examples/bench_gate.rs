@@ -378,7 +378,8 @@ fn bench(
     let weights = Weights::random(1, device)
         .with_dtype(a.dtype)
         .with_max_tensor_bytes(limit);
-    let unet = UNet2DConditionModel::load(&cfg, &weights).map_err(|e| e.to_string())?;
+    let load = || UNet2DConditionModel::load(&cfg, &weights).map_err(|e| e.to_string());
+    let mut unet = load()?;
     let sched = SchedulerConfig::from_json("scheduler", SD15_SCHEDULER.as_bytes())
         .map_err(|e| e.to_string())?;
     let d = cfg.cross_attention_dim;
@@ -413,6 +414,12 @@ fn bench(
     let mut results = Vec::new();
     for &custom in modes {
         tgate::nn::set_custom_kernels(custom);
+        if modes.len() > 1 {
+            // Weight layouts are chosen at load (channels-last convolution weights on GPUs):
+            // the "before" model is loaded with tgate's kernels off, the "after" one with them on.
+            drop(unet);
+            unet = load()?;
+        }
         if gpu {
             println!(
                 "-- {}",

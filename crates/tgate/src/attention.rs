@@ -32,12 +32,26 @@ impl AttentionKeys {
     };
 }
 
+/// The query, key and value projections.
+#[derive(Clone, Debug)]
+enum Projections {
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// `[to_q | to_k | to_v]` as one linear, for layers that only ever attend to themselves
+    /// (`Attention::load_self`): one matmul per call instead of three, read as three views.
+    Joined {
+        qkv: Linear,
+        inner: usize,
+    },
+}
+
 /// Multi-head attention with input projections and an output projection.
 #[derive(Clone, Debug)]
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     to_out: Linear,
     heads: usize,
     /// Score matrices bigger than this are split by query rows (the device's binding limit).
@@ -57,33 +71,73 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Attention {
-            to_q: Linear::load(&w.pp(keys.q), query_dim, inner, qkv_bias)?,
-            to_k: Linear::load(&w.pp(keys.k), context_dim, inner, qkv_bias)?,
-            to_v: Linear::load(&w.pp(keys.v), context_dim, inner, qkv_bias)?,
+            projections: Projections::Separate {
+                q: Linear::load(&w.pp(keys.q), query_dim, inner, qkv_bias)?,
+                k: Linear::load(&w.pp(keys.k), context_dim, inner, qkv_bias)?,
+                v: Linear::load(&w.pp(keys.v), context_dim, inner, qkv_bias)?,
+            },
             to_out: Linear::load(&w.pp(keys.out), inner, query_dim, true)?,
             heads,
             max_score_bytes: w.max_tensor_bytes(),
         })
     }
 
+    /// A layer that only attends to itself (`forward(x, None)`): its three projections run as
+    /// one matmul whose output the attention reads as three strided views (separate when the
+    /// joined weight would not fit the device's largest buffer).
+    pub fn load_self(
+        w: &Weights,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        keys: AttentionKeys,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let parts = [w.pp(keys.q), w.pp(keys.k), w.pp(keys.v)];
+        match Linear::load_joined(&parts, dim, inner, qkv_bias)? {
+            Some(qkv) => Ok(Attention {
+                projections: Projections::Joined { qkv, inner },
+                to_out: Linear::load(&w.pp(keys.out), inner, dim, true)?,
+                heads,
+                max_score_bytes: w.max_tensor_bytes(),
+            }),
+            None => Self::load(w, dim, dim, heads, head_dim, qkv_bias, keys),
+        }
+    }
+
     /// `x: [b, n, query_dim]`, `context: [b, m, context_dim]` (self-attention when `None`).
     pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>) -> Tensor<3> {
+        if let (Projections::Joined { qkv, inner }, None) = (&self.projections, context) {
+            let h = qkv.forward(x);
+            let part = |i: usize| h.clone().narrow(2, i * inner, *inner);
+            return self.attend(part(0), part(1), part(2));
+        }
         let context = context.cloned().unwrap_or_else(|| x.clone());
         let (k, v) = self.key_value(context);
-        self.attend(self.to_q.forward(x), k, v)
+        self.attend(self.query(x), k, v)
     }
 
     /// The query projection alone (for callers that share projections between attention calls).
     pub fn query(&self, x: Tensor<3>) -> Tensor<3> {
-        self.to_q.forward(x)
+        match &self.projections {
+            Projections::Separate { q, .. } => q.forward(x),
+            Projections::Joined { qkv, inner } => qkv.forward(x).narrow(2, 0, *inner),
+        }
     }
 
     /// The key and value projections of `context`.
     pub fn key_value(&self, context: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
-        (
-            self.to_k.forward(context.clone()),
-            self.to_v.forward(context),
-        )
+        match &self.projections {
+            Projections::Separate { k, v, .. } => (k.forward(context.clone()), v.forward(context)),
+            Projections::Joined { qkv, inner } => {
+                let h = qkv.forward(context);
+                (
+                    h.clone().narrow(2, *inner, *inner),
+                    h.narrow(2, 2 * inner, *inner),
+                )
+            }
+        }
     }
 
     /// Attention over already projected `q`, `k`, `v`, then the output projection.
@@ -147,7 +201,7 @@ impl BasicTransformerBlock {
         let keys = AttentionKeys::CURRENT;
         Ok(BasicTransformerBlock {
             norm1: LayerNorm::load(&w.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(&w.pp("attn1"), dim, dim, heads, head_dim, false, keys)?,
+            attn1: Attention::load_self(&w.pp("attn1"), dim, heads, head_dim, false, keys)?,
             norm2: LayerNorm::load(&w.pp("norm2"), dim, 1e-5)?,
             attn2: Attention::load(&w.pp("attn2"), dim, cross_dim, heads, head_dim, false, keys)?,
             norm3: LayerNorm::load(&w.pp("norm3"), dim, 1e-5)?,

@@ -133,10 +133,63 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// Several linears of the same input as one (`[in, Σ out]`, the parts' outputs side by
+    /// side, in order): one matmul instead of one per part. `None` when the joined weight would
+    /// exceed the device's largest buffer (the caller keeps the parts).
+    pub fn load_joined(
+        parts: &[Weights],
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Option<Self>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let n = parts.len();
+        let joined_bytes = (d_in * d_out * n * first.dtype().size()) as u64;
+        if first
+            .max_tensor_bytes()
+            .is_some_and(|limit| joined_bytes > limit)
+        {
+            return Ok(None);
+        }
+        let width = n * d_out;
+        let mut t = vec![0f32; d_in * width];
+        let mut b = Vec::with_capacity(width);
+        for (p, w) in parts.iter().enumerate() {
+            let host = w.get_host("weight", &[d_out, d_in])?;
+            for o in 0..d_out {
+                for i in 0..d_in {
+                    t[i * width + p * d_out + o] = host[o * d_in + i];
+                }
+            }
+            if bias {
+                b.extend(w.get_host("bias", &[d_out])?);
+            }
+        }
+        Ok(Some(Linear {
+            weight: first.upload(t, [d_in, width]),
+            bias: bias.then(|| first.upload(b, [width])),
+        }))
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let [d_in, d_out] = self.weight.dims();
         add_macs(x.shape().num_elements() / d_in.max(1) * d_in * d_out);
         burn::tensor::module::linear(x, self.weight.clone(), self.bias.clone())
+    }
+}
+
+/// Whether convolution weights are kept channels last: on GPU devices running tgate's kernels.
+fn channels_last_weights(w: &Weights) -> bool {
+    #[cfg(feature = "wgpu")]
+    {
+        custom_kernels() && tgate_shaders::is_cube_device(w.device())
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let _ = w;
+        false
     }
 }
 
@@ -178,7 +231,25 @@ impl Conv2d {
                 format!("{c_in} → {c_out} channels cannot be split into {groups} groups"),
             ));
         }
-        let weight = w.get("weight", [c_out, c_in / groups, kernel, kernel])?;
+        let shape = [c_out, c_in / groups, kernel, kernel];
+        let weight = if groups == 1 && channels_last_weights(w) {
+            // cubecl's convolutions read channels last (`[out, kh, kw, in]`) and copy any other
+            // weight layout at every call: keep it that way, seen as `[out, in, kh, kw]`.
+            let host = w.get_host("weight", &shape)?;
+            let (o_n, i_n, kk) = (c_out, c_in, kernel * kernel);
+            let mut t = vec![0f32; host.len()];
+            for o in 0..o_n {
+                for i in 0..i_n {
+                    for p in 0..kk {
+                        t[(o * kk + p) * i_n + i] = host[(o * i_n + i) * kk + p];
+                    }
+                }
+            }
+            w.upload(t, [c_out, kernel, kernel, c_in])
+                .permute([0, 3, 1, 2])
+        } else {
+            w.get("weight", shape)?
+        };
         let bias = Some(w.get("bias", [c_out])?);
         Ok(Conv2d {
             weight,
@@ -330,10 +401,12 @@ impl GroupNorm {
         #[cfg(feature = "wgpu")]
         if custom_kernels() {
             let (g, b) = (&self.gamma32, &self.beta32);
-            if let Some(out) =
-                tgate_shaders::group_norm(x.clone(), g, b, self.groups, self.eps, silu)
-            {
-                return out;
+            if D == 4 {
+                let x4 = Tensor::<4>::from_bridge(x.clone().into_bridge());
+                if let Some(out) = tgate_shaders::group_norm(x4, g, b, self.groups, self.eps, silu)
+                {
+                    return Tensor::from_bridge(out.into_bridge());
+                }
             }
         }
         let out = self.burn_forward(x);
@@ -386,10 +459,12 @@ impl LayerNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         #[cfg(feature = "wgpu")]
         if custom_kernels() {
-            if let Some(out) =
-                tgate_shaders::layer_norm(x.clone(), &self.gamma, &self.beta, self.eps)
-            {
-                return out;
+            if D == 3 {
+                let x3 = Tensor::<3>::from_bridge(x.clone().into_bridge());
+                if let Some(out) = tgate_shaders::layer_norm(x3, &self.gamma, &self.beta, self.eps)
+                {
+                    return Tensor::from_bridge(out.into_bridge());
+                }
             }
         }
         let dtype = x.dtype();

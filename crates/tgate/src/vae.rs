@@ -126,7 +126,7 @@ impl SpatialAttention {
         };
         Ok(SpatialAttention {
             group_norm: GroupNorm::load(&w.pp("group_norm"), groups, channels, 1e-6)?,
-            attn: Attention::load(w, channels, channels, 1, channels, true, keys)?,
+            attn: Attention::load_self(w, channels, 1, channels, true, keys)?,
         })
     }
 

@@ -326,7 +326,7 @@ fn launch_counter_sees_wgpu_kernels() {
 /// tgate's norm kernel (`shaders/`) against burn's composition: GroupNorm with and without
 /// SiLU and LayerNorm, f32 and (where the adapter has it) f16; groups of 1 to thousands of
 /// values (one cube walks a row however long), channels per group of 1 and many, a
-/// non-contiguous LayerNorm input. The kernel must launch (the pipelines test runs alongside:
+/// channels-last and strided inputs. The kernel must launch (the pipelines test runs alongside:
 /// launch counts are lower bounds).
 fn check_norm_kernel() {
     use burn::tensor::{Distribution, Tensor};
@@ -383,8 +383,15 @@ fn check_norm_kernel() {
                 1e-5,
             )
             .unwrap();
-            let x = Tensor::<4>::random([b, c, h, w], Distribution::Normal(0.5, 2.0), &device)
-                .cast(dtype);
+            // Every other case channels last (what cubecl's convolutions produce).
+            let x = if (c + h) % 2 == 0 {
+                Tensor::<4>::random([b, h, w, c], Distribution::Normal(0.5, 2.0), &device)
+                    .cast(dtype)
+                    .permute([0, 3, 1, 2])
+            } else {
+                Tensor::<4>::random([b, c, h, w], Distribution::Normal(0.5, 2.0), &device)
+                    .cast(dtype)
+            };
             for silu in [false, true] {
                 let run = || {
                     if silu {
@@ -410,13 +417,13 @@ fn check_norm_kernel() {
                 1e-5,
             )
             .unwrap();
-            // [1, 2, dim, 5] swapped to [1, 2, 5, dim]: the kernel gets a strided input.
-            let x = Tensor::<4>::random([1, 2, dim, 5], Distribution::Normal(-0.3, 1.5), &device)
+            // [2, dim, 5] swapped to [2, 5, dim]: the kernel gets a strided input.
+            let x = Tensor::<3>::random([2, dim, 5], Distribution::Normal(-0.3, 1.5), &device)
                 .cast(dtype)
-                .swap_dims(2, 3);
+                .swap_dims(1, 2);
             compare_paths(
                 format!("layer norm {dtype:?} dim {dim}"),
-                &|| norm.forward(x.clone()),
+                &|| norm.forward(x.clone()).unsqueeze::<4>(),
                 dtype,
             );
         }
