@@ -68,18 +68,7 @@ fn tgate_norm<E: Float>(
         sum += f32::cast_from(x[at]);
         i += units;
     }
-    partial[unit] = sum;
-    sync_cube();
-    let mut stride = CUBE_DIM as usize / 2;
-    while stride > 0 {
-        if unit < stride {
-            partial[unit] += partial[unit + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let mean = partial[0] / count;
-    sync_cube();
+    let mean = cube_sum(&mut partial, sum, unit) / count;
 
     let mut squares = f32::new(0.0);
     let mut j = unit;
@@ -91,17 +80,7 @@ fn tgate_norm<E: Float>(
         squares += d * d;
         j += units;
     }
-    partial[unit] = squares;
-    sync_cube();
-    let mut stride2 = CUBE_DIM as usize / 2;
-    while stride2 > 0 {
-        if unit < stride2 {
-            partial[unit] += partial[unit + stride2];
-        }
-        sync_cube();
-        stride2 /= 2;
-    }
-    let inv = f32::new(1.0) / (partial[0] / count + eps).sqrt();
+    let inv = f32::new(1.0) / (cube_sum(&mut partial, squares, unit) / count + eps).sqrt();
 
     let mut k = unit;
     while k < row_len {
@@ -122,6 +101,25 @@ fn tgate_norm<E: Float>(
         out[to] = E::cast_from(y);
         k += units;
     }
+}
+
+/// The sum of every unit's `value` over the cube (a tree in shared memory; the cube size is a
+/// power of two), returned to every unit; `partial` is free again when it returns.
+#[cube]
+fn cube_sum(partial: &mut Shared<[f32]>, value: f32, unit: usize) -> f32 {
+    partial[unit] = value;
+    sync_cube();
+    let mut stride = CUBE_DIM as usize / 2;
+    while stride > 0 {
+        if unit < stride {
+            partial[unit] += partial[unit + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = partial[0];
+    sync_cube();
+    total
 }
 
 /// An uninitialised tensor of `x`'s shape laid out in `x`'s memory order (axes by decreasing

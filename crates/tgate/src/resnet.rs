@@ -3,7 +3,7 @@
 use burn::tensor::Tensor;
 
 use crate::error::Result;
-use crate::nn::{Activation, Conv2d, GroupNorm, Linear};
+use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::weights::Weights;
 
 #[derive(Clone, Debug)]
@@ -42,12 +42,12 @@ impl ResnetBlock2D {
         })
     }
 
-    /// `x: [b, c_in, h, w]`, `temb: [b, temb_channels]` -> `[b, c_out, h, w]`
-    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let silu = Activation::Silu;
+    /// `x: [b, c_in, h, w]`, `temb_act: [b, temb_channels]` = silu(time embedding), which every
+    /// block of a UNet shares (the UNet activates it once per forward) -> `[b, c_out, h, w]`
+    pub fn forward(&self, x: Tensor<4>, temb_act: Option<&Tensor<2>>) -> Tensor<4> {
         let mut h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(silu.forward(temb.clone()));
+        if let (Some(proj), Some(temb_act)) = (&self.time_emb_proj, temb_act) {
+            let t = proj.forward(temb_act.clone());
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::deepcache::{BranchPlace, DeepCacheConfig, DeepStep};
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::error::{Error, Result};
-use crate::nn::{ActivationSize, Conv2d, GroupNorm};
+use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm};
 use crate::tgate::AttentionCache;
 use crate::unet_2d_blocks::{BlockCommon, CrossAttn, DownBlock, MidBlock, UpBlock};
 use crate::weights::Weights;
@@ -510,7 +510,8 @@ impl UNet2DConditionModel {
         )
         .cast(self.dtype);
         let cond = timestep_cond.map(|c| c.clone().cast(self.dtype));
-        let temb = self.time_embedding.forward(t, cond);
+        // Every ResNet block projects silu(temb): activated once per forward here.
+        let temb = Activation::Silu.forward(self.time_embedding.forward(t, cond));
         // 2. pre-process
         let sample = if self.config.center_input_sample {
             sample.mul_scalar(2.0).sub_scalar(1.0)
