@@ -20,9 +20,10 @@ pub fn split_attention_blocks() -> u64 {
     SPLIT_BLOCKS.with(|m| m.get())
 }
 
-/// Whether GPU devices run tgate's own kernels (`shaders/`; today: attention) where they apply
-/// (the default), or burn's generic ops everywhere. For benchmarks (before → after in one run)
-/// and tests of the generic path; the CPU always runs burn's ops. Per thread.
+/// Whether GPU devices run tgate's own kernels (`shaders/`: attention, GroupNorm(+SiLU),
+/// LayerNorm) and keep convolution weights channels last (decided when a model loads), where
+/// they apply (the default), or burn's generic ops everywhere. For benchmarks (before → after in
+/// one run) and tests of the generic path; the CPU always runs burn's ops. Per thread.
 pub fn set_custom_kernels(on: bool) {
     CUSTOM_KERNELS.with(|c| c.set(on));
 }
