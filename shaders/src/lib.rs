@@ -123,7 +123,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Option<Tensor<4>> {
     let c = x.dims()[1];
-    if groups == 0 || c % groups != 0 || gamma.dims()[0] != c || beta.dims()[0] != c {
+    if groups == 0 || !c.is_multiple_of(groups) || gamma.dims()[0] != c || beta.dims()[0] != c {
         return None;
     }
     let layout = RowLayout {
@@ -157,7 +157,7 @@ pub fn layer_norm(
 /// kernel holds in registers).
 pub fn attention_supported(q: &Tensor<3>, heads: usize) -> bool {
     let [_, _, inner] = q.dims();
-    on_cube(q) && heads > 0 && inner % heads == 0 && inner / heads <= MAX_HEAD_DIM
+    on_cube(q) && heads > 0 && inner.is_multiple_of(heads) && inner / heads <= MAX_HEAD_DIM
 }
 
 /// softmax(q·kᵀ/√d)·v per head, `q: [b, n_q, heads·d]`, `k`, `v: [b, n_k, heads·d]` (same dtype;
