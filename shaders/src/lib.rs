@@ -165,7 +165,11 @@ pub fn attention_supported(q: &Tensor<3>, heads: usize) -> bool {
 /// accumulation. `None` where [`attention_supported`] is false: the caller computes it with
 /// burn's op instead.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Option<Tensor<3>> {
-    if !attention_supported(&q, heads) {
+    let ([b, _, inner], [kb, n_k, k_inner]) = (q.dims(), k.dims());
+    // Keys and values must match the queries' batch and width (the kernel indexes them with the
+    // queries' heads); no keys at all is left to burn's op.
+    let shapes_agree = kb == b && k_inner == inner && v.dims() == k.dims() && n_k > 0;
+    if !shapes_agree || !attention_supported(&q, heads) {
         return None;
     }
     let out = <burn::backend::Dispatch as Kernels>::multi_head_attention(
