@@ -5,7 +5,7 @@
 //! projections' own layout, `[batch, tokens, heads × head_dim]`, so no head split, transpose or
 //! copy runs around it, and f16 storage is read and written as f16 with f32 arithmetic.
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -20,7 +20,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 const SHARED_FLOATS: usize = 4096;
 
 /// Keys per shared-memory tile for a head dim (keys and values of a tile fit in 16 KiB).
-pub fn key_tile(head_dim: usize) -> usize {
+fn key_tile(head_dim: usize) -> usize {
     (SHARED_FLOATS / 2 / head_dim.max(1)).clamp(1, 64)
 }
 
@@ -164,9 +164,4 @@ fn rows_contiguous(t: CubeTensor) -> CubeTensor {
     } else {
         into_contiguous(t)
     }
-}
-
-#[allow(dead_code)]
-fn _dtype_is_float(d: DType) -> bool {
-    d.is_float()
 }

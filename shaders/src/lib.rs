@@ -19,8 +19,8 @@ use burn::backend::{backend_extension, Backend, DispatchDevice};
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::CubeBackend;
 
-pub use attention::{key_tile, MAX_HEAD_DIM};
-pub use norm::RowLayout;
+pub use attention::MAX_HEAD_DIM;
+use norm::RowLayout;
 
 /// tgate's custom kernels as a burn backend extension.
 #[backend_extension(Cube, Fusion)]
@@ -35,7 +35,7 @@ pub trait Kernels: Backend {
         heads: usize,
     ) -> FloatTensor<Self>;
 
-    /// Normalises the rows of a `[B, C, H, W]` tensor (any strides; see [`RowLayout`]) with
+    /// Normalises the rows of a `[B, C, H, W]` tensor (any strides; see `norm::RowLayout`) with
     /// f32 statistics, then `· gamma + beta` (f32) and SiLU when asked; the output has `x`'s
     /// shape, dtype and memory order.
     #[allow(clippy::too_many_arguments)]
@@ -91,20 +91,21 @@ fn norm(
     x: Tensor<4>,
     gamma: &Tensor<1>,
     beta: &Tensor<1>,
-    layout: RowLayout,
+    groups: usize,
+    affine_per_position: bool,
     eps: f64,
     silu: bool,
 ) -> Option<Tensor<4>> {
     let affine_f32 = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
-    if !on_cube(&x) || !affine_f32 || layout.groups == 0 {
+    if !on_cube(&x) || !affine_f32 || groups == 0 {
         return None;
     }
     let out = <burn::backend::Dispatch as Kernels>::norm_rows(
         x.into_dispatch(),
         gamma.clone().into_dispatch(),
         beta.clone().into_dispatch(),
-        layout.groups,
-        layout.affine_per_position,
+        groups,
+        affine_per_position,
         eps as f32,
         silu,
     );
@@ -126,11 +127,7 @@ pub fn group_norm(
     if groups == 0 || !c.is_multiple_of(groups) || gamma.dims()[0] != c || beta.dims()[0] != c {
         return None;
     }
-    let layout = RowLayout {
-        groups,
-        affine_per_position: false,
-    };
-    norm(x, gamma, beta, layout, eps, silu)
+    norm(x, gamma, beta, groups, false, eps, silu)
 }
 
 /// `torch.nn.LayerNorm` over the last axis of `x: [b, n, dim]`, one launch, in `x`'s memory
@@ -146,30 +143,20 @@ pub fn layer_norm(
         return None;
     }
     // [b, n, dim, 1]: a row per token (n groups of one channel), the affine along the plane.
-    let layout = RowLayout {
-        groups: n,
-        affine_per_position: true,
-    };
-    norm(x.unsqueeze_dim(3), gamma, beta, layout, eps, false).map(|y| y.squeeze_dim(3))
+    norm(x.unsqueeze_dim(3), gamma, beta, n, true, eps, false).map(|y| y.squeeze_dim(3))
 }
 
-/// Whether [`attention`] runs the custom kernel for these sizes (a cubecl device, a head dim the
-/// kernel holds in registers).
-pub fn attention_supported(q: &Tensor<3>, heads: usize) -> bool {
-    let [_, _, inner] = q.dims();
-    on_cube(q) && heads > 0 && inner.is_multiple_of(heads) && inner / heads <= MAX_HEAD_DIM
-}
-
-/// softmax(q·kᵀ/√d)·v per head, `q: [b, n_q, heads·d]`, `k`, `v: [b, n_k, heads·d]` (same dtype;
-/// rows may be strided views, the last axis contiguous), in one kernel launch with f32
-/// accumulation. `None` where [`attention_supported`] is false: the caller computes it with
-/// burn's op instead.
+/// softmax(q·kᵀ/√d)·v per head, `q: [b, n_q, heads·d]`, `k`, `v: [b, n_k, heads·d]` (rows may
+/// be strided views, the last axis contiguous), in one kernel launch with f32 accumulation.
+/// `None` (the caller computes it with burn's op) off cubecl devices, for a head dim over
+/// [`MAX_HEAD_DIM`], for q, k, v of different dtypes, or keys and values that do not match the
+/// queries' batch and width (the kernel indexes them with the queries' heads) or are empty.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Option<Tensor<3>> {
     let ([b, _, inner], [kb, n_k, k_inner]) = (q.dims(), k.dims());
-    // Keys and values must match the queries' batch and width (the kernel indexes them with the
-    // queries' heads); no keys at all is left to burn's op.
+    let heads_fit = heads > 0 && inner.is_multiple_of(heads) && inner / heads <= MAX_HEAD_DIM;
     let shapes_agree = kb == b && k_inner == inner && v.dims() == k.dims() && n_k > 0;
-    if !shapes_agree || !attention_supported(&q, heads) {
+    let dtypes_agree = q.dtype() == k.dtype() && k.dtype() == v.dtype();
+    if !(heads_fit && shapes_agree && dtypes_agree && on_cube(&q)) {
         return None;
     }
     let out = <burn::backend::Dispatch as Kernels>::multi_head_attention(

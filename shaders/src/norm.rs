@@ -18,7 +18,7 @@ use cubecl::CubeDim;
 
 /// How the rows of a `[B, C, H, W]` view map to the normalised groups and the scale and shift.
 #[derive(Clone, Copy, Debug)]
-pub struct RowLayout {
+pub(crate) struct RowLayout {
     /// Rows per batch item: GroupNorm's groups of `C / groups` channels (each row covers its
     /// channels × H × W values).
     pub groups: usize,
@@ -62,10 +62,7 @@ fn tgate_norm<E: Float>(
     let mut sum = f32::new(0.0);
     let mut i = unit;
     while i < row_len {
-        let c = i / plane;
-        let s = i % plane;
-        let at = x_base + c * x.stride(1) + (s / width) * x.stride(2) + (s % width) * x.stride(3);
-        sum += f32::cast_from(x[at]);
+        sum += f32::cast_from(x[row_offset(x, x_base, i, plane, width)]);
         i += units;
     }
     let mean = cube_sum(&mut partial, sum, unit) / count;
@@ -73,10 +70,7 @@ fn tgate_norm<E: Float>(
     let mut squares = f32::new(0.0);
     let mut j = unit;
     while j < row_len {
-        let c = j / plane;
-        let s = j % plane;
-        let at = x_base + c * x.stride(1) + (s / width) * x.stride(2) + (s % width) * x.stride(3);
-        let d = f32::cast_from(x[at]) - mean;
+        let d = f32::cast_from(x[row_offset(x, x_base, j, plane, width)]) - mean;
         squares += d * d;
         j += units;
     }
@@ -84,23 +78,28 @@ fn tgate_norm<E: Float>(
 
     let mut k = unit;
     while k < row_len {
-        let c = k / plane;
-        let s = k % plane;
-        let (h, w) = (s / width, s % width);
-        let at = x_base + c * x.stride(1) + h * x.stride(2) + w * x.stride(3);
-        let to = o_base + c * out.stride(1) + h * out.stride(2) + w * out.stride(3);
         let a = if affine_per_position {
-            s
+            k % plane
         } else {
-            first_channel + c
+            first_channel + k / plane
         };
-        let mut y = (f32::cast_from(x[at]) - mean) * inv * gamma[a] + beta[a];
+        let value = f32::cast_from(x[row_offset(x, x_base, k, plane, width)]);
+        let mut y = (value - mean) * inv * gamma[a] + beta[a];
         if silu {
             y = y / (f32::new(1.0) + (-y).exp());
         }
+        let to = row_offset(&*out, o_base, k, plane, width);
         out[to] = E::cast_from(y);
         k += units;
     }
+}
+
+/// Where the `k`-th value of a row lies in `t` (the row's channels one after the other, each an
+/// `H × W` plane in row order), from the row's first channel at `base`.
+#[cube]
+fn row_offset<E: Float>(t: &Tensor<E>, base: usize, k: usize, plane: usize, width: usize) -> usize {
+    let s = k % plane;
+    base + (k / plane) * t.stride(1) + (s / width) * t.stride(2) + (s % width) * t.stride(3)
 }
 
 /// The sum of every unit's `value` over the cube (a tree in shared memory; the cube size is a

@@ -378,8 +378,20 @@ fn bench(
     let weights = Weights::random(1, device)
         .with_dtype(a.dtype)
         .with_max_tensor_bytes(limit);
-    let load = || UNet2DConditionModel::load(&cfg, &weights).map_err(|e| e.to_string());
-    let mut unet = load()?;
+    let gpu = a.backend != "cpu";
+    let modes: &[bool] = if a.before_after && gpu && !a.memory_only {
+        &[false, true]
+    } else {
+        &[true]
+    };
+    // Weight layouts are chosen at load (channels-last convolution weights on GPUs): each mode
+    // runs a model loaded with tgate's kernels in that mode.
+    let load = |custom: bool| {
+        tgate::nn::set_custom_kernels(custom);
+        UNet2DConditionModel::load(&cfg, &weights).map_err(|e| e.to_string())
+    };
+    let mut loaded_with = modes[0];
+    let mut unet = load(loaded_with)?;
     let sched = SchedulerConfig::from_json("scheduler", SD15_SCHEDULER.as_bytes())
         .map_err(|e| e.to_string())?;
     let d = cfg.cross_attention_dim;
@@ -405,20 +417,12 @@ fn bench(
         memory(&unet, size, &cond, a.dtype, device);
         return Ok(());
     }
-    let gpu = a.backend != "cpu";
-    let modes: &[bool] = if a.before_after && gpu {
-        &[false, true]
-    } else {
-        &[true]
-    };
     let mut results = Vec::new();
     for &custom in modes {
-        tgate::nn::set_custom_kernels(custom);
-        if modes.len() > 1 {
-            // Weight layouts are chosen at load (channels-last convolution weights on GPUs):
-            // the "before" model is loaded with tgate's kernels off, the "after" one with them on.
+        if custom != loaded_with {
             drop(unet);
-            unet = load()?;
+            unet = load(custom)?;
+            loaded_with = custom;
         }
         if gpu {
             println!(

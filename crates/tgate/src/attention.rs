@@ -70,12 +70,25 @@ impl Attention {
         keys: AttentionKeys,
     ) -> Result<Self> {
         let inner = heads * head_dim;
+        let projections = Projections::Separate {
+            q: Linear::load(&w.pp(keys.q), query_dim, inner, qkv_bias)?,
+            k: Linear::load(&w.pp(keys.k), context_dim, inner, qkv_bias)?,
+            v: Linear::load(&w.pp(keys.v), context_dim, inner, qkv_bias)?,
+        };
+        Self::with_projections(w, projections, query_dim, heads, inner, keys)
+    }
+
+    /// The layer around loaded projections: the output projection and the limits.
+    fn with_projections(
+        w: &Weights,
+        projections: Projections,
+        query_dim: usize,
+        heads: usize,
+        inner: usize,
+        keys: AttentionKeys,
+    ) -> Result<Self> {
         Ok(Attention {
-            projections: Projections::Separate {
-                q: Linear::load(&w.pp(keys.q), query_dim, inner, qkv_bias)?,
-                k: Linear::load(&w.pp(keys.k), context_dim, inner, qkv_bias)?,
-                v: Linear::load(&w.pp(keys.v), context_dim, inner, qkv_bias)?,
-            },
+            projections,
             to_out: Linear::load(&w.pp(keys.out), inner, query_dim, true)?,
             heads,
             max_score_bytes: w.max_tensor_bytes(),
@@ -96,12 +109,10 @@ impl Attention {
         let inner = heads * head_dim;
         let parts = [w.pp(keys.q), w.pp(keys.k), w.pp(keys.v)];
         match Linear::load_joined(&parts, dim, inner, qkv_bias)? {
-            Some(qkv) => Ok(Attention {
-                projections: Projections::Joined { qkv, inner },
-                to_out: Linear::load(&w.pp(keys.out), inner, dim, true)?,
-                heads,
-                max_score_bytes: w.max_tensor_bytes(),
-            }),
+            Some(qkv) => {
+                let projections = Projections::Joined { qkv, inner };
+                Self::with_projections(w, projections, dim, heads, inner, keys)
+            }
             None => Self::load(w, dim, dim, heads, head_dim, qkv_bias, keys),
         }
     }

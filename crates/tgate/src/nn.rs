@@ -558,13 +558,7 @@ pub fn multi_head_attention(
     let d = inner / heads;
     add_macs(2 * b * n_q * n_k * inner);
     #[cfg(feature = "wgpu")]
-    if mask.is_none()
-        && !causal
-        && custom_kernels()
-        && q.dtype() == k.dtype()
-        && k.dtype() == v.dtype()
-        && tgate_shaders::attention_supported(&q, heads)
-    {
+    if mask.is_none() && !causal && custom_kernels() {
         if let Some(out) = tgate_shaders::attention(q.clone(), k.clone(), v.clone(), heads) {
             return out;
         }

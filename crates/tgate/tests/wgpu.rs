@@ -213,14 +213,7 @@ fn check_split_attention() {
 /// launch-counter test (the launch observer is one per process).
 fn check_attention_kernel() {
     use burn::tensor::{Distribution, Tensor};
-    use tgate::profile::{observe, Timing};
     let device = gpu();
-    let dtypes: &[DType] = if device.supports_dtype(DType::F16) {
-        &[DType::F32, DType::F16]
-    } else {
-        eprintln!("no shader-f16 on this adapter: the attention kernel is checked in f32 only");
-        &[DType::F32]
-    };
     let cases = [
         // (batch, n_q, n_k, heads, head_dim)
         (2, 64, 77, 8, 40),
@@ -231,15 +224,14 @@ fn check_attention_kernel() {
         (1, 1, 200, 1, 3),
         (1, 70, 45, 4, 16),
     ];
-    for &dtype in dtypes {
+    for dtype in kernel_dtypes(&device) {
         for (b, n_q, n_k, heads, d) in cases {
             let t = |n: usize| {
                 Tensor::<3>::random([b, n, heads * d], Distribution::Normal(0.0, 1.5), &device)
                     .cast(dtype)
             };
             let (q, k, v) = (t(n_q), t(n_k), t(n_k));
-            let attend = |custom: bool| {
-                tgate::nn::set_custom_kernels(custom);
+            let attend = || {
                 let out = tgate::nn::multi_head_attention(
                     q.clone(),
                     k.clone(),
@@ -249,33 +241,51 @@ fn check_attention_kernel() {
                     false,
                     None,
                 );
-                tgate::nn::set_custom_kernels(true);
                 assert_eq!(out.dims(), [b, n_q, heads * d]);
                 assert_eq!(out.dtype(), dtype);
-                out.cast(DType::F32)
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .unwrap()
+                host_f32(out)
             };
-            let (ours, launches) = observe(Timing::Off, || attend(true));
-            let theirs = attend(false);
-            let kernels: usize = launches
-                .kernels
-                .iter()
-                .filter(|(name, _)| name.starts_with("TgateAttention"))
-                .map(|(_, s)| s.launches)
-                .sum();
-            assert!(kernels >= 1, "{:?}", launches.kernels.keys());
-            let (err, scale) = compare(&ours, &theirs);
             let tol = if dtype == DType::F16 { 2e-3 } else { 4e-6 };
-            eprintln!("attention kernel {dtype:?} b{b} q{n_q} k{n_k} h{heads} d{d}: max abs err {err:.2e} (scale {scale:.2})");
-            assert!(
-                err <= tol * scale.max(1.0),
-                "{dtype:?} {:?}: {err}",
-                (b, n_q, n_k, heads, d)
-            );
+            let label = format!("attention kernel {dtype:?} b{b} q{n_q} k{n_k} h{heads} d{d}");
+            custom_kernel_matches_burn(&label, "TgateAttention", tol, &attend);
         }
     }
+}
+
+/// The dtypes the kernel checks run in: f32, and f16 where the adapter has `shader-f16`.
+fn kernel_dtypes(device: &Device) -> Vec<DType> {
+    if device.supports_dtype(DType::F16) {
+        vec![DType::F32, DType::F16]
+    } else {
+        eprintln!("no shader-f16 on this adapter: tgate's kernels are checked in f32 only");
+        vec![DType::F32]
+    }
+}
+
+fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// Runs `run` with tgate's kernels (observed: `kernel` must launch; other tests of the process
+/// may add launches, so counts are lower bounds) and with burn's ops only; the two agree within
+/// `tol` × the values' scale.
+fn custom_kernel_matches_burn(label: &str, kernel: &str, tol: f32, run: &dyn Fn() -> Vec<f32>) {
+    use tgate::profile::{observe, Timing};
+    tgate::nn::set_custom_kernels(true);
+    let (ours, launches) = observe(Timing::Off, run);
+    tgate::nn::set_custom_kernels(false);
+    let theirs = run();
+    tgate::nn::set_custom_kernels(true);
+    let launched: usize = launches
+        .kernels
+        .iter()
+        .filter(|(name, _)| name.starts_with(kernel))
+        .map(|(_, s)| s.launches)
+        .sum();
+    assert!(launched >= 1, "{label}: {:?}", launches.kernels.keys());
+    let (err, scale) = compare(&ours, &theirs);
+    eprintln!("{label}: max abs err {err:.2e} (scale {scale:.2})");
+    assert!(err <= tol * scale.max(1.0), "{label}: {err}");
 }
 
 /// One test, so kernels compiled for the first case serve the others.
@@ -331,44 +341,18 @@ fn launch_counter_sees_wgpu_kernels() {
 fn check_norm_kernel() {
     use burn::tensor::{Distribution, Tensor};
     use tgate::nn::{GroupNorm, LayerNorm};
-    use tgate::profile::{observe, Timing};
     use tgate::weights::Weights;
     let device = gpu();
-    let dtypes: &[DType] = if device.supports_dtype(DType::F16) {
-        &[DType::F32, DType::F16]
-    } else {
-        &[DType::F32]
-    };
     let compare_paths = |label: String, run: &dyn Fn() -> Tensor<4>, dtype: DType| {
-        tgate::nn::set_custom_kernels(true);
-        let (ours, launches) = observe(Timing::Off, || {
+        let tol = if dtype == DType::F16 { 4e-3 } else { 4e-6 };
+        let host = || {
             let out = run();
             assert_eq!(out.dtype(), dtype, "{label}");
-            out.cast(DType::F32)
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap()
-        });
-        tgate::nn::set_custom_kernels(false);
-        let theirs = run()
-            .cast(DType::F32)
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        tgate::nn::set_custom_kernels(true);
-        let norms: usize = launches
-            .kernels
-            .iter()
-            .filter(|(name, _)| name.starts_with("TgateNorm"))
-            .map(|(_, s)| s.launches)
-            .sum();
-        assert!(norms >= 1, "{label}: {:?}", launches.kernels.keys());
-        let (err, scale) = compare(&ours, &theirs);
-        let tol = if dtype == DType::F16 { 4e-3 } else { 4e-6 };
-        eprintln!("{label}: max abs err {err:.2e} (scale {scale:.2})");
-        assert!(err <= tol * scale.max(1.0), "{label}: {err}");
+            host_f32(out)
+        };
+        custom_kernel_matches_burn(&label, "TgateNorm", tol, &host);
     };
-    for &dtype in dtypes {
+    for dtype in kernel_dtypes(&device) {
         // (batch, channels, groups, h, w)
         for (b, c, groups, h, w) in [
             (2, 64, 32, 8, 8),
