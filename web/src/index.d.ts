@@ -133,7 +133,13 @@ export interface StepReport {
   phase: 'semantics-planning' | 'fidelity-improving';
   /** DeepCache ran only its shallow branch (SD with `deepCache`). */
   shallow: boolean;
+  /**
+   * The step's time: from the device finishing the previous piece of work to it finishing this
+   * step (the worker enqueues each step before waiting for the one before).
+   */
   ms: number;
+  /** Worker time spent enqueuing the step (overlaps the previous step on the device). */
+  enqueueMs: number;
   /** GPU kernels the step launched (fused ones counted once), and the distinct compiled kernels among them. */
   launches: number;
   kernels: number;

@@ -87,6 +87,14 @@ const todayFiles = (() => {
   return files;
 })();
 
+/** ONNX Runtime Web for the side-by-side benchmark (TGATE_BENCH only: 150 MB, not a CI dependency). */
+function ensureOrt() {
+  const web = path.join(root, 'web');
+  if (fs.existsSync(path.join(web, 'node_modules/onnxruntime-web/dist/ort.webgpu.min.mjs'))) return;
+  console.log('installing onnxruntime-web@1.31.1 into web/node_modules (not saved to package.json)');
+  execFileSync('npm', ['install', '--no-save', '--no-audit', '--no-fund', '--loglevel=error', 'onnxruntime-web@1.31.1'], { cwd: web, stdio: 'inherit' });
+}
+
 const server = await serve({
   route(p, res) {
     // A noise file that arrives only after 5 s (to abort its download).
@@ -168,6 +176,7 @@ try {
     const t0 = Date.now();
     await demo.click('#load');
     await demo.waitForSelector('#generate:not([disabled])', { timeout: 120_000 });
+    const loadedS = (Date.now() - t0) / 1e3;
     await demo.fill('#steps', '5');
     await demo.fill('#gateStep', '2');
     await demo.click('#generate');
@@ -194,7 +203,7 @@ try {
     assert.ok(state.chartPixels > 1000 && state.imagePixels > 1000, JSON.stringify(state));
     assert.match(state.summary, /T-GATE saved/);
     assert.deepEqual(pageErrors.filter((e) => e.startsWith('pageerror')), []);
-    return { ...state, firstImageS };
+    return { ...state, firstImageS, loadedS };
   });
   await page.addScriptTag({ type: 'module', url: '/web/test/harness.js' });
   await page.waitForFunction(() => window.harnessReady === true);
@@ -262,12 +271,28 @@ try {
     });
   }
   if (process.env.TGATE_BENCH) {
-    // A benchmark, not part of CI: new shapes are compiled and tuned first (~10 min on SwiftShader).
+    // A benchmark, not part of CI: new shapes are compiled first.
     await step('bench: sd gated steps at 256×256 (same run)', async () => {
       const r = await call('sdTiming', 'sd1', { size: 256, steps: 8, gateStep: 4 });
       assert.ok(r.phases.ratio < 1, JSON.stringify(r.phases));
       return { phases: r.phases, stepMs: r.timings.map((t) => Math.round(t.ms)) };
     });
+    // Side by side with ONNX Runtime Web (WebGPU) on the same UNet and weights, same browser.
+    ensureOrt();
+    for (const size of [64, 256]) {
+      await step(`bench: our UNet step vs ONNX Runtime Web's at ${size}×${size} (same UNet, same run)`, async () => {
+        const ours = await call('sdTiming', 'sd1', { size, steps: 8, gateStep: 4 });
+        const ort = await call('ortTiming', 'sd1', { size, runs: 3 });
+        const p = ours.phases;
+        const round = (x) => Math.round(x);
+        return {
+          ours: { planningMs: round(p.spMs), gatedMs: round(p.fiMs), planningLaunches: p.spLaunches, gatedLaunches: p.fiLaunches, planningEnqueueMs: round(p.spEnqueueMs), gatedEnqueueMs: round(p.fiEnqueueMs) },
+          ort: { sessionMs: round(ort.sessionMs), firstMs: ort.firstMs, batch2Ms: round(ort.batch2Ms), batch1Ms: round(ort.batch1Ms) },
+          // Below 1: ours is faster (batch 2 = a planning step, batch 1 = a gated step).
+          oursOverOrt: { batch2: +(p.spMs / ort.batch2Ms).toFixed(2), batch1: +(p.fiMs / ort.batch1Ms).toFixed(2) },
+        };
+      });
+    }
   }
   await step('bk-sdm-tiny (no mid block, two levels): gated matches tgate', async () => {
     const loaded = await call('loadUrl', '/bk/bk-sdm-tiny/');

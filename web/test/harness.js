@@ -76,9 +76,10 @@ function phases(steps, stage) {
   const ms = (xs) => median(xs.map((t) => t.ms));
   // Kernel launches of a warm step (the last of its phase: no compilation or caching in it).
   const launches = (xs) => (xs.length ? xs[xs.length - 1].launches : undefined);
-  const out = { spMs: ms(sp), spLaunches: launches(sp) };
+  const enqueue = (xs) => median(xs.map((t) => t.enqueueMs));
+  const out = { spMs: ms(sp), spLaunches: launches(sp), spEnqueueMs: enqueue(sp) };
   if (!fi.length) return out;
-  return { ...out, fiMs: ms(fi), fiLaunches: launches(fi), ratio: ms(fi) / ms(sp) };
+  return { ...out, fiMs: ms(fi), fiLaunches: launches(fi), fiEnqueueMs: enqueue(fi), ratio: ms(fi) / ms(sp) };
 }
 
 function errorInfo(e) {
@@ -236,6 +237,50 @@ window.harness = {
       scheduler: 'ddim', width: size, height: size, seed: 7, gate: { step: gateStep },
     });
     return { timings: out.timings.steps, phases: phases(out.timings.steps, 'unet') };
+  },
+
+  /**
+   * The same UNet in ONNX Runtime Web's WebGPU backend (the engine behind most in-browser
+   * generators): `tests/fixtures/<fixture>/unet/model.onnx` (made by tests/export_onnx.py), its
+   * weights read from the fixture's safetensors as external data. Times the session, the first run
+   * at batch 2 and 1, then `runs` warm runs of each (a run includes reading the output back, as
+   * our step includes its one-value readback).
+   */
+  async ortTiming(fixture, { size, runs = 3 }) {
+    const dist = '/web/node_modules/onnxruntime-web/dist/';
+    const ort = await import(`${dist}ort.webgpu.min.mjs`);
+    ort.env.wasm.wasmPaths = dist;
+    ort.env.wasm.numThreads = 1;
+    const base = `/tests/fixtures/${fixture}/unet/`;
+    const cfg = await (await fetch(`${base}config.json`)).json();
+    let t = performance.now();
+    const session = await ort.InferenceSession.create(`${base}model.onnx`, {
+      executionProviders: ['webgpu'],
+      externalData: [{ path: 'diffusion_pytorch_model.safetensors', data: `${base}diffusion_pytorch_model.safetensors` }],
+    });
+    const sessionMs = performance.now() - t;
+    const side = size / 8;
+    const d = cfg.cross_attention_dim;
+    const noise = (n) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 12.9898) * 0.5);
+    const feeds = (b) => ({
+      sample: new ort.Tensor('float32', noise(b * cfg.in_channels * side * side), [b, cfg.in_channels, side, side]),
+      timestep: new ort.Tensor('float32', Float32Array.of(500), [1]),
+      encoder_hidden_states: new ort.Tensor('float32', noise(b * 77 * d), [b, 77, d]),
+    });
+    const once = async (b) => {
+      const f = feeds(b);
+      t = performance.now();
+      const out = await session.run(f);
+      const ms = performance.now() - t;
+      if (!out.noise_pred.data.every(Number.isFinite)) throw new Error('ONNX Runtime produced non-finite values');
+      return ms;
+    };
+    const first = { 2: await once(2), 1: await once(1) };
+    const warm = { 2: [], 1: [] };
+    for (let i = 0; i < runs; i++) for (const b of [2, 1]) warm[b].push(await once(b));
+    const median = (a) => [...a].sort((x, y) => x - y)[a.length >> 1];
+    await session.release();
+    return { sessionMs, firstMs: first, batch2Ms: median(warm[2]), batch1Ms: median(warm[1]), warm };
   },
 
   /** Würstchen with the reference noise; compares both stages' latents with `<prefix>.*`. */

@@ -1,8 +1,9 @@
 //! Driving a generation from the worker: every piece of work (text encoding, each step, the
-//! decoder) is enqueued with the model crate's [`Generation::advance`] and then awaited with a
-//! one-value asynchronous readback, raced against the caller's cancel promise, so the worker
-//! never blocks, step times are real, and a cancel is answered while the device is still busy
-//! (compiling the first step's kernels, say); the enqueued work then finishes unobserved.
+//! decoder) is enqueued with the model crate's [`Generation::advance`], one piece ahead of the
+//! one awaited, and awaited with a one-value asynchronous readback raced against the caller's
+//! cancel promise, so the worker never blocks, the device never waits for the worker, and a
+//! cancel is answered while the device is still busy (compiling the first step's kernels, say);
+//! the enqueued work then finishes unobserved.
 
 use std::future::Future;
 use std::pin::pin;
@@ -12,7 +13,7 @@ use burn::tensor::Tensor;
 use js_sys::{Function, Promise};
 use serde::Serialize;
 use tgate::profile::{LaunchCounter, Launches, Timing};
-use tgate::stage::StepInfo;
+use tgate::stage::{Readback, StepInfo};
 use tgate::text_to_image::{
     interleave, Generation, ModelKind, NoiseSource, Output, Pipeline, Request, Work,
 };
@@ -37,10 +38,13 @@ struct StepReport {
     /// GPU kernels the step launched, and how many distinct compiled kernels that was.
     launches: usize,
     kernels: usize,
+    /// Worker time spent enqueuing the step (building the fused kernels, launching them, queueing
+    /// its readback): what the device would idle per step if the worker waited after each one.
+    enqueue_ms: f64,
 }
 
 impl StepReport {
-    fn new(s: &StepInfo, launches: &Launches) -> Self {
+    fn new(s: &StepInfo, launches: &Launches, enqueue_ms: f64) -> Self {
         StepReport {
             stage: s.stage,
             step: s.index,
@@ -51,12 +55,17 @@ impl StepReport {
             ms: s.seconds * 1e3,
             launches: launches.total(),
             kernels: launches.distinct,
+            enqueue_ms,
         }
     }
 }
 
 async fn read_back<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, JsValue> {
-    let data = t.into_data_async().await.map_err(readback_error)?;
+    read_values(Readback::issue(t)).await
+}
+
+async fn read_values(read: Readback) -> Result<Vec<f32>, JsValue> {
+    let data = read.data().await.map_err(readback_error)?;
     data.try_to_vec::<f32>()
         .map_err(|e| js_error("internal", format!("reading a result back failed: {e:?}")))
 }
@@ -141,8 +150,31 @@ async fn or_cancel<T: 'static>(
     }
 }
 
+/// A piece of work whose readback is queued but not yet awaited.
+struct InFlight {
+    work: Work,
+    read: Readback,
+    /// The latents' shape when the readback is a preview of the whole latents.
+    preview: Option<[usize; 4]>,
+    launches: Launches,
+    enqueue_ms: f64,
+}
+
+/// Lets readbacks still in flight finish in the background (a staging buffer being mapped must
+/// not be handed to the next readback).
+fn detach(read: Readback) {
+    wasm_bindgen_futures::spawn_local(async move {
+        let _ = read.data().await;
+    });
+}
+
 /// Runs a request to its result: `{ latents: { name: { data, shape } }, rgba, width, height,
 /// steps }`, the latents named as the CLI's `--save-latents` file.
+///
+/// One piece of work is enqueued ahead of the one awaited: piece `i + 1` is enqueued (and its
+/// readback queued) before piece `i`'s readback is awaited, so the device never idles while the
+/// worker prepares a step. A step's time is the interval between the completions of the piece
+/// before it and of itself; its launches are those of its own enqueueing.
 pub async fn run(
     pipeline: &Pipeline,
     request: Request,
@@ -156,36 +188,85 @@ pub async fn run(
     let sd = pipeline.kind() == ModelKind::StableDiffusion;
     let mut generation = pipeline.start(plan);
     let mut reports = Vec::new();
+    let mut in_flight: Option<InFlight> = None;
+    let mut last_done = Instant::now();
     loop {
-        let started = Instant::now();
-        // Counts the piece's launches, up to its readback (the fused kernels run there).
-        let counter = LaunchCounter::start(Timing::Off);
-        let Some(advance) = generation.advance().map_err(to_js)? else {
-            break;
+        let next = match enqueue(&mut generation, control.preview) {
+            Ok(next) => next,
+            Err(e) => {
+                if let Some(p) = in_flight {
+                    detach(p.read);
+                }
+                return Err(e);
+            }
         };
-        let Work::Step(step) = advance.work else {
-            or_cancel(read_back(advance.probe), &control.cancel).await?;
+        let Some(done) = in_flight.take() else {
+            match next {
+                Some(next) => {
+                    in_flight = Some(next);
+                    continue;
+                }
+                None => break,
+            }
+        };
+        let values = match or_cancel(read_values(done.read), &control.cancel).await {
+            Ok(values) => values,
+            Err(e) => {
+                if let Some(n) = next {
+                    detach(n.read);
+                }
+                return Err(e);
+            }
+        };
+        let now = Instant::now();
+        let seconds = now.duration_since(last_done).as_secs_f64();
+        last_done = now;
+        in_flight = next;
+        let Work::Step(step) = done.work else {
             continue;
         };
-        let preview = match generation.latents().filter(|_| control.preview) {
-            Some(latents) => {
-                let dims = latents.dims();
-                let values = or_cancel(read_back(latents.clone()), &control.cancel).await?;
-                Some(preview_rgba(&values, dims, sd))
+        let preview = done.preview.map(|dims| preview_rgba(&values, dims, sd));
+        let info = generation.record(step, seconds);
+        let report = StepReport::new(&info, &done.launches, done.enqueue_ms);
+        let go_on = report_step(&report, preview, &control.on_step);
+        if !matches!(go_on, Ok(true)) {
+            if let Some(n) = in_flight {
+                detach(n.read);
             }
-            None => {
-                or_cancel(read_back(advance.probe), &control.cancel).await?;
-                None
-            }
-        };
-        let info = generation.record(step, started.elapsed().as_secs_f64());
-        let report = StepReport::new(&info, &counter.finish());
-        if !report_step(&report, preview, &control.on_step)? {
-            return Err(cancelled());
+            return Err(go_on.err().unwrap_or_else(cancelled));
         }
         reports.push(report);
     }
     finish(generation, reports, seed, &control.cancel).await
+}
+
+/// Enqueues the next piece of work and queues its readback (the whole latents for a step's
+/// preview, else one value); `None` when the image is enqueued.
+fn enqueue(generation: &mut Generation<'_>, preview: bool) -> Result<Option<InFlight>, JsValue> {
+    // Counts the piece's launches, up to its queued readback (the fused kernels run there).
+    let started = Instant::now();
+    let counter = LaunchCounter::start(Timing::Off);
+    let Some(advance) = generation.advance().map_err(to_js)? else {
+        return Ok(None);
+    };
+    let latents = match advance.work {
+        Work::Step(_) if preview => generation.latents().cloned(),
+        _ => None,
+    };
+    let (read, preview) = match latents {
+        Some(latents) => {
+            let dims = latents.dims();
+            (Readback::issue(latents), Some(dims))
+        }
+        None => (Readback::issue(advance.probe), None),
+    };
+    Ok(Some(InFlight {
+        work: advance.work,
+        read,
+        preview,
+        launches: counter.finish(),
+        enqueue_ms: started.elapsed().as_secs_f64() * 1e3,
+    }))
 }
 
 /// Sends a step report (with its preview) to `on_step`; `false` when the caller cancels.

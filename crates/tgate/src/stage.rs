@@ -8,9 +8,12 @@
 //! ([`crate::pipeline_wuerstchen::StageDenoiser`]) implement it; [`crate::text_to_image`]
 //! sequences them.
 
+use std::future::Future;
 use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 
-use burn::tensor::Tensor;
+use burn::tensor::{ExecutionError, Tensor, TensorData};
 use web_time::Instant;
 
 use crate::error::{Error, Result};
@@ -24,7 +27,8 @@ pub trait Stage {
     fn total(&self) -> usize;
     /// The current latents (after the last enqueued iteration).
     fn latents(&self) -> &Tensor<4>;
-    /// Enqueues the next iteration; `None` when all are done.
+    /// Enqueues the next iteration; `None` when all are done. Nothing here waits for the
+    /// device or reads values back, so the next iteration can be enqueued while this one runs.
     fn step(&mut self) -> Result<Option<EnqueuedStep>>;
 }
 
@@ -72,21 +76,143 @@ pub struct StepInfo {
     pub seconds: f64,
 }
 
-/// Runs a stage to its end natively: enqueues each step, waits for the device (so step times
-/// are real) and reports it; `on_step` may stop the run ([`Error::Cancelled`]).
+/// A readback queued on the device behind the work enqueued so far, not yet awaited.
+///
+/// [`Readback::issue`] starts the read at once (the fused operations so far are launched and the
+/// copy to a mappable buffer is submitted), so the caller can enqueue the next piece of work
+/// before waiting for this one: the device then never idles while the host prepares a step.
+/// Natively a readback that is dropped unfinished is waited for (a staging buffer still being
+/// mapped must not be reused); in a browser, hand [`Readback::data`] to the executor instead.
+pub struct Readback {
+    read: Option<ReadFuture>,
+    ready: Option<std::result::Result<TensorData, ExecutionError>>,
+}
+
+type ReadFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<TensorData, ExecutionError>> + Send>>;
+
+impl Readback {
+    /// Queues the read of `t` behind everything enqueued so far.
+    pub fn issue<const D: usize>(t: Tensor<D>) -> Self {
+        let mut read: ReadFuture = Box::pin(t.into_data_async());
+        // One poll runs the read up to its first real wait (the buffer mapping); the waker is
+        // not needed, whoever awaits the result later polls again with its own.
+        let mut cx = Context::from_waker(Waker::noop());
+        match read.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => Readback {
+                read: None,
+                ready: Some(out),
+            },
+            Poll::Pending => Readback {
+                read: Some(read),
+                ready: None,
+            },
+        }
+    }
+
+    /// The values, once the device has finished the work before the read.
+    pub async fn data(mut self) -> std::result::Result<TensorData, ExecutionError> {
+        if let Some(out) = self.ready.take() {
+            return out;
+        }
+        match self.read.take() {
+            Some(read) => read.await,
+            None => Err(ExecutionError::WithContext {
+                reason: "the readback was already taken".into(),
+            }),
+        }
+    }
+
+    /// Natively: blocks until the device has finished the work before the read.
+    pub fn wait(self) -> Result<TensorData> {
+        let out = burn::tensor::try_read_sync(self.data()).ok_or_else(|| {
+            Error::Device("this platform cannot wait for the device synchronously".into())
+        })?;
+        out.map_err(|e| Error::Device(format!("{e:?}")))
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Drop for Readback {
+    fn drop(&mut self) {
+        if let Some(read) = self.read.take() {
+            let _ = burn::tensor::try_read_sync(read);
+        }
+    }
+}
+
+/// Natively waits for enqueued pieces of work one behind: piece `i + 1` is enqueued (and its
+/// readback queued) *before* piece `i` is waited for, so the device never idles while the host
+/// prepares the next step. A piece's time is the interval between the completions of the piece
+/// before it and of itself (the first one's from the driver's creation): with the device busy
+/// throughout, that is the time the device spent on it.
+pub struct OneAhead<W> {
+    in_flight: Option<(W, Readback)>,
+    last_done: Instant,
+}
+
+impl<W> OneAhead<W> {
+    pub fn new() -> Self {
+        OneAhead {
+            in_flight: None,
+            last_done: Instant::now(),
+        }
+    }
+
+    /// Queues `probe` (one value of the piece just enqueued) and waits for the piece before it,
+    /// which is returned with its time.
+    pub fn push(&mut self, work: W, probe: Tensor<1>) -> Result<Option<(W, f64)>> {
+        let queued = (work, Readback::issue(probe));
+        let previous = self.in_flight.replace(queued);
+        previous.map(|p| self.wait_for(p)).transpose()
+    }
+
+    /// Waits for the last piece pushed.
+    pub fn finish(&mut self) -> Result<Option<(W, f64)>> {
+        self.in_flight.take().map(|p| self.wait_for(p)).transpose()
+    }
+
+    fn wait_for(&mut self, (work, read): (W, Readback)) -> Result<(W, f64)> {
+        read.wait()?;
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last_done).as_secs_f64();
+        self.last_done = now;
+        Ok((work, seconds))
+    }
+}
+
+impl<W> Default for OneAhead<W> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The one value that is ready once `latents` is: read it back to wait for a piece of work.
+pub fn probe_of(latents: &Tensor<4>) -> Tensor<1> {
+    latents.clone().slice([0..1, 0..1, 0..1, 0..1]).reshape([1])
+}
+
+/// Runs a stage to its end natively, one step enqueued ahead of the one waited for (see
+/// [`OneAhead`]), and reports each step as the device finishes it; `on_step` may stop the run
+/// ([`Error::Cancelled`]; the step enqueued ahead then finishes unobserved).
 pub fn drive(
     stage: &mut dyn Stage,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<Vec<StepInfo>> {
-    let device = stage.latents().device();
     let mut infos = Vec::with_capacity(stage.total());
+    let mut ahead = OneAhead::new();
     loop {
-        let started = Instant::now();
-        let Some(enqueued) = stage.step()? else {
+        let (done, more) = match stage.step()? {
+            Some(enqueued) => (ahead.push(enqueued, probe_of(stage.latents()))?, true),
+            None => (ahead.finish()?, false),
+        };
+        let Some((enqueued, seconds)) = done else {
+            if more {
+                continue;
+            }
             return Ok(infos);
         };
-        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-        let info = enqueued.finish(started.elapsed().as_secs_f64());
+        let info = enqueued.finish(seconds);
         infos.push(info);
         if on_step(&info).is_break() {
             return Err(Error::Cancelled);
@@ -119,6 +245,22 @@ pub fn phase_means(steps: &[StepInfo]) -> Vec<(&'static str, Phase, usize, f64)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_ahead_returns_each_piece_once_in_order_one_behind() {
+        let device = burn::tensor::Device::flex();
+        let probe = |v: f32| Tensor::<1>::from_data([v], &device);
+        let mut ahead = OneAhead::new();
+        assert!(ahead.push("a", probe(1.0)).unwrap().is_none());
+        let (first, s1) = ahead.push("b", probe(2.0)).unwrap().unwrap();
+        let (second, s2) = ahead.push("c", probe(3.0)).unwrap().unwrap();
+        let (third, _) = ahead.finish().unwrap().unwrap();
+        assert_eq!((first, second, third), ("a", "b", "c"));
+        assert!(s1 >= 0.0 && s2 >= 0.0);
+        assert!(ahead.finish().unwrap().is_none());
+        let read = Readback::issue(probe(5.0)).wait().unwrap();
+        assert_eq!(read.try_to_vec::<f32>().unwrap(), vec![5.0]);
+    }
 
     #[test]
     fn phase_means_groups_by_stage_and_phase() {

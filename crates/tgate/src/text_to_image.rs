@@ -11,7 +11,6 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device, Tensor};
-use web_time::Instant;
 
 use crate::deepcache::DeepCacheConfig;
 use crate::error::{Error, Result};
@@ -21,7 +20,7 @@ use crate::pipeline_wuerstchen::{Wuerstchen, WuerstchenLayout, WuerstchenNoise, 
 use crate::safetensors::SafeTensors;
 use crate::schedulers::ddpm_wuerstchen::default_stage_c_timesteps;
 use crate::schedulers::SchedulerKind;
-use crate::stage::{EnqueuedStep, Stage, StepInfo};
+use crate::stage::{probe_of, EnqueuedStep, Stage, StepInfo};
 use crate::tgate::GateConfig;
 
 /// The model families a folder can hold.
@@ -570,10 +569,6 @@ impl Output {
     }
 }
 
-fn probe_of(t: &Tensor<4>) -> Tensor<1> {
-    t.clone().slice([0..1, 0..1, 0..1, 0..1]).reshape([1])
-}
-
 impl<'m> Generation<'m> {
     pub fn plan(&self) -> &Plan {
         &self.plan
@@ -703,18 +698,24 @@ impl<'m> Generation<'m> {
         }
     }
 
-    /// Runs the generation to its end natively, waiting for the device after every piece of
-    /// work (so step times are real); `on_step` may stop the run ([`Error::Cancelled`]).
+    /// Runs the generation to its end natively, one piece of work enqueued ahead of the one
+    /// waited for (see [`crate::stage::OneAhead`]), reporting each step as the device finishes
+    /// it; `on_step` may stop the run ([`Error::Cancelled`]).
     pub fn run(mut self, on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>) -> Result<Output> {
-        let device = self.pipeline.device().clone();
+        let mut ahead = crate::stage::OneAhead::new();
         loop {
-            let started = Instant::now();
-            let Some(advance) = self.advance()? else {
+            let (done, more) = match self.advance()? {
+                Some(advance) => (ahead.push(advance.work, advance.probe)?, true),
+                None => (ahead.finish()?, false),
+            };
+            let Some((work, seconds)) = done else {
+                if more {
+                    continue;
+                }
                 return self.finish();
             };
-            device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
-            if let Work::Step(step) = advance.work {
-                let info = self.record(step, started.elapsed().as_secs_f64());
+            if let Work::Step(step) = work {
+                let info = self.record(step, seconds);
                 if on_step(&info).is_break() {
                     return Err(Error::Cancelled);
                 }
