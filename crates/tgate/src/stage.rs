@@ -128,7 +128,11 @@ impl Readback {
         let out = burn::tensor::try_read_sync(self.data()).ok_or_else(|| {
             Error::Device("this platform cannot wait for the device synchronously".into())
         })?;
-        out.map_err(|e| Error::Device(format!("{e:?}")))
+        out.map_err(|e| {
+            Error::Device(format!(
+                "the GPU work did not complete (a lost or reset device, or memory exhausted): {e}"
+            ))
+        })
     }
 }
 
