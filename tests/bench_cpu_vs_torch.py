@@ -4,15 +4,17 @@
 
 Both sides run the same network (runwayml/stable-diffusion-v1-5's `unet/config.json`, random
 weights) on the CPU with the same number of threads:
-- ours: `cargo run -p tgate --example bench_gate -- --backend cpu --model sd15` (Flex, burn's CPU
-  backend; the workspace's dev profile, dependencies at opt-level 3), whose per-phase step times
-  are parsed: an ungated step (UNet at batch 2 + guidance + scheduler) and a gated step after the
-  gate (batch 1);
+- ours: `cargo run --release -p tgate --example bench_gate -- --backend cpu --model sd15` (Flex,
+  burn's CPU backend, AVX-512 matmuls where the CPU has them), whose per-phase step times are
+  parsed: an ungated step (UNet at batch 2 + guidance + scheduler) and a gated step after the gate
+  (batch 1); run twice, with glibc's malloc kept as the CLI sets it
+  (`tgate::host_memory::keep_large_allocations`) and left at its defaults (`--default-malloc`);
 - PyTorch: diffusers' `UNet2DConditionModel` under `torch.inference_mode()`, median of `--runs`
   forwards at batch 2 and at batch 1 after one warm-up each (the UNet alone: the guidance and
   scheduler arithmetic is a few element-wise ops on 4-channel latents).
 Prints both and the ratios ours / PyTorch (the issue's target: at most 1.3). Needs the packages
-in tests/requirements.txt; ours is built by cargo on first use.
+in tests/requirements.txt; ours is built by cargo on first use (`--release`: 15–25 min cold on
+two cores; `--dev` uses the dev profile instead, dependencies at opt-level 3).
 """
 import argparse
 import os
@@ -38,13 +40,13 @@ SD15_UNET = dict(
 )
 
 
-def ours(size, threads, steps):
+def ours(size, threads, steps, release, default_malloc=False):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    cmd = [
-        "cargo", "run", "-q", "-p", "tgate", "--example", "bench_gate", "--",
+    cmd = ["cargo", "run", "-q"] + (["--release"] if release else []) + [
+        "-p", "tgate", "--example", "bench_gate", "--",
         "--backend", "cpu", "--model", "sd15", "--size", str(size), "--steps", str(steps),
         "--gate-step", str(max(1, steps // 2)), "--no-deepcache",
-    ]
+    ] + (["--default-malloc"] if default_malloc else [])
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"bench_gate failed:\n{out.stderr[-4000:]}")
@@ -86,13 +88,18 @@ def main():
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--steps", type=int, default=4)
     a.add_argument("--runs", type=int, default=3)
+    a.add_argument("--dev", action="store_true", help="build ours with the dev profile")
     args = a.parse_args()
     print(f"SD-1.5-shaped UNet, {args.size}x{args.size} px, {args.threads} threads, CPU")
-    o2, o1 = ours(args.size, args.threads, args.steps)
+    release = not args.dev
+    d2, d1 = ours(args.size, args.threads, args.steps, release, default_malloc=True)
+    o2, o1 = ours(args.size, args.threads, args.steps, release)
     t2, t1, version = pytorch(args.size, args.threads, args.runs)
-    print(f"  ours (burn Flex)     : planning step (batch 2) {o2:.2f} s, gated step (batch 1) {o1:.2f} s, gated/planning {o1 / o2:.2f}")
-    print(f"  PyTorch {version:<12}: UNet batch 2 {t2:.2f} s, batch 1 {t1:.2f} s, batch1/batch2 {t1 / t2:.2f}")
-    print(f"  ours / PyTorch       : batch 2 {o2 / t2:.2f}x, batch 1 {o1 / t1:.2f}x (target: at most 1.3x)")
+    profile = "release" if release else "dev"
+    print(f"  ours ({profile}, default malloc): planning step (batch 2) {d2:.2f} s, gated step (batch 1) {d1:.2f} s")
+    print(f"  ours ({profile}, as the CLI)     : planning step (batch 2) {o2:.2f} s, gated step (batch 1) {o1:.2f} s, gated/planning {o1 / o2:.2f}")
+    print(f"  PyTorch {version:<21}: UNet batch 2 {t2:.2f} s, batch 1 {t1:.2f} s, batch1/batch2 {t1 / t2:.2f}")
+    print(f"  ours / PyTorch                : batch 2 {o2 / t2:.2f}x, batch 1 {o1 / t1:.2f}x (target: at most 1.3x)")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
+    // The CPU backend allocates every operation's output: keep freed blocks for reuse.
+    tgate::host_memory::keep_large_allocations();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),

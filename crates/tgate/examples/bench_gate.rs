@@ -4,8 +4,12 @@
 //! cargo run -p tgate --example bench_gate [--features wgpu] -- [--backend cpu|wgpu]
 //!     [--model sd15|small|both] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
 //!     [--no-kernels] [--memory-only] [--deepcache-interval N] [--deepcache-branch K]
-//!     [--before-after] [--no-deepcache] [--pipelining]
+//!     [--before-after] [--no-deepcache] [--pipelining] [--default-malloc] [--max-tensor-mib N]
 //! ```
+//! `--max-tensor-mib N`: cap every tensor at N MiB as a device with that binding limit would
+//! (WebGPU's default is 128): weights over it fail to load, attention splits its queries to fit.
+//! `--default-malloc`: leave glibc's malloc as it is (by default the benchmark calls
+//! `tgate::host_memory::keep_large_allocations`, as the CLI does).
 //! `--pipelining`: the plain and the gated loop each run twice more, same run: waiting for the
 //! device after every step (the loop before one-ahead driving), then as `denoise` drives it
 //! (step `i + 1` enqueued before step `i` is waited for); prints both loop times, the ratio and
@@ -67,6 +71,8 @@ struct Args {
     before_after: bool,
     deepcache_runs: bool,
     pipelining: bool,
+    default_malloc: bool,
+    max_tensor_mib: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -83,6 +89,8 @@ fn parse_args() -> Result<Args, String> {
         before_after: false,
         deepcache_runs: true,
         pipelining: false,
+        default_malloc: false,
+        max_tensor_mib: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -99,6 +107,14 @@ fn parse_args() -> Result<Args, String> {
             "--before-after" => a.before_after = true,
             "--no-deepcache" => a.deepcache_runs = false,
             "--pipelining" => a.pipelining = true,
+            "--default-malloc" => a.default_malloc = true,
+            "--max-tensor-mib" => {
+                a.max_tensor_mib = Some(
+                    val()?
+                        .parse()
+                        .map_err(|e| format!("--max-tensor-mib: {e}"))?,
+                )
+            }
             "--deepcache-interval" => {
                 a.deep_cache.interval = val()?
                     .parse()
@@ -595,7 +611,16 @@ fn report_deep(c: &DeepCacheConfig, ungated: &Run, gated: &Run, deep: &Run, both
 
 fn main() {
     let result = parse_args().and_then(|a| {
+        if !a.default_malloc {
+            tgate::host_memory::keep_large_allocations();
+        }
         let (device, limit) = device(&a.backend)?;
+        // A lower cap than the device's (e.g. WebGPU's default 128 MiB): weights over it fail to
+        // load, attention is split to fit it, as on a device with that limit.
+        let limit = match a.max_tensor_mib {
+            Some(mib) => Some(limit.map_or(mib << 20, |l| l.min(mib << 20))),
+            None => limit,
+        };
         println!("backend {} ({device:?})", a.backend);
         if a.model == "small" || a.model == "both" {
             bench("small", SMALL_UNET, &a, &device, limit)?;

@@ -243,6 +243,7 @@ fn bench(name: &str, json: &str, a: &Args, device: &Device) -> Result<(), String
 }
 
 fn main() {
+    tgate::host_memory::keep_large_allocations();
     let result = parse_args().and_then(|a| {
         let device = device(&a.backend)?;
         println!("backend {} ({device:?})", a.backend);

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod deepcache;
 pub mod embeddings;
 pub mod error;
+pub mod host_memory;
 pub mod loader;
 pub mod nn;
 pub mod noise;

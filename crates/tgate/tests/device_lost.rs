@@ -1,5 +1,6 @@
 //! A GPU device lost under a loaded model, natively: the next generation fails with the typed
-//! `Error::Device` (its message names the loss), within a bounded time, without a panic.
+//! `Error::Device` (its message says the GPU work did not complete), within a bounded time,
+//! without a panic.
 //! Its own test binary: the device is destroyed, and wgpu can be initialised once per process.
 #![cfg(feature = "wgpu")]
 
