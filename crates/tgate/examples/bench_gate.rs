@@ -4,16 +4,12 @@
 //! cargo run -p tgate --example bench_gate [--features wgpu] -- [--backend cpu|wgpu]
 //!     [--model sd15|small|both] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
 //!     [--no-kernels] [--memory-only] [--deepcache-interval N] [--deepcache-branch K]
-//!     [--before-after] [--no-deepcache] [--pipelining] [--default-malloc] [--max-tensor-mib N]
+//!     [--before-after] [--no-deepcache] [--default-malloc] [--max-tensor-mib N]
 //! ```
 //! `--max-tensor-mib N`: cap every tensor at N MiB as a device with that binding limit would
 //! (WebGPU's default is 128): weights over it fail to load, attention splits its queries to fit.
 //! `--default-malloc`: leave glibc's malloc as it is (by default the benchmark calls
 //! `tgate::host_memory::keep_large_allocations`, as the CLI does).
-//! `--pipelining`: the plain and the gated loop each run twice more, same run: waiting for the
-//! device after every step (the loop before one-ahead driving), then as `denoise` drives it
-//! (step `i + 1` enqueued before step `i` is waited for); prints both loop times, the ratio and
-//! the host time spent enqueuing a step (what the device idled per step before).
 //! `--before-after` (GPU backends): the kernel accounting and the plain / gated loops first with
 //! burn's generic ops only, then with tgate's own kernels (`shaders/`), same run; then a line of
 //! before → after ratios. `--no-deepcache` skips the DeepCache loops.
@@ -33,10 +29,9 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use tgate::deepcache::DeepCacheConfig;
 use tgate::nn::{macs, reset_macs};
 use tgate::noise::randn;
-use tgate::pipeline::{denoise, Denoiser, GenerateParams, Noise, StepInfo};
+use tgate::pipeline::{denoise, GenerateParams, Noise, StepInfo};
 use tgate::profile::{class_of, device_memory, observe, Launches, Timing};
 use tgate::schedulers::SchedulerConfig;
-use tgate::stage::{probe_of, Readback};
 use tgate::tgate::{AttentionCache, CacheMode, GateConfig, Phase};
 use tgate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
 use tgate::weights::Weights;
@@ -70,7 +65,6 @@ struct Args {
     deep_cache: DeepCacheConfig,
     before_after: bool,
     deepcache_runs: bool,
-    pipelining: bool,
     default_malloc: bool,
     max_tensor_mib: Option<u64>,
 }
@@ -88,7 +82,6 @@ fn parse_args() -> Result<Args, String> {
         deep_cache: DeepCacheConfig::tgate_default(),
         before_after: false,
         deepcache_runs: true,
-        pipelining: false,
         default_malloc: false,
         max_tensor_mib: None,
     };
@@ -106,7 +99,6 @@ fn parse_args() -> Result<Args, String> {
             "--no-kernels" => a.kernels = false,
             "--before-after" => a.before_after = true,
             "--no-deepcache" => a.deepcache_runs = false,
-            "--pipelining" => a.pipelining = true,
             "--default-malloc" => a.default_malloc = true,
             "--max-tensor-mib" => {
                 a.max_tensor_mib = Some(
@@ -211,57 +203,6 @@ fn run(
     )
     .map_err(|e| e.to_string())?;
     Ok(Run { steps })
-}
-
-/// The loop waiting for the device after every step (how `denoise` drove it before it enqueued
-/// one step ahead): (loop seconds, mean host seconds spent enqueuing a step).
-fn run_waiting_each(
-    unet: &UNet2DConditionModel,
-    sched: &SchedulerConfig,
-    p: &GenerateParams,
-    cond: &Tensor<3>,
-) -> Result<(f64, f64), String> {
-    let mut d = Denoiser::new(unet, sched, p, cond.clone(), Some(cond.clone()))
-        .map_err(|e| e.to_string())?;
-    let (t0, mut enqueue, mut n) = (std::time::Instant::now(), 0.0, 0);
-    loop {
-        let t = std::time::Instant::now();
-        let Some(_) = d.step().map_err(|e| e.to_string())? else {
-            break;
-        };
-        // The fused operations of the step launch at the readback: count them as enqueueing.
-        let read = Readback::issue(probe_of(d.latents()));
-        enqueue += t.elapsed().as_secs_f64();
-        n += 1;
-        read.wait().map_err(|e| e.to_string())?;
-    }
-    Ok((t0.elapsed().as_secs_f64(), enqueue / n.max(1) as f64))
-}
-
-/// Waiting after each step against one step ahead (`denoise`), plain and gated, same run.
-fn pipelining(
-    unet: &UNet2DConditionModel,
-    sched: &SchedulerConfig,
-    p: &GenerateParams,
-    cond: &Tensor<3>,
-    gate_step: usize,
-) -> Result<(), String> {
-    println!("  one step ahead vs waiting after each step (same run):");
-    for gate in [None, Some(GateConfig::original(gate_step))] {
-        let p = GenerateParams { gate, ..p.clone() };
-        let (waiting, enqueue) = run_waiting_each(unet, sched, &p, cond)?;
-        let ahead = run(unet, sched, &p, cond)?.total();
-        println!(
-            "    {:<7} loop: waiting {:.2} s, one ahead {:.2} s ({:.3}x); host enqueues a step in {:.1} ms ({:.1} % of a waited step)",
-            if gate.is_some() { "gated" } else { "ungated" },
-            waiting,
-            ahead,
-            waiting / ahead,
-            enqueue * 1e3,
-            100.0 * enqueue * p.steps as f64 / waiting
-        );
-    }
-    Ok(())
 }
 
 /// One UNet forward at batch `b` with the cache in the given modes, waited for.
@@ -526,9 +467,6 @@ fn bench(
         p.gate = Some(GateConfig::original(gate_step));
         let gated = run(&unet, &sched, &p, &cond)?;
         report(&ungated, &gated)?;
-        if a.pipelining {
-            pipelining(&unet, &sched, &p, &cond, gate_step)?;
-        }
         results.push((counts, ungated, gated));
     }
     if let [(before_counts, before_u, before_g), (after_counts, after_u, after_g)] = &results[..] {

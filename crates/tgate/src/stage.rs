@@ -13,7 +13,7 @@ use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use burn::tensor::{ExecutionError, Tensor, TensorData};
+use burn::tensor::{Device, ExecutionError, Tensor, TensorData};
 use web_time::Instant;
 
 use crate::error::{Error, Result};
@@ -76,13 +76,15 @@ pub struct StepInfo {
     pub seconds: f64,
 }
 
-/// A readback queued on the device behind the work enqueued so far, not yet awaited.
+/// A readback queued on the device behind the work enqueued so far, not yet awaited: the
+/// browser worker's way to wait for a step while it enqueues the next one.
 ///
 /// [`Readback::issue`] starts the read at once (the fused operations so far are launched and the
 /// copy to a mappable buffer is submitted), so the caller can enqueue the next piece of work
-/// before waiting for this one: the device then never idles while the host prepares a step.
-/// Natively a readback that is dropped unfinished is waited for (a staging buffer still being
-/// mapped must not be reused); in a browser, hand [`Readback::data`] to the executor instead.
+/// before awaiting this one. In a browser the read is eager and resolves when the device has
+/// finished the work before it; hand an unfinished one to the executor rather than dropping it (a
+/// staging buffer still being mapped must not be reused). Natively burn's cubecl reads are lazy
+/// (the copy happens when the bytes are first touched), so native loops wait with [`sync`].
 pub struct Readback {
     read: Option<ReadFuture>,
     ready: Option<std::result::Result<TensorData, ExecutionError>>,
@@ -122,73 +124,6 @@ impl Readback {
             }),
         }
     }
-
-    /// Natively: blocks until the device has finished the work before the read.
-    pub fn wait(self) -> Result<TensorData> {
-        let out = burn::tensor::try_read_sync(self.data()).ok_or_else(|| {
-            Error::Device("this platform cannot wait for the device synchronously".into())
-        })?;
-        out.map_err(|e| {
-            Error::Device(format!(
-                "the GPU work did not complete (a lost or reset device, or memory exhausted): {e}"
-            ))
-        })
-    }
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-impl Drop for Readback {
-    fn drop(&mut self) {
-        if let Some(read) = self.read.take() {
-            let _ = burn::tensor::try_read_sync(read);
-        }
-    }
-}
-
-/// Natively waits for enqueued pieces of work one behind: piece `i + 1` is enqueued (and its
-/// readback queued) *before* piece `i` is waited for, so the device never idles while the host
-/// prepares the next step. A piece's time is the interval between the completions of the piece
-/// before it and of itself (the first one's from the driver's creation): with the device busy
-/// throughout, that is the time the device spent on it.
-pub struct OneAhead<W> {
-    in_flight: Option<(W, Readback)>,
-    last_done: Instant,
-}
-
-impl<W> OneAhead<W> {
-    pub fn new() -> Self {
-        OneAhead {
-            in_flight: None,
-            last_done: Instant::now(),
-        }
-    }
-
-    /// Queues `probe` (one value of the piece just enqueued) and waits for the piece before it,
-    /// which is returned with its time.
-    pub fn push(&mut self, work: W, probe: Tensor<1>) -> Result<Option<(W, f64)>> {
-        let queued = (work, Readback::issue(probe));
-        let previous = self.in_flight.replace(queued);
-        previous.map(|p| self.wait_for(p)).transpose()
-    }
-
-    /// Waits for the last piece pushed.
-    pub fn finish(&mut self) -> Result<Option<(W, f64)>> {
-        self.in_flight.take().map(|p| self.wait_for(p)).transpose()
-    }
-
-    fn wait_for(&mut self, (work, read): (W, Readback)) -> Result<(W, f64)> {
-        read.wait()?;
-        let now = Instant::now();
-        let seconds = now.duration_since(self.last_done).as_secs_f64();
-        self.last_done = now;
-        Ok((work, seconds))
-    }
-}
-
-impl<W> Default for OneAhead<W> {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// The one value that is ready once `latents` is: read it back to wait for a piece of work.
@@ -196,27 +131,35 @@ pub fn probe_of(latents: &Tensor<4>) -> Tensor<1> {
     latents.clone().slice([0..1, 0..1, 0..1, 0..1]).reshape([1])
 }
 
-/// Runs a stage to its end natively, one step enqueued ahead of the one waited for (see
-/// [`OneAhead`]), and reports each step as the device finishes it; `on_step` may stop the run
-/// ([`Error::Cancelled`]; the step enqueued ahead then finishes unobserved).
+/// Natively: blocks until the device has finished everything enqueued on it.
+pub fn sync(device: &Device) -> Result<()> {
+    device.sync().map_err(|e| {
+        Error::Device(format!(
+            "the GPU work did not complete (a lost or reset device, or memory exhausted): {e}"
+        ))
+    })
+}
+
+/// Runs a stage to its end natively: enqueues each step, waits for the device (so step times
+/// are real) and reports it; `on_step` may stop the run ([`Error::Cancelled`]).
+///
+/// Natively the wait costs nothing to overlap: cubecl-wgpu 0.11 itself waits for the device
+/// every 64 buffer writes on native builds, so host and device run in lockstep anyway, and the
+/// CPU backend computes as it enqueues. The browser worker enqueues one step ahead instead
+/// (see [`Readback`]).
 pub fn drive(
     stage: &mut dyn Stage,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<Vec<StepInfo>> {
+    let device = stage.latents().device();
     let mut infos = Vec::with_capacity(stage.total());
-    let mut ahead = OneAhead::new();
     loop {
-        let (done, more) = match stage.step()? {
-            Some(enqueued) => (ahead.push(enqueued, probe_of(stage.latents()))?, true),
-            None => (ahead.finish()?, false),
-        };
-        let Some((enqueued, seconds)) = done else {
-            if more {
-                continue;
-            }
+        let started = Instant::now();
+        let Some(enqueued) = stage.step()? else {
             return Ok(infos);
         };
-        let info = enqueued.finish(seconds);
+        sync(&device)?;
+        let info = enqueued.finish(started.elapsed().as_secs_f64());
         infos.push(info);
         if on_step(&info).is_break() {
             return Err(Error::Cancelled);
@@ -251,19 +194,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_ahead_returns_each_piece_once_in_order_one_behind() {
-        let device = burn::tensor::Device::flex();
-        let probe = |v: f32| Tensor::<1>::from_data([v], &device);
-        let mut ahead = OneAhead::new();
-        assert!(ahead.push("a", probe(1.0)).unwrap().is_none());
-        let (first, s1) = ahead.push("b", probe(2.0)).unwrap().unwrap();
-        let (second, s2) = ahead.push("c", probe(3.0)).unwrap().unwrap();
-        let (third, _) = ahead.finish().unwrap().unwrap();
-        assert_eq!((first, second, third), ("a", "b", "c"));
-        assert!(s1 >= 0.0 && s2 >= 0.0);
-        assert!(ahead.finish().unwrap().is_none());
-        let read = Readback::issue(probe(5.0)).wait().unwrap();
-        assert_eq!(read.try_to_vec::<f32>().unwrap(), vec![5.0]);
+    fn a_readback_issued_early_returns_the_values() {
+        let device = Device::flex();
+        let t = Tensor::<1>::from_data([5.0, 6.0], &device);
+        let read = Readback::issue(t.clone() * 2.0);
+        let data = burn::tensor::try_read_sync(read.data())
+            .expect("the CPU can wait")
+            .expect("reads");
+        assert_eq!(data.try_to_vec::<f32>().unwrap(), vec![10.0, 12.0]);
+        let probe =
+            burn::tensor::try_read_sync(Readback::issue(probe_of(&t.reshape([1, 1, 1, 2]))).data())
+                .expect("the CPU can wait")
+                .expect("reads");
+        assert_eq!(probe.try_to_vec::<f32>().unwrap(), vec![5.0]);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device, Tensor};
+use web_time::Instant;
 
 use crate::deepcache::DeepCacheConfig;
 use crate::error::{Error, Result};
@@ -698,24 +699,19 @@ impl<'m> Generation<'m> {
         }
     }
 
-    /// Runs the generation to its end natively, one piece of work enqueued ahead of the one
-    /// waited for (see [`crate::stage::OneAhead`]), reporting each step as the device finishes
-    /// it; `on_step` may stop the run ([`Error::Cancelled`]).
+    /// Runs the generation to its end natively, waiting for the device after every piece of
+    /// work (so step times are real; see [`crate::stage::drive`]); `on_step` may stop the run
+    /// ([`Error::Cancelled`]).
     pub fn run(mut self, on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>) -> Result<Output> {
-        let mut ahead = crate::stage::OneAhead::new();
+        let device = self.pipeline.device().clone();
         loop {
-            let (done, more) = match self.advance()? {
-                Some(advance) => (ahead.push(advance.work, advance.probe)?, true),
-                None => (ahead.finish()?, false),
-            };
-            let Some((work, seconds)) = done else {
-                if more {
-                    continue;
-                }
+            let started = Instant::now();
+            let Some(advance) = self.advance()? else {
                 return self.finish();
             };
-            if let Work::Step(step) = work {
-                let info = self.record(step, seconds);
+            crate::stage::sync(&device)?;
+            if let Work::Step(step) = advance.work {
+                let info = self.record(step, started.elapsed().as_secs_f64());
                 if on_step(&info).is_break() {
                     return Err(Error::Cancelled);
                 }
