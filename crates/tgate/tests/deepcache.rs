@@ -6,11 +6,9 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use burn::tensor::DType;
 use common::*;
 use tgate::deepcache::DeepCacheConfig;
-use tgate::loader::Variant;
-use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request};
+use tgate::text_to_image::{GateKnobs, NoiseSource, Request};
 
 fn sd1_noise() -> Vec<u8> {
     let r = reference("sd1");
@@ -23,15 +21,7 @@ fn sd1_noise() -> Vec<u8> {
 
 #[test]
 fn deepcache_alone_and_with_the_gate_match_the_packages() {
-    let model = Pipeline::load(
-        &source("sd1"),
-        None,
-        None,
-        Variant::Auto,
-        DType::F32,
-        &cpu(),
-    )
-    .unwrap();
+    let model = load_pipeline(&source("sd1"), &cpu());
     let json = reference_json("deepcache");
     let r = reference("deepcache");
     let noise = sd1_noise();
@@ -84,15 +74,7 @@ fn deepcache_alone_and_with_the_gate_match_the_packages() {
 /// run.
 #[test]
 fn deepcache_on_a_unet_without_a_mid_block() {
-    let model = Pipeline::load(
-        &small_model("bk-sdm-tiny"),
-        None,
-        None,
-        Variant::Auto,
-        DType::F32,
-        &cpu(),
-    )
-    .unwrap();
+    let model = load_pipeline(&small_model("bk-sdm-tiny"), &cpu());
     let run = |deep: Option<DeepCacheConfig>| {
         let mut req = Request::new("a fox", NoiseSource::Seed(3));
         req.steps = Some(6);
@@ -133,15 +115,7 @@ fn deepcache_on_a_unet_without_a_mid_block() {
 
 #[test]
 fn deepcache_settings_are_checked() {
-    let model = Pipeline::load(
-        &source("sd1"),
-        None,
-        None,
-        Variant::Auto,
-        DType::F32,
-        &cpu(),
-    )
-    .unwrap();
+    let model = load_pipeline(&source("sd1"), &cpu());
     let mut req = Request::new("x", NoiseSource::Seed(1));
     req.deep_cache = Some(DeepCacheConfig {
         interval: 0,

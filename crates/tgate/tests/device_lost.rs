@@ -10,26 +10,17 @@ use std::ops::ControlFlow;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use burn::tensor::{DType, Device};
+use burn::tensor::Device;
 use common::*;
 use tgate::error::Error;
-use tgate::loader::Variant;
-use tgate::text_to_image::{NoiseSource, Pipeline, Request};
+use tgate::text_to_image::{NoiseSource, Request};
 
 #[test]
 fn a_lost_device_is_a_typed_device_error() {
     let (device, setup) = Device::wgpu_options()
         .init_with_setup()
         .expect("a wgpu adapter (install mesa-vulkan-drivers)");
-    let model = Pipeline::load(
-        &source("sd1"),
-        None,
-        None,
-        Variant::Auto,
-        DType::F32,
-        &device,
-    )
-    .expect("loads on wgpu");
+    let model = load_pipeline(&source("sd1"), &device);
     let mut request = Request::new("a red fox", NoiseSource::Seed(1));
     request.steps = Some(1);
     // A healthy run first (the kernels are compiled), then the device goes away.

@@ -8,11 +8,10 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use burn::tensor::DType;
 use common::*;
 use tgate::embeddings::guidance_scale_embedding;
 use tgate::loader::{load_weights, read_required, Variant};
-use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request};
+use tgate::text_to_image::{GateKnobs, NoiseSource, Request};
 use tgate::tgate::{AttentionCache, Phase};
 use tgate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
 
@@ -56,7 +55,7 @@ fn the_guidance_embedding_and_the_unet_match_diffusers() {
 #[test]
 fn lcm_pipeline_matches_diffusers_and_the_no_guidance_gate() {
     let src = small_model("lcm");
-    let model = Pipeline::load(&src, None, None, Variant::Auto, DType::F32, &cpu()).unwrap();
+    let model = load_pipeline(&src, &cpu());
     let json = reference_json("lcm");
     let r = reference("lcm");
     let (n, s) = (host(&r, "pipe.noise"), host(&r, "pipe.step_noise"));

@@ -103,16 +103,8 @@ fn check_wuerstchen(dtype: DType) {
 /// An LCM-distilled UNet (guidance embedding, `LCMScheduler`, one batch) under the no-guidance
 /// gate, with the folder's defaults (4 steps, guidance 8.5, gate step 2).
 fn check_lcm() {
-    use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request};
-    let model = Pipeline::load(
-        &small_model("lcm"),
-        None,
-        None,
-        Variant::Auto,
-        DType::F32,
-        &gpu(),
-    )
-    .expect("loads on wgpu");
+    use tgate::text_to_image::{GateKnobs, NoiseSource, Request};
+    let model = load_pipeline(&small_model("lcm"), &gpu());
     let r = reference("lcm");
     let (n, s) = (host(&r, "pipe.noise"), host(&r, "pipe.step_noise"));
     let bytes = tgate::safetensors::write_f32(&[
@@ -137,16 +129,8 @@ fn check_lcm() {
 /// block cut part-way) on sd1.
 fn check_deepcache() {
     use tgate::deepcache::DeepCacheConfig;
-    use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request};
-    let model = Pipeline::load(
-        &source("sd1"),
-        None,
-        None,
-        Variant::Auto,
-        DType::F32,
-        &gpu(),
-    )
-    .expect("loads on wgpu");
+    use tgate::text_to_image::{GateKnobs, NoiseSource, Request};
+    let model = load_pipeline(&source("sd1"), &gpu());
     let r = reference("sd1");
     let json = reference_json("sd1");
     let (n, s) = (host(&r, "pipe.noise"), host(&r, "pipe.step_noise"));

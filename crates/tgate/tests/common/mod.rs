@@ -6,12 +6,13 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{Device, Tensor, TensorData};
-use tgate::loader::{DirSource, MemorySource, ModelSource};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use tgate::loader::{DirSource, MemorySource, ModelSource, Variant};
 use tgate::pipeline::StepInfo;
 use tgate::pipeline::{GenerateParams, Noise};
 use tgate::pipeline_wuerstchen::{WuerstchenNoise, WuerstchenParams};
 use tgate::safetensors::{HostTensor, SafeTensors};
+use tgate::text_to_image::Pipeline;
 use tgate::tgate::GateConfig;
 
 pub fn fixture_dir(name: &str) -> PathBuf {
@@ -60,6 +61,12 @@ pub const HALF_GPU: f32 = 3e-2;
 pub const HALF_IMAGE: f32 = 6e-2;
 
 /// The CPU device all reference tests run on.
+/// Loads a diffusers folder with the defaults (kind detected, variant auto, f32) on `device`.
+pub fn load_pipeline(src: &dyn ModelSource, device: &Device) -> Pipeline {
+    Pipeline::load(src, None, None, Variant::Auto, DType::F32, device)
+        .unwrap_or_else(|e| panic!("loads: {e}"))
+}
+
 pub fn cpu() -> Device {
     Device::flex()
 }
