@@ -160,6 +160,13 @@ struct InFlight {
     enqueue_ms: f64,
 }
 
+impl InFlight {
+    /// Whether this is the last step of its stage.
+    fn ends_stage(&self) -> bool {
+        matches!(&self.work, Work::Step(s) if s.index + 1 == s.total)
+    }
+}
+
 /// Lets readbacks still in flight finish in the background (a staging buffer being mapped must
 /// not be handed to the next readback).
 fn detach(read: Readback) {
@@ -173,7 +180,7 @@ fn detach(read: Readback) {
 ///
 /// One piece of work is enqueued ahead of the one awaited: piece `i + 1` is enqueued (and its
 /// readback queued) before piece `i`'s readback is awaited, so the device never idles while the
-/// worker prepares a step. A step's time is the interval between the completions of the piece
+/// worker prepares a step; only a stage's last step is awaited before the next piece. A step's time is the interval between the completions of the piece
 /// before it and of itself; its launches are those of its own enqueueing.
 pub async fn run(
     pipeline: &Pipeline,
@@ -191,7 +198,16 @@ pub async fn run(
     let mut in_flight: Option<InFlight> = None;
     let mut last_done = Instant::now();
     loop {
-        let next = match enqueue(&mut generation, control.preview) {
+        // After a stage's last step comes new work (the decoder, Würstchen's next stage) whose
+        // kernels the worker may spend seconds building: the last step is awaited first, so its
+        // time is its own and not that compilation's.
+        let ends_stage = in_flight.as_ref().is_some_and(InFlight::ends_stage);
+        let next = if ends_stage {
+            Ok(None)
+        } else {
+            enqueue(&mut generation, control.preview)
+        };
+        let next = match next {
             Ok(next) => next,
             Err(e) => {
                 if let Some(p) = in_flight {

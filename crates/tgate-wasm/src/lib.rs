@@ -65,6 +65,7 @@ static LOGGER: ConsoleLog = ConsoleLog;
 /// to a build that turns tuning back on.
 #[wasm_bindgen(start)]
 pub fn start() {
+    run_constructors_once();
     errors::record_panics();
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
@@ -73,6 +74,24 @@ pub fn start() {
     let mut config = cubecl_runtime::config::CubeClRuntimeConfig::default();
     config.autotune.level = cubecl_runtime::config::autotune::AutotuneLevel::Minimal;
     cubecl_runtime::config::CubeClRuntimeConfig::try_set(config);
+}
+
+extern "C" {
+    /// wasm-ld's function running the module's static constructors (cubecl's IR dialects
+    /// register themselves with `inventory` from constructors).
+    fn __wasm_call_ctors();
+}
+
+/// Runs the static constructors, once. Without an explicit call, wasm-ld treats the module as a
+/// command and wraps *every* export in a call of all constructors: every crossing from JS into
+/// wasm (each WebGPU object handed back, each callback, each Blob read) re-registered cubecl's
+/// dialects, 31 of the worker's 35 busy seconds of a first image on the demo page. Calling it
+/// here, from the start function wasm-bindgen runs right after instantiation and before any
+/// other Rust code, makes wasm-ld leave the exports unwrapped.
+fn run_constructors_once() {
+    // SAFETY: runs once, first, on the module's only thread; the constructors only fill
+    // registries that nothing has read yet.
+    unsafe { __wasm_call_ctors() }
 }
 
 /// A WebGPU device and the loaded model.
