@@ -353,6 +353,20 @@ try {
     assert.equal(r.normal, true, JSON.stringify(r));
     return r;
   });
+  await step('f16 overflow: the page retries once in f32 with the same seed', async () => {
+    const r = await call('f16Retry');
+    assert.equal(r.loadedDtype, 'f16', JSON.stringify(r));
+    assert.equal(r.retriedInF32, true, JSON.stringify(r));
+    assert.equal(r.finite, true, JSON.stringify(r));
+    assert.equal(r.seed, 11, JSON.stringify(r));
+    // Both runs' steps reach the caller's onStep (3 DDIM steps each).
+    assert.equal(r.stepsSeen, 6, JSON.stringify(r));
+    // Later generations stay in f32 (no retry) and give the retried latents exactly.
+    assert.equal(r.plainRetried, false, JSON.stringify(r));
+    assert.equal(r.plainFinite, true, JSON.stringify(r));
+    assert.equal(r.maxDiff, 0, JSON.stringify(r));
+    return r;
+  });
   await step('cancel while the noise downloads', async () => {
     const r = await call('abortNoiseDownload', '/slow/noise.safetensors');
     assert.equal(r.code, 'cancelled', JSON.stringify(r));

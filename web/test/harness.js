@@ -392,6 +392,33 @@ window.harness = {
     return { failedRead, disarmed: !(await caches.has('tgate-test-readback-fails')) };
   },
 
+  /**
+   * The page's f16 → f32 retry, on a worker whose f16 generations report non-finite latents
+   * (f16-worker.js; SwiftShader cannot compute in f16): the result must come from one retry in
+   * f32 with the same seed, equal to a plain f32 generation of that seed.
+   */
+  async f16Retry() {
+    const g = await Generator.create({ workerUrl: new URL('./f16-worker.js', import.meta.url) });
+    try {
+      const loaded = await g.load({ baseUrl: '/tests/fixtures/sd1/', kind: 'sd', dtype: 'f16' });
+      const steps = [];
+      const params = { prompt: 'a red fox', steps: 3, scheduler: 'ddim', seed: 11 };
+      const retried = await g.generate({ ...params, onStep: (s) => steps.push(s.step) });
+      const plain = await g.generate(params);
+      const a = retried.latents.latents.data;
+      const b = plain.latents.latents.data;
+      let diff = a.length === b.length ? 0 : Infinity;
+      for (let i = 0; i < Math.min(a.length, b.length); i++) diff = Math.max(diff, Math.abs(a[i] - b[i]));
+      return {
+        loadedDtype: loaded.dtype, retriedInF32: Boolean(retried.retriedInF32), finite: retried.finite,
+        seed: retried.seed, stepsSeen: steps.length, plainRetried: Boolean(plain.retriedInF32),
+        plainFinite: plain.finite, maxDiff: diff,
+      };
+    } finally {
+      g.terminate();
+    }
+  },
+
   /** Loads under `maxTensorBytes`, then reports the typed error of a generation at `size`². */
   async generateError(fixture, maxTensorBytes, size) {
     const g = await gen();
