@@ -99,6 +99,12 @@ export interface LoadOptions {
   maxMemoryBytes?: number;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
+  /** Loads from `baseUrl` only: compile the GPU kernels while the weights download, with a
+   * short generation (planning, gate and gated steps, decoder) on zero placeholder weights made
+   * from the configs, at the model's own size (`true`) or at `{ width, height }` (the size of
+   * the first generation you expect); `false` skips it. `'auto'` (the default): as `true` when at
+   * least 64 MiB of weights are not in the browser cache yet. */
+  precompile?: 'auto' | boolean | { width?: number; height?: number };
 }
 
 export interface LoadResult {
@@ -122,6 +128,9 @@ export interface LoadResult {
   /** The weights' size on the device in the compute dtype, from the safetensors headers read
    * (with range requests) before downloading; loads from `baseUrl` only. */
   weightDeviceBytes?: number;
+  /** The precompilation's generation (see `LoadOptions.precompile`): its time, kernel launches
+   * and distinct kernels, or why it could not run (the load went on without it). */
+  precompile?: { ms: number; launches: number; kernels: number } | { error: { code: string; message: string } };
   ms: number;
 }
 

@@ -172,7 +172,7 @@ async function fetchFolder(base, list, map, ctx) {
         if (!await take(`${name}/${f}`)) throw missing([`${name}/tokenizer.json`, `${name}/${f}`]);
       }
     } else if (opts.weights) {
-      ctx.pending.push({ ...await chooseWeights(root, name, take, ctx, missing), take, missing });
+      ctx.pending.push({ ...await chooseWeights(root, name, take, ctx, missing), take, missing, root });
     } else if (!await take(name) && !opts.optional) {
       throw missing([name]);
     }
@@ -217,6 +217,26 @@ async function chooseWeights(root, stem, take, ctx, missing) {
     tried.push(file, index);
   }
   throw missing(tried);
+}
+
+/**
+ * 'auto' precompiles when at least this many weight bytes still come over the network: a
+ * download long enough to hide the compilation (about 10 s of it on a software GPU; the
+ * precompiling generation itself costs a few seconds, a loss when the weights are at hand).
+ */
+const PRECOMPILE_AUTO_BYTES = 64 * 2 ** 20;
+
+/** Stored bytes of the picked weights that are not in the browser cache yet. */
+async function networkBytes(pending) {
+  const cache = globalThis.caches ? await caches.open(CACHE) : null;
+  let bytes = 0;
+  for (const pick of pending) {
+    const cached = cache ? await Promise.all(pick.files.map((f) => cache.match(pick.root + f))) : [];
+    if (cached.length && cached.every(Boolean)) continue;
+    const { stored } = pickBytes(pick, false);
+    bytes += stored === null ? Infinity : stored;
+  }
+  return bytes;
 }
 
 /** Downloads the files `chooseWeights` picked. */
@@ -462,15 +482,21 @@ export class Generator {
    * when the preferred one is absent. A tensor bigger than the adapter's largest storage binding (or than `maxTensorBytes`) is
    * refused with `out_of_memory` before it is read. `dtype`: 'auto' (f16 weights and activations
    * when the adapter has `shader-f16`, norms and softmax in f32; f32 otherwise), 'f16' or 'f32'.
+   * `precompile` (from `baseUrl` only): `true` compiles the model's GPU kernels while its
+   * weights download, with a short generation at the model's own size on zero placeholder
+   * weights made from the configs; `{ width, height }` at that size instead (the size of the
+   * first generation you expect); `false` skips it; `'auto'` (the default): as `true` when at
+   * least 64 MiB of weights are not in the browser cache yet (a download that hides it).
    * Resolves to `{ kind, width, height, dtype, bytes, fromCache, fromNetwork, weightBytes,
-   * largestReadBytes, files, selected, ms }`: `files` lists, per model part, the weight files the
+   * largestReadBytes, files, selected, precompile, ms }` (`precompile`: `{ ms, launches, kernels }`
+   * of that generation, or `{ error: { code, message } }` when it could not run: the load goes on): `files` lists, per model part, the weight files the
    * model was built from and why that variant (`[{ part, files, bytes, reason }]`); `selected`
    * the download choices (from `baseUrl` only).
    */
   async load(options = {}) {
     const {
       baseUrl, files, priorBaseUrl, priorFiles, kind = 'sd', dtype = 'auto', variant = 'auto', maxTensorBytes,
-      maxMemoryBytes, onProgress, signal,
+      maxMemoryBytes, onProgress, signal, precompile = 'auto',
     } = options;
     // Options first: a refused call leaves the worker and any pending reload as they were.
     if (kind !== 'sd' && kind !== 'wuerstchen') {
@@ -485,6 +511,16 @@ export class Generator {
     for (const [name, v] of [['maxTensorBytes', maxTensorBytes], ['maxMemoryBytes', maxMemoryBytes]]) {
       if (v !== undefined && !(typeof v === 'number' && v >= 1)) {
         throw new TGateError('invalid_parameter', `${name} must be a positive number, got ${v}`);
+      }
+    }
+    const size = precompile && typeof precompile === 'object' ? precompile : {};
+    if (precompile !== 'auto' && typeof precompile !== 'boolean' && !(precompile && typeof precompile === 'object')) {
+      throw new TGateError('invalid_parameter', `precompile must be 'auto', true, false or { width, height }, got ${precompile}`);
+    }
+    for (const name of ['width', 'height']) {
+      const v = size[name];
+      if (v !== undefined && !(Number.isInteger(v) && v >= 1)) {
+        throw new TGateError('invalid_parameter', `precompile.${name} must be a positive whole number of pixels, got ${v}`);
       }
     }
     if (!this.#worker) await this.#start();
@@ -522,6 +558,14 @@ export class Generator {
         bindingLimit: bindings.length ? Math.min(...bindings) : undefined,
         memoryBudget: maxMemoryBytes !== undefined ? maxMemoryBytes : (typeof gib === 'number' && gib > 0 ? gib * 2 ** 30 : undefined),
       });
+      // The kernels compile on placeholder weights (made on the GPU from the configs) while the
+      // weights download; the worker drops the placeholders before the real weights go up.
+      if (precompile === 'auto' ? await networkBytes(ctx.pending) >= PRECOMPILE_AUTO_BYTES : precompile !== false) {
+        this.#worker.postMessage({
+          type: 'precompile', kind, files: map, priorFiles: priorMap, dtype, maxTensorBytes, maxMemoryBytes,
+          width: size.width, height: size.height,
+        });
+      }
       for (const pick of ctx.pending) await downloadWeights(pick, ctx);
       stats.selected = selected;
     }

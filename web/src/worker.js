@@ -1,6 +1,7 @@
 // The generation worker: owns the wasm module and the WebGPU device, so the page never blocks.
 //
-// Requests: { id, type: 'init' | 'load' | 'generate' | 'cancel', ... }.
+// Requests: { id, type: 'init' | 'load' | 'generate' | 'cancel', ... }; and { type: 'precompile',
+// ... } (no answer: its report joins the next load's result).
 // Replies:  { id, type: 'step', report } during a generation, then { id, ok: true, result } or
 //           { id, ok: false, fatal, error: { code, message } }. `fatal`: the module trapped (a
 //           Rust panic) or the WebGPU device was lost, and this worker must be replaced.
@@ -13,6 +14,8 @@ let ready = null;
 let busy = false;
 let trapped = null;
 let current = null; // the id of the running load or generation
+// The running kernel precompilation: resolves to its report (or `{ error }`), never rejects.
+let precompiling = null;
 const cancelled = new Set();
 const cancelWaiters = new Map(); // id → resolves the promise the running generation races against
 const CODES = new Set([
@@ -93,6 +96,8 @@ self.onmessage = async (event) => {
     if (wake) wake();
     return;
   }
+  // A precompilation is only worth it before a load; never queued, never answered.
+  if (msg.type === 'precompile' && (busy || precompiling || trapped)) return;
   if (trapped) {
     fail(id, Object.assign(new Error(trapped.message), { name: trapped.code }));
     return;
@@ -105,10 +110,24 @@ self.onmessage = async (event) => {
     await ensureEngine();
     if (msg.type === 'init') {
       self.postMessage({ id, ok: true, result: null });
+    } else if (msg.type === 'precompile') {
+      // The model's kernels, compiled on placeholder weights while the real ones download.
+      const limit = bindingLimit === undefined ? msg.maxTensorBytes : Math.min(bindingLimit, msg.maxTensorBytes || Infinity);
+      const failed = (e) => ({ error: { code: (e && e.name) || 'internal', message: String((e && e.message) || e) } });
+      try {
+        precompiling = engine.precompile(msg.kind, msg.files, msg.priorFiles || undefined, msg.dtype, msg.width, msg.height, limit, memoryBudget(msg.maxMemoryBytes))
+          .then((r) => r, failed);
+      } catch (e) {
+        if (e instanceof WebAssembly.RuntimeError) throw e;
+        precompiling = Promise.resolve(failed(e));
+      }
     } else if (msg.type === 'load') {
       busy = true;
       current = id;
       try {
+        // The placeholders of a precompilation go before the real weights take their memory.
+        const precompiled = precompiling ? await precompiling : undefined;
+        precompiling = null;
         // Progress is posted at most every 50 ms (and at the end), not per tensor.
         let last = 0;
         const limits = [bindingLimit, msg.maxTensorBytes].filter((v) => typeof v === 'number');
@@ -118,6 +137,7 @@ self.onmessage = async (event) => {
           last = now;
           self.postMessage({ id, type: 'progress', report: { loaded, total } });
         }, limits.length ? Math.min(...limits) : undefined, msg.dtype, msg.variant, memoryBudget(msg.maxMemoryBytes));
+        if (precompiled) info.precompile = precompiled;
         self.postMessage({ id, ok: true, result: info });
       } finally {
         busy = false;

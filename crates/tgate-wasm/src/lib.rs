@@ -18,10 +18,12 @@ use std::rc::Rc;
 use burn::tensor::{DType, Device};
 use js_sys::{Function, Map, Promise, Uint8Array};
 use tgate::loader::{ModelSource, Variant};
+use tgate::profile::{LaunchCounter, Timing};
+use tgate::stage::Readback;
 use tgate::text_to_image::{ModelKind, Pipeline};
 use wasm_bindgen::prelude::*;
 
-use crate::errors::{js_error, to_js};
+use crate::errors::{js_error, readback_error, to_js};
 use crate::params::Params;
 use crate::source::{JsSource, Limits, ReadStats};
 
@@ -198,6 +200,82 @@ impl Engine {
             &stats.largest.get().into(),
         )?;
         Ok(out.into())
+    }
+
+    /// Compiles the kernels of a generation before the weights arrive. `files` (and
+    /// `prior_files`) hold the folder's configs and tokenizer; no weight file is read: the model
+    /// is built with zero placeholder weights on the device, and a short gated generation at
+    /// `width`×`height` (default: the model's own size) — planning steps, the gate step, gated
+    /// steps, the decoder — is enqueued at once. The placeholders are dropped as soon as it is
+    /// enqueued. Resolves to `{ ms, launches, kernels }` once the device has run it (the worker
+    /// waits for that before it uploads the real weights, so both never take memory at once).
+    /// The limits are those of [`Engine::load`]: a size the real model would refuse is refused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn precompile(
+        &self,
+        kind: &str,
+        files: Map,
+        prior_files: Option<Map>,
+        dtype: Option<String>,
+        width: Option<f64>,
+        height: Option<f64>,
+        max_tensor_bytes: Option<f64>,
+        max_memory_bytes: Option<f64>,
+    ) -> Result<Promise, JsValue> {
+        let started = web_time::Instant::now();
+        let dtype = self.dtype(dtype.as_deref())?;
+        let kind = ModelKind::parse(kind).map_err(to_js)?;
+        let size = |name: &str, v: Option<f64>| match v {
+            Some(v) if !(v >= 1.0 && v.fract() == 0.0 && v <= 65536.0) => Err(js_error(
+                "invalid_parameter",
+                format!("{name} must be a positive whole number of pixels, got {v}"),
+            )),
+            v => Ok(v.map(|v| v as usize)),
+        };
+        let (width, height) = (size("width", width)?, size("height", height)?);
+        let limits = Limits {
+            tensor: byte_count("maxTensorBytes", max_tensor_bytes)?,
+            memory: byte_count("maxMemoryBytes", max_memory_bytes)?,
+        };
+        let stats = Rc::new(ReadStats {
+            total: 0.0,
+            read: Cell::new(0.0),
+            largest: Cell::new(0.0),
+            on_progress: None,
+        });
+        let src = JsSource::new(files, "model files", stats.clone(), limits)?;
+        let prior = prior_files
+            .map(|m| JsSource::new(m, "prior files", stats, limits))
+            .transpose()?;
+        let counter = LaunchCounter::start(Timing::Off);
+        let probe = {
+            let model = Pipeline::placeholder(
+                &src,
+                prior.as_ref().map(|p| p as &dyn ModelSource),
+                Some(kind),
+                dtype,
+                &self.device,
+            )
+            .map_err(to_js)?;
+            let plan = model
+                .plan(&model.warm_up_request(width, height))
+                .map_err(to_js)?;
+            let mut generation = model.start(plan);
+            generation.enqueue_all().map_err(to_js)?
+        };
+        let launches = counter.finish();
+        let read = probe.map(Readback::issue);
+        Ok(wasm_bindgen_futures::future_to_promise(async move {
+            if let Some(read) = read {
+                read.data().await.map_err(readback_error)?;
+            }
+            let out = js_sys::Object::new();
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            js_sys::Reflect::set(&out, &"ms".into(), &ms.into())?;
+            js_sys::Reflect::set(&out, &"launches".into(), &launches.total().into())?;
+            js_sys::Reflect::set(&out, &"kernels".into(), &launches.distinct.into())?;
+            Ok(out.into())
+        }))
     }
 
     /// The compute dtype a load asks for: `auto` (f16 where the device has it), `f16`, `f32`.

@@ -38,6 +38,36 @@ pub trait ModelSource {
     fn describe(&self) -> String {
         "model folder".into()
     }
+
+    /// Whether models loaded from here get zero placeholder weights instead of reading any
+    /// weight file (see [`Placeholders`]).
+    fn placeholder_weights(&self) -> bool {
+        false
+    }
+}
+
+/// A folder whose configs and tokenizer are read as they are, but whose weights are zeros made
+/// on the device ([`Weights::placeholder`]), nothing downloaded or read: the pipeline it loads
+/// launches exactly the kernels the real one will, so a front end can compile them (a warm-up
+/// generation at the size it expects) while the real weights are still on their way.
+pub struct Placeholders<'a>(pub &'a dyn ModelSource);
+
+impl ModelSource for Placeholders<'_> {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        self.0.read(path)
+    }
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        self.0.max_tensor_bytes()
+    }
+    fn max_memory_bytes(&self) -> Option<u64> {
+        self.0.max_memory_bytes()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn placeholder_weights(&self) -> bool {
+        true
+    }
 }
 
 /// Files held in memory, keyed by relative path.
@@ -147,6 +177,11 @@ pub fn load_weights_as(
     dtype: DType,
     device: &Device,
 ) -> Result<Weights> {
+    if src.placeholder_weights() {
+        return Ok(Weights::placeholder(device)
+            .with_dtype(dtype)
+            .with_max_tensor_bytes(src.max_tensor_bytes()));
+    }
     let (order, why) = variant.order(dtype);
     let mut tried = Vec::new();
     for (i, v) in order.iter().enumerate() {
@@ -256,6 +291,7 @@ impl LoadedFiles {
                 c.data_len(),
                 c.reason().to_string(),
             ),
+            None if w.is_placeholder() => (Vec::new(), 0, "placeholder parameters".to_string()),
             None => (Vec::new(), 0, "random parameters".to_string()),
         };
         LoadedFiles {

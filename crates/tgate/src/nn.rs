@@ -118,14 +118,15 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(w: &Weights, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let host = w.get_host("weight", &[d_out, d_in])?;
-        let mut t = vec![0f32; host.len()];
-        for o in 0..d_out {
-            for i in 0..d_in {
-                t[i * d_out + o] = host[o * d_in + i];
+        let weight = w.get_arranged("weight", &[d_out, d_in], [d_in, d_out], |host| {
+            let mut t = vec![0f32; host.len()];
+            for o in 0..d_out {
+                for i in 0..d_in {
+                    t[i * d_out + o] = host[o * d_in + i];
+                }
             }
-        }
-        let weight = w.upload(t, [d_in, d_out]);
+            t
+        })?;
         let bias = if bias {
             Some(w.get("bias", [d_out])?)
         } else {
@@ -155,6 +156,12 @@ impl Linear {
             return Ok(None);
         }
         let width = n * d_out;
+        if first.is_placeholder() {
+            return Ok(Some(Linear {
+                weight: first.zeros([d_in, width]),
+                bias: bias.then(|| first.zeros([width])),
+            }));
+        }
         let mut t = vec![0f32; d_in * width];
         let mut b = Vec::with_capacity(width);
         for (p, w) in parts.iter().enumerate() {
@@ -236,18 +243,20 @@ impl Conv2d {
         let weight = if groups == 1 && channels_last_weights(w) {
             // cubecl's convolutions read channels last (`[out, kh, kw, in]`) and copy any other
             // weight layout at every call: keep it that way, seen as `[out, in, kh, kw]`.
-            let host = w.get_host("weight", &shape)?;
             let (o_n, i_n, kk) = (c_out, c_in, kernel * kernel);
-            let mut t = vec![0f32; host.len()];
-            for o in 0..o_n {
-                for i in 0..i_n {
-                    for p in 0..kk {
-                        t[(o * kk + p) * i_n + i] = host[(o * i_n + i) * kk + p];
+            let last = [c_out, kernel, kernel, c_in];
+            w.get_arranged("weight", &shape, last, |host| {
+                let mut t = vec![0f32; host.len()];
+                for o in 0..o_n {
+                    for i in 0..i_n {
+                        for p in 0..kk {
+                            t[(o * kk + p) * i_n + i] = host[(o * i_n + i) * kk + p];
+                        }
                     }
                 }
-            }
-            w.upload(t, [c_out, kernel, kernel, c_in])
-                .permute([0, 3, 1, 2])
+                t
+            })?
+            .permute([0, 3, 1, 2])
         } else {
             w.get("weight", shape)?
         };

@@ -15,7 +15,7 @@ use web_time::Instant;
 
 use crate::deepcache::DeepCacheConfig;
 use crate::error::{Error, Result};
-use crate::loader::{LoadedFiles, ModelSource, Variant};
+use crate::loader::{LoadedFiles, ModelSource, Placeholders, Variant};
 use crate::pipeline::{classifier_free_guidance, GenerateParams, Noise, StableDiffusion};
 use crate::pipeline_wuerstchen::{Wuerstchen, WuerstchenLayout, WuerstchenNoise, WuerstchenParams};
 use crate::safetensors::SafeTensors;
@@ -192,6 +192,46 @@ impl Pipeline {
                 Wuerstchen::load_as(src, prior, variant, dtype, device).map(Pipeline::Wuerstchen)
             }
         }
+    }
+
+    /// The pipeline of `src`'s configs and tokenizers with zero placeholder weights, made on the
+    /// device without reading any weight file ([`Placeholders`]): the same kernels as the real
+    /// model, to compile them early with [`Pipeline::warm_up_request`].
+    pub fn placeholder(
+        src: &dyn ModelSource,
+        prior: Option<&dyn ModelSource>,
+        kind: Option<ModelKind>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let prior = prior.map(Placeholders);
+        let prior = prior.as_ref().map(|p| p as &dyn ModelSource);
+        Self::load(
+            &Placeholders(src),
+            prior,
+            kind,
+            Variant::Auto,
+            dtype,
+            device,
+        )
+    }
+
+    /// A short request that launches the kernels of a default generation at `width`×`height`
+    /// (`None`: the model's default size): planning steps with guidance, the gate step, gated
+    /// steps and the decoder (Würstchen: both stages), with the folder's scheduler.
+    pub fn warm_up_request(&self, width: Option<usize>, height: Option<usize>) -> Request {
+        let mut r = Request::new("", NoiseSource::Seed(0));
+        r.steps = Some(4);
+        if self.kind() == ModelKind::Wuerstchen {
+            r.decoder_steps = Some(2);
+        }
+        r.width = width;
+        r.height = height;
+        r.gate = Some(GateKnobs {
+            step: Some(2),
+            ..GateKnobs::default()
+        });
+        r
     }
 
     pub fn kind(&self) -> ModelKind {
@@ -585,6 +625,16 @@ impl<'m> Generation<'m> {
             State::Denoising(stage) => Some(stage.latents()),
             _ => None,
         }
+    }
+
+    /// Enqueues every remaining piece of work without waiting; the probe of the last one
+    /// (`None` when nothing was left). A warm-up reads it back to know its kernels ran.
+    pub fn enqueue_all(&mut self) -> Result<Option<Tensor<1>>> {
+        let mut last = None;
+        while let Some(advance) = self.advance()? {
+            last = Some(advance.probe);
+        }
+        Ok(last)
     }
 
     /// Enqueues the next piece of work on the device without waiting for it; `None` when the

@@ -102,6 +102,9 @@ enum Store {
     File(Rc<Checkpoint>),
     /// Seeded random values for benchmarks: N(0, 1/fan_in) for weights, 1 ± 0.1 for norm scales.
     Random(u64),
+    /// Zeros made on the device, nothing read: a model of the right shapes to compile its kernels
+    /// with (a warm-up while the real weights download).
+    Placeholder,
 }
 
 /// A prefix-scoped view of one checkpoint file (or of seeded random parameters).
@@ -146,6 +149,21 @@ impl Weights {
         }
     }
 
+    /// Zero parameters of whatever shape the model asks for, filled on the device (no host
+    /// copy): a model that launches exactly the kernels the real one will, to compile them
+    /// before its weights arrive. Nothing is read, so every shape is accepted.
+    pub fn placeholder(device: &Device) -> Self {
+        Weights {
+            store: Store::Placeholder,
+            ..Self::random(0, device)
+        }
+    }
+
+    /// Whether these are [`Weights::placeholder`] parameters.
+    pub fn is_placeholder(&self) -> bool {
+        matches!(self.store, Store::Placeholder)
+    }
+
     /// Stores parameters in `dtype` on the device (F32 by default; F16 where the device supports it).
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
@@ -164,7 +182,7 @@ impl Weights {
     pub fn checkpoint(&self) -> Option<&Checkpoint> {
         match &self.store {
             Store::File(f) => Some(f),
-            Store::Random(_) => None,
+            Store::Random(_) | Store::Placeholder => None,
         }
     }
 
@@ -207,7 +225,7 @@ impl Weights {
         match &self.store {
             Store::File(f) => f.find(&self.key(name)).is_some(),
             // Random parameters exist under every name; loaders then pick the current key names.
-            Store::Random(_) => true,
+            Store::Random(_) | Store::Placeholder => true,
         }
     }
 
@@ -218,34 +236,64 @@ impl Weights {
                 let key = self.key(name);
                 f.find(&key).and_then(|s| s.shape(&key)).map(|s| s.to_vec())
             }
-            Store::Random(_) => None,
+            Store::Random(_) | Store::Placeholder => None,
         }
     }
 
     /// Reads `name` and checks it has shape `shape`.
     pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        let host = self.get_host(name, &shape)?;
-        Ok(self.upload(host, shape))
+        self.get_arranged(name, &shape, shape, |host| host)
+    }
+
+    /// Reads `name` (shape `shape`), rearranges its values on the host with `arrange` (a
+    /// transpose, say) and uploads them as `out`. Placeholder parameters skip the host: zeros of
+    /// shape `out` are made on the device.
+    pub fn get_arranged<const D: usize>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        out: [usize; D],
+        arrange: impl FnOnce(Vec<f32>) -> Vec<f32>,
+    ) -> Result<Tensor<D>> {
+        if self.is_placeholder() {
+            self.check_size(&self.key(name), shape)?;
+            return Ok(self.zeros(out));
+        }
+        let host = self.get_host(name, shape)?;
+        Ok(self.upload(arrange(host), out))
+    }
+
+    /// Zeros of `shape` on the device, in the parameter dtype.
+    pub fn zeros<const D: usize>(&self, shape: [usize; D]) -> Tensor<D> {
+        Tensor::<D>::zeros(shape, (&self.device, self.dtype))
+    }
+
+    /// Refuses a tensor of `shape` bigger than the device's largest buffer.
+    fn check_size(&self, key: &str, shape: &[usize]) -> Result<()> {
+        let Some(limit) = self.max_tensor_bytes else {
+            return Ok(());
+        };
+        let bytes = shape.iter().product::<usize>() as u64 * self.dtype.size() as u64;
+        if bytes <= limit {
+            return Ok(());
+        }
+        let file = match &self.store {
+            Store::File(f) => f.find(key).map_or(f.name(), |s| s.file()).to_string(),
+            Store::Random(_) => "random parameters".to_string(),
+            Store::Placeholder => "placeholder parameters".to_string(),
+        };
+        Err(crate::Error::TensorTooLarge {
+            file,
+            tensor: key.to_string(),
+            bytes,
+            limit,
+        })
     }
 
     /// Reads `name` with shape `shape` to the host as f32 (e.g. to transpose before upload).
     pub fn get_host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let key = self.key(name);
-        if let Some(limit) = self.max_tensor_bytes {
-            let bytes = shape.iter().product::<usize>() as u64 * self.dtype.size() as u64;
-            if bytes > limit {
-                let file = match &self.store {
-                    Store::File(f) => f.find(&key).map_or(f.name(), |s| s.file()).to_string(),
-                    Store::Random(_) => "random parameters".to_string(),
-                };
-                return Err(crate::Error::TensorTooLarge {
-                    file,
-                    tensor: key,
-                    bytes,
-                    limit,
-                });
-            }
-        }
+        self.check_size(&key, shape)?;
         match &self.store {
             Store::File(f) => {
                 let shard = f.find(&key).ok_or_else(|| Error::MissingTensor {
@@ -258,6 +306,7 @@ impl Weights {
                 Ok(host.data)
             }
             Store::Random(seed) => Ok(random_parameter(*seed, &key, shape)),
+            Store::Placeholder => Ok(vec![0.0; shape.iter().product()]),
         }
     }
 
@@ -281,7 +330,7 @@ impl Weights {
                 keys.sort();
                 keys
             }
-            Store::Random(_) => Vec::new(),
+            Store::Random(_) | Store::Placeholder => Vec::new(),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::DType;
 use common::*;
-use tgate::loader::{DirSource, Variant};
+use tgate::loader::{DirSource, MemorySource, Variant};
 use tgate::safetensors::write_f32;
 use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request, Work};
 use tgate::Error;
@@ -284,4 +284,77 @@ fn cancelling_stops_with_cancelled() {
         .expect("cancelled");
     assert!(matches!(e, Error::Cancelled));
     assert_eq!(n, 2);
+}
+
+/// Every file of a fixture folder except weights (and the references), as a page has them before
+/// its weight downloads start.
+fn configs_only(name: &str) -> MemorySource {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut MemorySource) {
+        for entry in std::fs::read_dir(dir).expect("fixture folder") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else if !path
+                .extension()
+                .is_some_and(|e| e == "safetensors" || e == "onnx")
+            {
+                let rel = path.strip_prefix(root).expect("inside").to_string_lossy();
+                let bytes = std::fs::read(&path).expect("readable");
+                out.files.insert(rel.replace('\\', "/"), bytes);
+            }
+        }
+    }
+    let root = fixture_dir(name);
+    let mut out = MemorySource::default();
+    walk(&root, &root, &mut out);
+    assert!(out.files.keys().any(|k| k.ends_with("config.json")));
+    out
+}
+
+#[test]
+fn placeholder_pipelines_read_no_weights_and_run_a_whole_warm_up() {
+    for (name, size) in [("sd1", 64), ("wuerstchen", 128)] {
+        let src = configs_only(name);
+        let model = Pipeline::placeholder(&src, None, None, DType::F32, &cpu())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!model.loaded().is_empty());
+        for part in model.loaded() {
+            assert!(
+                part.files.is_empty() && part.bytes == 0,
+                "{name}: {}",
+                part.part
+            );
+            assert_eq!(part.reason, "placeholder parameters");
+        }
+        let request = model.warm_up_request(Some(size), Some(size));
+        // Enqueued all at once, as a warm-up does: the last piece's probe is readable.
+        let mut generation = model.start(model.plan(&request).expect("planned"));
+        let probe = generation
+            .enqueue_all()
+            .expect("enqueued")
+            .expect("a last piece");
+        let value = probe.into_data().to_vec::<f32>().unwrap();
+        assert!(value.iter().all(|v| v.is_finite()), "{name}: {value:?}");
+        let out = generation.finish().expect("finished");
+        assert_eq!(out.image.dims(), [1, 3, size, size], "{name}");
+        // Piece by piece: every stage's planning steps, its gate step and gated steps.
+        let mut generation = model.start(model.plan(&request).expect("planned"));
+        let mut phases = Vec::new();
+        while let Some(a) = generation.advance().expect("advanced") {
+            if let Work::Step(s) = a.work {
+                phases.push((s.stage, s.phase.name()));
+            }
+        }
+        let stage = if name == "sd1" { "unet" } else { "prior" };
+        for phase in ["semantics-planning", "fidelity-improving"] {
+            assert!(phases.contains(&(stage, phase)), "{name}: {phases:?}");
+        }
+    }
+    // Weights are never read: the same folder without configs is refused by name.
+    let mut bare = configs_only("sd1");
+    bare.files.remove("unet/config.json");
+    let err = Pipeline::placeholder(&bare, None, None, DType::F32, &cpu())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("unet/config.json"), "{err}");
 }
