@@ -1,6 +1,8 @@
-"""Exports the sd1 fixture UNet to ONNX for the browser benchmark against ONNX Runtime Web.
+"""Exports the sd1 fixture UNet (or, with `--unet DIR`, any diffusers UNet folder) to ONNX for the
+browser benchmark against ONNX Runtime Web.
 
-    python3 tests/export_onnx.py        # writes tests/fixtures/sd1/unet/model.onnx
+    python3 tests/export_onnx.py                    # writes tests/fixtures/sd1/unet/model.onnx
+    python3 tests/export_onnx.py --unet DIR         # writes DIR/model.onnx (DIR: a diffusers unet/ folder)
 
 The same network and the same weights as the fixture tgate's tests load: the graph is exported
 with torch's ONNX exporter from diffusers' `UNet2DConditionModel`, and every initializer that is a
@@ -14,6 +16,7 @@ Checks, after writing: ONNX Runtime (CPU) on the written file agrees with torch 
 (batch 2 and 1 at an 8x8 latent, batch 2 at 16x16); the script fails if it does not.
 Needs the packages in tests/requirements.txt plus `onnx`, `onnxscript` and `onnxruntime`.
 """
+import argparse
 import json
 import os
 import struct
@@ -59,9 +62,10 @@ def inputs(unet, batch, side, seed):
     )
 
 
-def main():
+def export(unet_dir=UNET):
+    """Writes `unet_dir`/model.onnx for the UNet in `unet_dir` and checks it against torch."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(UNET).eval()
+    unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     model = Forward(unet).eval()
     example = inputs(unet, 2, 16, 0)
     batch, h, w = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("h", max=256), torch.export.Dim("w", max=256)
@@ -86,7 +90,7 @@ def main():
         del node.metadata_props[:]
         node.doc_string = ""
     del graph.graph.value_info[:]
-    header, base, data = safetensors_index(os.path.join(UNET, WEIGHTS))
+    header, base, data = safetensors_index(os.path.join(unet_dir, WEIGHTS))
     # Initializers by content: the exporter may rename parameters, never change their bytes.
     by_bytes = {}
     for key, meta in header.items():
@@ -111,7 +115,7 @@ def main():
             entry = init.external_data.add()
             entry.key, entry.value = k, v
         moved += 1
-    out = os.path.join(UNET, "model.onnx")
+    out = os.path.join(unet_dir, "model.onnx")
     onnx.save(graph, out)
     onnx.checker.check_model(out)
     print(f"{out}: {os.path.getsize(out)} bytes; {moved} initializers read from {WEIGHTS}, {kept} inline ({kept_bytes} bytes)")
@@ -130,6 +134,13 @@ def main():
         print(f"  batch {b} latent {side}x{side}: max abs err {err:.3e} (scale {np.abs(want).max():.3f})")
     if worst > 1e-4:
         sys.exit(f"ONNX Runtime disagrees with torch: relative error {worst:.3e}")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Exports a diffusers UNet folder to ONNX (weights as external data).")
+    parser.add_argument("--unet", default=UNET, help="a diffusers unet/ folder (default: the sd1 fixture's)")
+    export(os.path.abspath(parser.parse_args(argv).unet))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,27 @@ const server = await serve({
       setTimeout(() => send(res, 404, Buffer.from('too late')), 5000);
       return true;
     }
+    // /slow/sd1/...: the sd1 fixture, each whole weight file held back 4 s (a slow network);
+    // byte ranges (the weight headers) at once.
+    const slow = p.match(/^\/slow\/sd1\/(.*)$/);
+    if (slow) {
+      const file = path.join(root, 'tests/fixtures/sd1', slow[1]);
+      if (!fs.existsSync(file)) { send(res, 404, Buffer.from('not found')); return true; }
+      const body = fs.readFileSync(file);
+      const range = /^bytes=(\d+)-(\d*)$/.exec(res.req.headers.range || '');
+      if (range) {
+        const start = Number(range[1]);
+        const end = Math.min(range[2] ? Number(range[2]) : body.length - 1, body.length - 1);
+        res.writeHead(206, {
+          'content-type': typeOf(p), 'content-length': end - start + 1, 'cache-control': 'no-store',
+          'content-range': `bytes ${start}-${end}/${body.length}`,
+        });
+        res.end(body.subarray(start, end + 1));
+        return true;
+      }
+      setTimeout(() => send(res, 200, body, typeOf(p)), p.endsWith('.safetensors') ? 4000 : 0);
+      return true;
+    }
     const t = p.match(/^\/today\/sd1\/(.*)$/);
     if (t) {
       const file = path.join(root, 'tests/fixtures/sd1', t[1]);
@@ -231,7 +252,18 @@ try {
     assert.ok(r.largestReadBytes > 0 && r.largestReadBytes < unet / 4, JSON.stringify(r));
     const last = r.upload[r.upload.length - 1];
     assert.ok(last && last[1] === r.weightBytes && last[0] > 0.9 * r.weightBytes, JSON.stringify(r.upload));
+    // 'auto': a 3 MB download hides no compilation, so none runs ahead.
+    assert.equal(r.precompile, undefined, JSON.stringify(r.precompile));
     return { ...r, upload: r.upload.length };
+  });
+  await step('precompile: kernels run on placeholder weights before the weights, then the references match', async () => {
+    const r = await call('precompileCase', { key: 'pipe.pndm.tgate' });
+    // 60 px is not a multiple of 8: only the precompilation is refused, by name.
+    assert.equal(r.refused && r.refused.error && r.refused.error.code, 'invalid_parameter', JSON.stringify(r.refused));
+    assert.match(r.refused.error.message, /width|multiple/, JSON.stringify(r.refused));
+    assert.ok(r.precompile.ms > 0 && r.precompile.launches > 500 && r.precompile.kernels > 50, JSON.stringify(r.precompile));
+    assert.ok(r.err <= tolerance * r.scale, `max abs err ${r.err} (scale ${r.scale})`);
+    return r;
   });
   for (const [label, gate, key] of [
     ['sd: pndm ungated', false, 'pipe.pndm.full'],
@@ -290,6 +322,96 @@ try {
           ort: { sessionMs: round(ort.sessionMs), firstMs: ort.firstMs, batch2Ms: round(ort.batch2Ms), batch1Ms: round(ort.batch1Ms) },
           // Below 1: ours is faster (batch 2 = a planning step, batch 1 = a gated step).
           oursOverOrt: { batch2: +(p.spMs / ort.batch2Ms).toFixed(2), batch1: +(p.fiMs / ort.batch1Ms).toFixed(2) },
+        };
+      });
+    }
+    // Time to first image when the weights take a while to arrive (the test server holds each
+    // weight file of /slow/sd1/ back 4 s, as a network would): with and without the
+    // precompilation, each in a fresh worker, same run.
+    await step('bench: first image with the weights arriving slowly, precompiled or not', async () => {
+      const runs = {};
+      for (const [name, precompile] of [['precompiled', true], ['notPrecompiled', false]]) {
+        await call('purgeCache');
+        runs[name] = await call('firstImage', '/slow/sd1/', precompile);
+      }
+      return { ...runs, ratio: +(runs.notPrecompiled.firstImageMs / runs.precompiled.firstImageMs).toFixed(2) };
+    });
+    // SD 1.5's UNet structure at a fifth of its width (37.5 M parameters, random weights) at
+    // 256×256 (32×32 latents, as SD 1.5's at 512): ours against ONNX Runtime Web on the same UNet
+    // and weights, then whole images gated and ungated. The model is made by
+    // tests/make_bench_sd15.py into target/bench-sd15/ (not committed: it needs Python and torch).
+    if (!fs.existsSync(path.join(root, 'target/bench-sd15/unet/model.onnx'))) {
+      console.log('skip bench sd15: no target/bench-sd15/unet/model.onnx (make it with: python3 tests/make_bench_sd15.py, e.g. /work/venv/bin/python)');
+    } else {
+      const round = (x) => (x == null ? x : Math.round(x));
+      const sd15 = {};
+      await step('bench sd15: load target/bench-sd15 (SD 1.5 UNet structure, 37.5 M random weights)', async () => {
+        const r = await call('loadUrl', '/target/bench-sd15/');
+        assert.equal(r.kind, 'sd');
+        return { dtype: r.dtype, weightBytes: r.weightBytes, fromNetwork: r.fromNetwork, fromCache: r.fromCache, ms: round(r.ms) };
+      });
+      await step('bench sd15: our UNet steps at 256×256 (planning = batch 2, gated = batch 1)', async () => {
+        const r = await call('sdTiming', null, { size: 256, steps: 8, gateStep: 4 });
+        assert.equal(r.finite, true);
+        const p = r.phases;
+        sd15.ours = p;
+        return {
+          // The first step compiles this model's kernels at this size.
+          firstStepMs: round(r.timings[0].ms),
+          planningMs: round(p.spMs), gatedMs: round(p.fiMs), gatedOverPlanning: +p.ratio.toFixed(2),
+          planningLaunches: p.spLaunches, gatedLaunches: p.fiLaunches,
+          planningEnqueueMs: round(p.spEnqueueMs), gatedEnqueueMs: round(p.fiEnqueueMs),
+          stepMs: r.timings.map((t) => round(t.ms)),
+        };
+      });
+      await step('bench sd15: ONNX Runtime Web on the same UNet at 256×256 (batch 2 and 1, same page)', async () => {
+        const ort = await call('ortTiming', '/target/bench-sd15/', { size: 256, runs: 3 });
+        const p = sd15.ours;
+        return {
+          ort: {
+            sessionMs: round(ort.sessionMs), firstMs: { 2: round(ort.firstMs[2]), 1: round(ort.firstMs[1]) },
+            batch2Ms: round(ort.batch2Ms), batch1Ms: round(ort.batch1Ms),
+          },
+          // Below 1: ours is faster (batch 2 = a planning step, batch 1 = a gated step).
+          oursOverOrt: p && { batch2: +(p.spMs / ort.batch2Ms).toFixed(2), batch1: +(p.fiMs / ort.batch1Ms).toFixed(2) },
+        };
+      });
+      // SD15_STEPS=<n> shortens the images (a smoke run); the gate at 40% of the steps, as the
+      // generator's default (10 of 25).
+      const steps = Number(process.env.SD15_STEPS || 25);
+      const gateStep = Math.round(0.4 * steps);
+      await step(`bench sd15: whole ${steps}-step image at 256×256, gated vs ungated (same run, same seed)`, async () => {
+        const base = { prompt: 'a tiny red fox', steps, guidance: 7.5, scheduler: 'pndm', width: 256, height: 256, seed: 11 };
+        // Warm-up (not reported): PNDM's kernels and the self-attention cache's store and reuse.
+        const warm = await call('generateTiming', { ...base, steps: 4, gate: { step: 4, spInterval: 2, fiInterval: 1, warmUp: 0 } });
+        const runs = {};
+        for (const [name, gate] of [
+          ['ungated', false],
+          ['gated', { step: gateStep }],
+          // tgate's defaults for its self-attention cache (TgateSDLoader: sp_interval 5, fi_interval 1, warm_up 2).
+          ['gatedSelfAttnCache', { step: gateStep, spInterval: 5, fiInterval: 1, warmUp: 2 }],
+        ]) {
+          const r = await call('generateTiming', { ...base, gate });
+          assert.equal(r.finite, true, `${name}: non-finite latents`);
+          assert.deepEqual(r.size, [256, 256]);
+          runs[name] = {
+            gate, totalMs: round(r.totalMs), wallMs: round(r.wallMs), unetMs: round(r.unetMs), unetCalls: r.unetCalls,
+            planningMs: round(r.phases.spMs), gatedMs: round(r.phases.fiMs),
+            stepMs: r.stepMs.map(round),
+          };
+        }
+        const ratio = (a, b) => +(a / b).toFixed(2);
+        return {
+          steps, gateStep, warmUpMs: round(warm.wallMs), ...runs,
+          // Above 1: gating saves time (ungated time over gated).
+          ungatedOverGated: {
+            total: ratio(runs.ungated.totalMs, runs.gated.totalMs),
+            unet: ratio(runs.ungated.unetMs, runs.gated.unetMs),
+          },
+          ungatedOverGatedSelfAttnCache: {
+            total: ratio(runs.ungated.totalMs, runs.gatedSelfAttnCache.totalMs),
+            unet: ratio(runs.ungated.unetMs, runs.gatedSelfAttnCache.unetMs),
+          },
         };
       });
     }

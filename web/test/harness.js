@@ -229,29 +229,57 @@ window.harness = {
     };
   },
 
-  /** A seeded gated run at `size`² for step times only (compute, not dispatch, dominates there). */
-  async sdTiming(fixture, { size, steps, gateStep }) {
-    const { json } = await reference(fixture);
+  /**
+   * A seeded gated run at `size`² for step times only (compute, not dispatch, dominates there),
+   * with the prompt and guidance of `fixture`'s references; `fixture` null: a model without
+   * references (the benchmark model), prompted with `prompt`.
+   */
+  async sdTiming(fixture, { size, steps, gateStep, prompt = 'a tiny red fox' }) {
+    const { json } = fixture ? await reference(fixture) : { json: { prompt, negative_prompt: '', guidance: 7.5 } };
     const out = await (await gen()).generate({
       prompt: json.prompt, negativePrompt: json.negative_prompt, steps, guidance: json.guidance,
       scheduler: 'ddim', width: size, height: size, seed: 7, gate: { step: gateStep },
     });
-    return { timings: out.timings.steps, phases: phases(out.timings.steps, 'unet') };
+    return { timings: out.timings.steps, phases: phases(out.timings.steps, 'unet'), finite: out.finite, totalMs: out.timings.totalMs };
+  },
+
+  /**
+   * One generation with `params` (the generator's own), for its times: `totalMs` (the result's:
+   * text encoding, every step, the VAE decode and the readback of the image), `wallMs` (around
+   * the call), `unetMs` (the steps' times summed) and the per-phase medians.
+   */
+  async generateTiming(params) {
+    const t0 = performance.now();
+    const out = await (await gen()).generate(params);
+    const wallMs = performance.now() - t0;
+    const steps = out.timings.steps;
+    return {
+      totalMs: out.timings.totalMs,
+      wallMs,
+      unetMs: steps.reduce((a, t) => a + t.ms, 0),
+      firstStepMs: steps.length ? steps[0].ms : null,
+      stepMs: steps.map((t) => t.ms),
+      unetCalls: steps.length,
+      phases: phases(steps, 'unet'),
+      finite: out.finite,
+      size: [out.image.width, out.image.height],
+    };
   },
 
   /**
    * The same UNet in ONNX Runtime Web's WebGPU backend (the engine behind most in-browser
-   * generators): `tests/fixtures/<fixture>/unet/model.onnx` (made by tests/export_onnx.py), its
-   * weights read from the fixture's safetensors as external data. Times the session, the first run
-   * at batch 2 and 1, then `runs` warm runs of each (a run includes reading the output back, as
-   * our step includes its one-value readback).
+   * generators): `<model>unet/model.onnx` (made by tests/export_onnx.py), its weights read from
+   * the folder's safetensors as external data. `model`: a model folder's URL ending in `/`
+   * (`/target/bench-sd15/`), or a fixture's name (`sd1`: `/tests/fixtures/sd1/`). Times the
+   * session, the first run at batch 2 and 1, then `runs` warm runs of each (a run includes
+   * reading the output back, as our step includes its one-value readback).
    */
-  async ortTiming(fixture, { size, runs = 3 }) {
+  async ortTiming(model, { size, runs = 3 }) {
     const dist = '/web/node_modules/onnxruntime-web/dist/';
     const ort = await import(`${dist}ort.webgpu.min.mjs`);
     ort.env.wasm.wasmPaths = dist;
     ort.env.wasm.numThreads = 1;
-    const base = `/tests/fixtures/${fixture}/unet/`;
+    const base = `${model.endsWith('/') ? model : `/tests/fixtures/${model}/`}unet/`;
     const cfg = await (await fetch(`${base}config.json`)).json();
     let t = performance.now();
     const session = await ort.InferenceSession.create(`${base}model.onnx`, {
@@ -390,6 +418,47 @@ window.harness = {
       failedRead = errorInfo(e);
     }
     return { failedRead, disarmed: !(await caches.has('tgate-test-readback-fails')) };
+  },
+
+  /**
+   * `load({ precompile })` on a fresh generator: the kernels run on placeholder weights before the
+   * weights arrive, then the real generation still matches the references (`key`); a size the
+   * model refuses fails the precompilation only, not the load.
+   */
+  async precompileCase({ key }) {
+    const own = await Generator.create();
+    const shared = generator;
+    try {
+      const base = { baseUrl: '/tests/fixtures/sd1/', kind: 'sd' };
+      const refused = await own.load({ ...base, precompile: { width: 60, height: 64 } });
+      const loaded = await own.load({ ...base, precompile: { width: 64, height: 64 } });
+      generator = own;
+      const r = await window.harness.sdCase('sd1', { scheduler: 'pndm', gate: { step: 3 }, key });
+      return { refused: refused.precompile, precompile: loaded.precompile, err: r.err, scale: r.scale, stepMs: r.timings.map((t) => Math.round(t.ms)) };
+    } finally {
+      generator = shared;
+      own.terminate();
+    }
+  },
+
+  /**
+   * Time to first image of the sd1 fixture served at `baseUrl` (slowly, by the test server) in a
+   * fresh worker, with `precompile` as given: load (download, precompilation), then 5 steps.
+   */
+  async firstImage(baseUrl, precompile) {
+    const g = await Generator.create();
+    try {
+      const t0 = performance.now();
+      const loaded = await g.load({ baseUrl, kind: 'sd', precompile });
+      const loadMs = performance.now() - t0;
+      const out = await g.generate({ prompt: 'a red fox', steps: 5, gate: { step: 2 }, seed: 3 });
+      return {
+        firstImageMs: performance.now() - t0, loadMs, precompile: loaded.precompile,
+        firstStepMs: out.timings.steps[0].ms, stepMs: out.timings.steps.map((t) => Math.round(t.ms)),
+      };
+    } finally {
+      g.terminate();
+    }
   },
 
   /**
