@@ -21,9 +21,9 @@ diffusers pipeline, as `StableDiffusionPipeline.save_pretrained` writes it:
                  channels (32, 32, 64, 64), 2 layers per block as SD's
   scheduler/     SD 1.5's PNDM scheduler_config.json, as the real checkpoint ships it
 
-Every parameter is randomised as tests/make_fixtures.py does (diffusers zero-initialises some
-layers, e.g. the UNet's conv_out): LayerNorm/GroupNorm weights 1+0.1N, biases 0.1N, embeddings N,
-Linear/Conv weights N/sqrt(fan_in). Weights are float32 safetensors.
+Every parameter is randomised (diffusers zero-initialises some layers, e.g. the UNet's conv_out):
+weights of rank >= 2 (linear, convolution, embedding) N/sqrt(fan_in), biases 0.1N, norm scales
+1+0.1N. Weights are float32 safetensors.
 """
 import json
 import os

@@ -17,7 +17,7 @@ run('cargo', ['build', '--release', '--target', 'wasm32-unknown-unknown',
 // cubecl's registrations, milliseconds each. `start()` in crates/tgate-wasm/src/lib.rs runs them
 // once; refuse a build where the wrappers are back (the names are still in cargo's output).
 const built = fs.readFileSync(path.join(root, 'target/wasm/wasm32-unknown-unknown/release/tgate_wasm.wasm'));
-if (built.includes('.command_export')) {
+if (built.includes('.command_export') || !built.includes('__wasm_call_ctors')) {
   throw new Error('the wasm module wraps its exports in static-constructor calls (`.command_export`): '
     + 'call __wasm_call_ctors once from the start function (crates/tgate-wasm/src/lib.rs)');
 }

@@ -103,7 +103,7 @@ export interface LoadOptions {
    * short generation (planning, gate and gated steps, decoder) on zero placeholder weights made
    * from the configs, at the model's own size (`true`) or at `{ width, height }` (the size of
    * the first generation you expect); `false` skips it. `'auto'` (the default): as `true` when at
-   * least 64 MiB of weights are not in the browser cache yet. */
+   * least 64 MiB of weights are not in the browser cache yet and no model is loaded. */
   precompile?: 'auto' | boolean | { width?: number; height?: number };
 }
 
@@ -129,7 +129,8 @@ export interface LoadResult {
    * (with range requests) before downloading; loads from `baseUrl` only. */
   weightDeviceBytes?: number;
   /** The precompilation's generation (see `LoadOptions.precompile`): its time, kernel launches
-   * and distinct kernels, or why it could not run (the load went on without it). */
+   * and distinct kernels, or why it could not run (the load went on without it; a crash of the
+   * worker fails the load as any crash does). */
   precompile?: { ms: number; launches: number; kernels: number } | { error: { code: string; message: string } };
   ms: number;
 }

@@ -226,7 +226,7 @@ async function chooseWeights(root, stem, take, ctx, missing) {
  */
 const PRECOMPILE_AUTO_BYTES = 64 * 2 ** 20;
 
-/** Stored bytes of the picked weights that are not in the browser cache yet. */
+/** Stored bytes of the picked checkpoints not wholly in the browser cache yet. */
 async function networkBytes(pending) {
   const cache = globalThis.caches ? await caches.open(CACHE) : null;
   let bytes = 0;
@@ -404,6 +404,7 @@ export class Generator {
   #lastLoad = null;
   #needsReload = false;
   #dtype = null; // the loaded model's compute dtype
+  #modelLoaded = false; // whether the worker holds a model
 
   constructor(workerUrl) {
     this.#workerUrl = workerUrl;
@@ -450,6 +451,7 @@ export class Generator {
     this.#pending.clear();
     if (this.#worker) this.#worker.terminate();
     this.#worker = null;
+    this.#modelLoaded = false;
     this.#needsReload = this.#lastLoad !== null;
   }
 
@@ -486,10 +488,12 @@ export class Generator {
    * weights download, with a short generation at the model's own size on zero placeholder
    * weights made from the configs; `{ width, height }` at that size instead (the size of the
    * first generation you expect); `false` skips it; `'auto'` (the default): as `true` when at
-   * least 64 MiB of weights are not in the browser cache yet (a download that hides it).
+   * least 64 MiB of weights are not in the browser cache yet (a download that hides it) and no
+   * model is loaded (its placeholders would sit beside that model on the GPU).
    * Resolves to `{ kind, width, height, dtype, bytes, fromCache, fromNetwork, weightBytes,
    * largestReadBytes, files, selected, precompile, ms }` (`precompile`: `{ ms, launches, kernels }`
-   * of that generation, or `{ error: { code, message } }` when it could not run: the load goes on): `files` lists, per model part, the weight files the
+   * of that generation, or `{ error: { code, message } }` when it could not run: the load goes on,
+   * unless the precompilation crashed the worker, which fails the load as any crash does): `files` lists, per model part, the weight files the
    * model was built from and why that variant (`[{ part, files, bytes, reason }]`); `selected`
    * the download choices (from `baseUrl` only).
    */
@@ -529,6 +533,7 @@ export class Generator {
     const stats = { bytes: 0, fromCache: 0, fromNetwork: 0 };
     let map;
     let priorMap = null;
+    let precompileToken = null;
     if (files) {
       map = toFileMap(files);
       if (priorFiles) priorMap = toFileMap(priorFiles);
@@ -560,10 +565,15 @@ export class Generator {
       });
       // The kernels compile on placeholder weights (made on the GPU from the configs) while the
       // weights download; the worker drops the placeholders before the real weights go up.
-      if (precompile === 'auto' ? await networkBytes(ctx.pending) >= PRECOMPILE_AUTO_BYTES : precompile !== false) {
+      // 'auto' only without a model in the worker: placeholders would sit beside it.
+      const wanted = precompile === 'auto'
+        ? !this.#modelLoaded && await networkBytes(ctx.pending) >= PRECOMPILE_AUTO_BYTES
+        : precompile !== false;
+      if (wanted && this.#worker) {
+        precompileToken = this.#next++;
         this.#worker.postMessage({
-          type: 'precompile', kind, files: map, priorFiles: priorMap, dtype, maxTensorBytes, maxMemoryBytes,
-          width: size.width, height: size.height,
+          type: 'precompile', token: precompileToken, kind, files: map, priorFiles: priorMap, dtype,
+          maxTensorBytes, maxMemoryBytes, width: size.width, height: size.height,
         });
       }
       for (const pick of ctx.pending) await downloadWeights(pick, ctx);
@@ -571,11 +581,17 @@ export class Generator {
     }
     const upload = onProgress && ((r) => onProgress({ phase: 'upload', loaded: r.loaded, total: r.total }));
     if (signal && signal.aborted) throw cancelled();
+    // The worker may have been replaced (a crash) while the weights downloaded.
+    if (!this.#worker) await this.#start();
+    // The worker drops its current model before reading the new one.
+    this.#modelLoaded = false;
     const loading = this.#request({
       type: 'load', kind, files: map, priorFiles: priorMap, dtype, variant, maxTensorBytes, maxMemoryBytes,
+      precompileToken,
     }, [], upload);
     const info = await this.#abortable(loading, signal);
     this.#dtype = info.dtype;
+    this.#modelLoaded = true;
     // Reloading after a worker replacement goes through the cache (URLs) or the caller's files.
     this.#lastLoad = {
       baseUrl, files, priorBaseUrl, priorFiles, kind, dtype, variant, maxTensorBytes, maxMemoryBytes,
@@ -624,7 +640,7 @@ export class Generator {
         // Half precision overflowed (NaN latents, a black image): load the model in f32 (from
         // the browser cache) and generate again with the same seed; later calls stay in f32.
         if (signal) signal.removeEventListener('abort', onAbort);
-        await this.load({ ...this.#lastLoad, dtype: 'f32', signal });
+        await this.load({ ...this.#lastLoad, dtype: 'f32', signal, precompile: false });
         const seed = result.seed === null ? params.seed : result.seed;
         const again = await this.generate({ signal, onStep, noise, output, ...params, seed });
         return { ...again, retriedInF32: true };

@@ -14,8 +14,10 @@ let ready = null;
 let busy = false;
 let trapped = null;
 let current = null; // the id of the running load or generation
-// The running kernel precompilation: resolves to its report (or `{ error }`), never rejects.
+// The last kernel precompilation: `{ token, promise, settle }`; `promise` resolves to its report
+// (or `{ error }`) and never rejects. Only the load sent with the same token reports it.
 let precompiling = null;
+const failedReport = (e) => ({ error: { code: (e && e.name) || 'internal', message: String((e && e.message) || e) } });
 const cancelled = new Set();
 const cancelWaiters = new Map(); // id → resolves the promise the running generation races against
 const CODES = new Set([
@@ -78,7 +80,15 @@ function memoryBudget(given) {
 // never settles): answer the running request, so nothing hangs.
 function onUncaught(event) {
   const err = event.error || event.reason || new Error(event.message || 'unknown error');
-  if (current === null) return;
+  if (current === null) {
+    // A trap in a precompilation's own work: its load must not wait for it forever, and the
+    // module is unusable (that load then fails as any crash does).
+    if (!precompiling) return;
+    event.preventDefault();
+    precompiling.settle(failedReport(err));
+    fail(undefined, err instanceof WebAssembly.RuntimeError ? err : new WebAssembly.RuntimeError(String((err && err.message) || err)));
+    return;
+  }
   event.preventDefault();
   const id = current;
   current = null;
@@ -96,8 +106,8 @@ self.onmessage = async (event) => {
     if (wake) wake();
     return;
   }
-  // A precompilation is only worth it before a load; never queued, never answered.
-  if (msg.type === 'precompile' && (busy || precompiling || trapped)) return;
+  // A precompilation is only worth it before a load; never answered.
+  if (msg.type === 'precompile' && (busy || trapped)) return;
   if (trapped) {
     fail(id, Object.assign(new Error(trapped.message), { name: trapped.code }));
     return;
@@ -112,22 +122,30 @@ self.onmessage = async (event) => {
       self.postMessage({ id, ok: true, result: null });
     } else if (msg.type === 'precompile') {
       // The model's kernels, compiled on placeholder weights while the real ones download.
+      // One at a time: a later one (its load never came, say) starts when the earlier has run.
       const limit = bindingLimit === undefined ? msg.maxTensorBytes : Math.min(bindingLimit, msg.maxTensorBytes || Infinity);
-      const failed = (e) => ({ error: { code: (e && e.name) || 'internal', message: String((e && e.message) || e) } });
+      const earlier = precompiling ? precompiling.promise : Promise.resolve();
+      let settle;
+      const promise = new Promise((resolve) => { settle = resolve; });
+      precompiling = { token: msg.token, promise, settle };
+      await earlier;
       try {
-        precompiling = engine.precompile(msg.kind, msg.files, msg.priorFiles || undefined, msg.dtype, msg.width, msg.height, limit, memoryBudget(msg.maxMemoryBytes))
-          .then((r) => r, failed);
+        engine.precompile(msg.kind, msg.files, msg.priorFiles || undefined, msg.dtype, msg.width, msg.height, limit, memoryBudget(msg.maxMemoryBytes))
+          .then(settle, (e) => settle(failedReport(e)));
       } catch (e) {
+        settle(failedReport(e));
         if (e instanceof WebAssembly.RuntimeError) throw e;
-        precompiling = Promise.resolve(failed(e));
       }
     } else if (msg.type === 'load') {
       busy = true;
       current = id;
       try {
-        // The placeholders of a precompilation go before the real weights take their memory.
-        const precompiled = precompiling ? await precompiling : undefined;
+        // The placeholders of a precompilation go before the real weights take their memory;
+        // only this load's own precompilation is reported.
+        const pending = precompiling;
         precompiling = null;
+        const report = pending ? await pending.promise : undefined;
+        const precompiled = pending && pending.token === msg.precompileToken ? report : undefined;
         // Progress is posted at most every 50 ms (and at the end), not per tensor.
         let last = 0;
         const limits = [bindingLimit, msg.maxTensorBytes].filter((v) => typeof v === 'number');

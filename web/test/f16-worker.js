@@ -5,6 +5,7 @@
 // page's f16 → f32 retry only.
 import '../src/worker.js';
 
+const SEEDS = 'tgate-test-f16-seeds';
 let pretend = false;
 const kinds = new Map(); // request id → 'load' | 'generate', until it is answered
 const post = self.postMessage.bind(self);
@@ -13,7 +14,12 @@ self.postMessage = (msg, transfer) => {
   if (kind && msg.ok !== undefined) {
     kinds.delete(msg.id);
     if (msg.ok && pretend && kind === 'load') msg.result.dtype = 'f16';
-    if (msg.ok && pretend && kind === 'generate') msg.result.finite = false;
+    if (msg.ok && pretend && kind === 'generate') {
+      msg.result.finite = false;
+      // The seed this (discarded) run drew, for the test to check that the retry reused it.
+      const seed = String(msg.result.seed);
+      caches.open(SEEDS).then((c) => c.put('/first-seed', new Response(seed)));
+    }
   }
   return transfer ? post(msg, transfer) : post(msg);
 };

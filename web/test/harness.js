@@ -434,7 +434,17 @@ window.harness = {
       const loaded = await own.load({ ...base, precompile: { width: 64, height: 64 } });
       generator = own;
       const r = await window.harness.sdCase('sd1', { scheduler: 'pndm', gate: { step: 3 }, key });
-      return { refused: refused.precompile, precompile: loaded.precompile, err: r.err, scale: r.scale, stepMs: r.timings.map((t) => Math.round(t.ms)) };
+      let orphan = null;
+      try {
+        await own.load({ baseUrl: '/nofull/sd1/', kind: 'sd', precompile: true });
+      } catch (e) {
+        orphan = errorInfo(e);
+      }
+      const after = await own.load({ ...base, precompile: false });
+      return {
+        refused: refused.precompile, precompile: loaded.precompile, err: r.err, scale: r.scale,
+        stepMs: r.timings.map((t) => Math.round(t.ms)), orphan, afterOrphan: { kind: after.kind, precompile: after.precompile },
+      };
     } finally {
       generator = shared;
       own.terminate();
@@ -471,16 +481,21 @@ window.harness = {
     try {
       const loaded = await g.load({ baseUrl: '/tests/fixtures/sd1/', kind: 'sd', dtype: 'f16' });
       const steps = [];
-      const params = { prompt: 'a red fox', steps: 3, scheduler: 'ddim', seed: 11 };
+      await caches.delete('tgate-test-f16-seeds');
+      // No seed given: the first (f16) run draws one, and the retry must reuse it.
+      const params = { prompt: 'a red fox', steps: 3, scheduler: 'ddim' };
       const retried = await g.generate({ ...params, onStep: (s) => steps.push(s.step) });
-      const plain = await g.generate(params);
+      const hit = await (await caches.open('tgate-test-f16-seeds')).match('/first-seed');
+      const firstSeed = hit ? Number(await hit.text()) : null;
+      await caches.delete('tgate-test-f16-seeds');
+      const plain = await g.generate({ ...params, seed: retried.seed });
       const a = retried.latents.latents.data;
       const b = plain.latents.latents.data;
       let diff = a.length === b.length ? 0 : Infinity;
       for (let i = 0; i < Math.min(a.length, b.length); i++) diff = Math.max(diff, Math.abs(a[i] - b[i]));
       return {
         loadedDtype: loaded.dtype, retriedInF32: Boolean(retried.retriedInF32), finite: retried.finite,
-        seed: retried.seed, stepsSeen: steps.length, plainRetried: Boolean(plain.retriedInF32),
+        seed: retried.seed, firstSeed, stepsSeen: steps.length, plainRetried: Boolean(plain.retriedInF32),
         plainFinite: plain.finite, maxDiff: diff,
       };
     } finally {

@@ -91,9 +91,10 @@ extern "C" {
 /// here, from the start function wasm-bindgen runs right after instantiation and before any
 /// other Rust code, makes wasm-ld leave the exports unwrapped.
 fn run_constructors_once() {
-    // SAFETY: runs once, first, on the module's only thread; the constructors only fill
-    // registries that nothing has read yet.
-    unsafe { __wasm_call_ctors() }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: runs once (`start` is exported too), first, on the module's only thread; the
+    // constructors only fill registries that nothing has read yet.
+    ONCE.call_once(|| unsafe { __wasm_call_ctors() });
 }
 
 /// A WebGPU device and the loaded model.

@@ -56,6 +56,13 @@ impl ModelSource for Placeholders<'_> {
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
         self.0.read(path)
     }
+    /// Weight files are never opened here (the loader makes placeholders instead).
+    fn open(&self, path: &str) -> Result<Option<Box<dyn ByteSource>>> {
+        Err(Error::param(
+            "placeholders",
+            format!("{path}: a placeholder pipeline reads no weight file"),
+        ))
+    }
     fn max_tensor_bytes(&self) -> Option<u64> {
         self.0.max_tensor_bytes()
     }

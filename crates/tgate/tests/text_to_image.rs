@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::DType;
 use common::*;
-use tgate::loader::{DirSource, MemorySource, Variant};
+use tgate::loader::{DirSource, MemorySource, ModelSource, Variant};
 use tgate::safetensors::write_f32;
 use tgate::text_to_image::{GateKnobs, NoiseSource, Pipeline, Request, Work};
 use tgate::Error;
@@ -350,11 +350,24 @@ fn placeholder_pipelines_read_no_weights_and_run_a_whole_warm_up() {
             assert!(phases.contains(&(stage, phase)), "{name}: {phases:?}");
         }
     }
-    // Weights are never read: the same folder without configs is refused by name.
+    // (`configs_only` holds no weight file: a placeholder load that read one would fail above.)
+    // A missing config is refused by name.
     let mut bare = configs_only("sd1");
     bare.files.remove("unet/config.json");
     let err = Pipeline::placeholder(&bare, None, None, DType::F32, &cpu())
         .err()
         .expect("refused");
     assert!(err.to_string().contains("unet/config.json"), "{err}");
+    // The device's buffer limit holds for placeholders too (CLIP's token embedding is the tiny
+    // model's largest tensor, 193792 bytes in f32), and they never open a weight file.
+    let limited = source("sd1").with_max_tensor_bytes(Some(193_791));
+    match Pipeline::placeholder(&limited, None, None, DType::F32, &cpu()) {
+        Err(Error::TensorTooLarge { file, tensor, .. }) => {
+            assert_eq!(file, "placeholder parameters");
+            assert!(tensor.contains("token_embedding"), "{tensor}");
+        }
+        other => panic!("expected TensorTooLarge, got {:?}", other.err()),
+    }
+    let weights = "unet/diffusion_pytorch_model.safetensors";
+    assert!(tgate::loader::Placeholders(&limited).open(weights).is_err());
 }
