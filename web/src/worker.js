@@ -146,15 +146,22 @@ self.onmessage = async (event) => {
         precompiling = null;
         const report = pending ? await pending.promise : undefined;
         const precompiled = pending && pending.token === msg.precompileToken ? report : undefined;
-        // Progress is posted at most every 50 ms (and at the end), not per tensor.
+        // Progress is posted at most every 50 ms, not per tensor, and the final count always
+        // (the last read may end short of the total, which is then never posted by itself).
         let last = 0;
+        let unposted = null;
         const limits = [bindingLimit, msg.maxTensorBytes].filter((v) => typeof v === 'number');
         const info = engine.load(msg.kind, msg.files, msg.priorFiles || undefined, (loaded, total) => {
           const now = performance.now();
-          if (now - last < 50 && loaded < total) return;
+          if (now - last < 50 && loaded < total) {
+            unposted = { loaded, total };
+            return;
+          }
           last = now;
+          unposted = null;
           self.postMessage({ id, type: 'progress', report: { loaded, total } });
         }, limits.length ? Math.min(...limits) : undefined, msg.dtype, msg.variant, memoryBudget(msg.maxMemoryBytes));
+        if (unposted) self.postMessage({ id, type: 'progress', report: unposted });
         if (precompiled) info.precompile = precompiled;
         self.postMessage({ id, ok: true, result: info });
       } finally {

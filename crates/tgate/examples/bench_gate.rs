@@ -2,10 +2,18 @@
 //!
 //! ```text
 //! cargo run -p tgate --example bench_gate [--features wgpu] -- [--backend cpu|wgpu]
-//!     [--model sd15|small|both] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
+//!     [--model sd15|small|both|CONFIG.json] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
 //!     [--no-kernels] [--memory-only] [--deepcache-interval N] [--deepcache-branch K]
-//!     [--before-after] [--no-deepcache] [--default-malloc] [--max-tensor-mib N]
+//!     [--before-after] [--no-deepcache] [--default-malloc] [--max-tensor-mib N] [--one-ahead-too]
 //! ```
+//! The timed loops wait for the device after each step (`tgate::stage::set_one_ahead(false)`), so
+//! each step's time is its own; generations enqueue one step ahead of the one they wait for.
+//! `--one-ahead-too` runs the gated loop a second time that way and prints both totals, with
+//! the host's time to enqueue a step (what the device idles per step in lockstep). Where the
+//! host blocks while it enqueues (lavapipe runs kernels on the CPU), one step ahead cannot gain.
+//! `--model PATH`: a UNet `config.json` (or a folder holding one), random weights of its shape.
+//! `--sp-interval N --fi-interval N --warm-up N`: tgate's self-attention cache in the gated loops
+//! (default 1, 1, 0: the original T-GATE; tgate's `pipe.tgate()` uses 5, 1, 2).
 //! `--max-tensor-mib N`: cap every tensor at N MiB as a device with that binding limit would
 //! (WebGPU's default is 128): weights over it fail to load, attention splits its queries to fit.
 //! `--default-malloc`: leave glibc's malloc as it is (by default the benchmark calls
@@ -27,7 +35,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use tgate::deepcache::DeepCacheConfig;
-use tgate::nn::{macs, reset_macs};
+
 use tgate::noise::randn;
 use tgate::pipeline::{denoise, GenerateParams, Noise, StepInfo};
 use tgate::profile::{class_of, device_memory, observe, Launches, Timing};
@@ -67,6 +75,9 @@ struct Args {
     deepcache_runs: bool,
     default_malloc: bool,
     max_tensor_mib: Option<u64>,
+    one_ahead_too: bool,
+    /// sp_interval, fi_interval, warm_up of the gated loops.
+    knobs: (usize, usize, usize),
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -84,6 +95,8 @@ fn parse_args() -> Result<Args, String> {
         deepcache_runs: true,
         default_malloc: false,
         max_tensor_mib: None,
+        one_ahead_too: false,
+        knobs: (1, 1, 0),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -99,6 +112,14 @@ fn parse_args() -> Result<Args, String> {
             "--no-kernels" => a.kernels = false,
             "--before-after" => a.before_after = true,
             "--no-deepcache" => a.deepcache_runs = false,
+            "--one-ahead-too" => a.one_ahead_too = true,
+            "--sp-interval" => {
+                a.knobs.0 = val()?.parse().map_err(|e| format!("--sp-interval: {e}"))?
+            }
+            "--fi-interval" => {
+                a.knobs.1 = val()?.parse().map_err(|e| format!("--fi-interval: {e}"))?
+            }
+            "--warm-up" => a.knobs.2 = val()?.parse().map_err(|e| format!("--warm-up: {e}"))?,
             "--default-malloc" => a.default_malloc = true,
             "--max-tensor-mib" => {
                 a.max_tensor_mib = Some(
@@ -153,6 +174,8 @@ fn device(backend: &str) -> Result<(Device, Option<u64>), String> {
 struct Run {
     /// Phase, seconds, MACs, DeepCache shallow.
     steps: Vec<(Phase, f64, u64, bool)>,
+    /// Phase, host seconds to enqueue the step.
+    enqueue: Vec<(Phase, f64)>,
 }
 
 impl Run {
@@ -179,6 +202,16 @@ impl Run {
     fn total(&self) -> f64 {
         self.steps.iter().map(|s| s.1).sum()
     }
+    /// Mean host time to enqueue a step of `phase`.
+    fn enqueue_mean(&self, phase: Phase) -> f64 {
+        let e: Vec<f64> = self
+            .enqueue
+            .iter()
+            .filter(|e| e.0 == phase)
+            .map(|e| e.1)
+            .collect();
+        e.iter().sum::<f64>() / e.len().max(1) as f64
+    }
 }
 
 fn run(
@@ -188,7 +221,7 @@ fn run(
     cond: &Tensor<3>,
 ) -> Result<Run, String> {
     let mut steps = Vec::new();
-    reset_macs();
+    let mut enqueue = Vec::new();
     denoise(
         unet,
         sched,
@@ -196,13 +229,13 @@ fn run(
         cond.clone(),
         Some(cond.clone()),
         &mut |s: &StepInfo| {
-            steps.push((s.phase, s.seconds, macs(), s.shallow));
-            reset_macs();
+            steps.push((s.phase, s.seconds, s.macs, s.shallow));
+            enqueue.push((s.phase, s.enqueue_seconds));
             ControlFlow::Continue(())
         },
     )
     .map_err(|e| e.to_string())?;
-    Ok(Run { steps })
+    Ok(Run { steps, enqueue })
 }
 
 /// One UNet forward at batch `b` with the cache in the given modes, waited for.
@@ -428,7 +461,14 @@ fn bench(
         noise: Noise::Seed(0),
         clip_skip: 0,
     };
-    println!("== {name}: {size}x{size} px, {} steps, gate_step {gate_step}, random weights (built in {:.1} s)", a.steps, t0.elapsed().as_secs_f64());
+    let knobs = GateConfig {
+        gate_step,
+        sp_interval: a.knobs.0,
+        fi_interval: a.knobs.1,
+        warm_up: a.knobs.2,
+    };
+    knobs.validate(a.steps).map_err(|e| e.to_string())?;
+    println!("== {name}: {size}x{size} px, {} steps, gate_step {gate_step}, sp_interval {}, fi_interval {}, warm_up {}, random weights (built in {:.1} s)", a.steps, knobs.sp_interval, knobs.fi_interval, knobs.warm_up, t0.elapsed().as_secs_f64());
     if a.memory_only {
         memory(&unet, size, &cond, a.dtype, device);
         return Ok(());
@@ -464,9 +504,15 @@ fn bench(
         )?;
         p.gate = None;
         let ungated = run(&unet, &sched, &p, &cond)?;
-        p.gate = Some(GateConfig::original(gate_step));
+        p.gate = Some(knobs);
         let gated = run(&unet, &sched, &p, &cond)?;
         report(&ungated, &gated)?;
+        if a.one_ahead_too {
+            tgate::stage::set_one_ahead(true);
+            let ahead = run(&unet, &sched, &p, &cond);
+            tgate::stage::set_one_ahead(false);
+            report_one_ahead(&ahead?, &gated);
+        }
         results.push((counts, ungated, gated));
     }
     if let [(before_counts, before_u, before_g), (after_counts, after_u, after_g)] = &results[..] {
@@ -501,10 +547,31 @@ fn bench(
     p.gate = None;
     p.deep_cache = Some(a.deep_cache);
     let deep = run(&unet, &sched, &p, &cond)?;
-    p.gate = Some(GateConfig::original(gate_step));
+    p.gate = Some(knobs);
     let both = run(&unet, &sched, &p, &cond)?;
     report_deep(&a.deep_cache, &ungated, &gated, &deep, &both);
     Ok(())
+}
+
+/// The gated loop enqueued one step ahead against the same loop waiting after each step.
+fn report_one_ahead(ahead: &Run, lockstep: &Run) {
+    let sp = Phase::SemanticsPlanning;
+    let fi = Phase::FidelityImproving;
+    let step = |r: &Run, phase| r.phase(phase).map(|(_, t, _)| t).unwrap_or(f64::NAN);
+    println!(
+        "  one step ahead vs waiting after each step (gated loop, same run): {:.2} s vs {:.2} s ({:.3}x faster); planning step {:.1} vs {:.1} ms, gated step {:.1} vs {:.1} ms (one step ahead, a step's time is the interval between completions); host time to enqueue a step: planning {:.1} ms, gated {:.1} ms (lockstep: {:.1} / {:.1} ms)",
+        ahead.total(),
+        lockstep.total(),
+        lockstep.total() / ahead.total(),
+        step(ahead, sp) * 1e3,
+        step(lockstep, sp) * 1e3,
+        step(ahead, fi) * 1e3,
+        step(lockstep, fi) * 1e3,
+        ahead.enqueue_mean(sp) * 1e3,
+        ahead.enqueue_mean(fi) * 1e3,
+        lockstep.enqueue_mean(sp) * 1e3,
+        lockstep.enqueue_mean(fi) * 1e3,
+    );
 }
 
 /// DeepCache alone and with the gate, full and shallow steps apart, and the whole-loop
@@ -560,11 +627,22 @@ fn main() {
             None => limit,
         };
         println!("backend {} ({device:?})", a.backend);
+        // Each step's time its own (see the module docs).
+        tgate::stage::set_one_ahead(false);
         if a.model == "small" || a.model == "both" {
             bench("small", SMALL_UNET, &a, &device, limit)?;
         }
         if a.model == "sd15" || a.model == "both" {
             bench("sd15", SD15_UNET, &a, &device, limit)?;
+        }
+        if !["small", "sd15", "both"].contains(&a.model.as_str()) {
+            let mut path = std::path::PathBuf::from(&a.model);
+            if path.is_dir() {
+                path.push("config.json");
+            }
+            let json = std::fs::read_to_string(&path)
+                .map_err(|e| format!("--model {}: {e}", path.display()))?;
+            bench(&path.display().to_string(), &json, &a, &device, limit)?;
         }
         Ok(())
     });

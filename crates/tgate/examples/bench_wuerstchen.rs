@@ -10,12 +10,13 @@
 //! and MACs per step (counted from the layers actually run), and the gated / ungated ratios of
 //! the whole loop, both runs measured in the same process. On wgpu also the kernels
 //! (`tgate::profile`): distinct kernels compiled by the cold warm-up run, launches per planning
-//! and per gated step, and the device memory reserved.
+//! and per gated step, and the device memory reserved. The loops wait for the device after each
+//! step (`tgate::stage::set_one_ahead(false)`), so each step's time and launches are its own.
 
 use std::ops::ControlFlow;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use tgate::nn::{macs, reset_macs};
+
 use tgate::noise::randn;
 use tgate::pipeline::StepInfo;
 use tgate::pipeline_wuerstchen::{denoise_prior, WuerstchenNoise, WuerstchenParams};
@@ -105,10 +106,8 @@ fn run(
     uncond: &Tensor<3>,
 ) -> Result<Vec<(Phase, f64, u64)>, String> {
     let mut steps = Vec::new();
-    reset_macs();
     run_with(prior, p, shape, cond, uncond, &mut |s| {
-        steps.push((s.phase, s.seconds, macs()));
-        reset_macs();
+        steps.push((s.phase, s.seconds, s.macs));
     })?;
     Ok(steps)
 }
@@ -247,6 +246,7 @@ fn main() {
     let result = parse_args().and_then(|a| {
         let device = device(&a.backend)?;
         println!("backend {} ({device:?})", a.backend);
+        tgate::stage::set_one_ahead(false);
         if a.model == "small" || a.model == "both" {
             bench("small", SMALL, &a, &device)?;
         }

@@ -8,6 +8,7 @@
 //! ([`crate::pipeline_wuerstchen::StageDenoiser`]) implement it; [`crate::text_to_image`]
 //! sequences them.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::Pin;
@@ -48,6 +49,14 @@ pub struct EnqueuedStep {
 impl EnqueuedStep {
     /// The step's report once the device has finished it.
     pub fn finish(self, seconds: f64) -> StepInfo {
+        self.finish_measured(Measured {
+            seconds,
+            ..Measured::default()
+        })
+    }
+
+    /// The step's report with what the native loop measured.
+    pub fn finish_measured(self, m: Measured) -> StepInfo {
         StepInfo {
             stage: self.stage,
             index: self.index,
@@ -55,7 +64,9 @@ impl EnqueuedStep {
             timestep: self.timestep,
             phase: self.phase,
             shallow: self.shallow,
-            seconds,
+            seconds: m.seconds,
+            enqueue_seconds: m.enqueue_seconds,
+            macs: m.macs,
         }
     }
 }
@@ -74,21 +85,28 @@ pub struct StepInfo {
     pub shallow: bool,
     /// Wall time of the iteration in seconds (measured after the device finished it).
     pub seconds: f64,
+    /// Host time spent enqueuing it (0 where not measured).
+    pub enqueue_seconds: f64,
+    /// Multiply-accumulates its layers issued (0 where not measured).
+    pub macs: u64,
 }
 
-/// A readback queued on the device behind the work enqueued so far, not yet awaited: the
-/// browser worker's way to wait for a step while it enqueues the next one.
+/// A readback queued on the device behind the work enqueued so far, not yet awaited: how a loop
+/// waits for one step while it enqueues the next.
 ///
 /// [`Readback::issue`] starts the read at once (the fused operations so far are launched and the
 /// copy to a mappable buffer is submitted), so the caller can enqueue the next piece of work
-/// before awaiting this one. In a browser the read is eager and resolves when the device has
-/// finished the work before it; hand an unfinished one to the executor rather than dropping it (a
-/// staging buffer still being mapped must not be reused). Natively burn's cubecl reads are lazy
-/// (the copy happens when the bytes are first touched), so native loops wait with [`sync`].
-pub enum Readback {
+/// before awaiting this one. The read resolves when the device has finished the work before it.
+/// burn's cubecl reads are lazy on native builds (the copy would be queued when the bytes are
+/// first touched, behind everything enqueued since); `issue` asks for an eager one there. A read
+/// dropped unfinished is completed in the background (a staging buffer still being mapped must
+/// not be reused): natively on a thread of its own; in a browser hand it to the executor.
+pub struct Readback(Option<ReadState>);
+
+enum ReadState {
     /// The read is on its way.
     Pending(ReadFuture),
-    /// The read finished when it was issued (CPU backends, lazy native reads).
+    /// The read finished when it was issued (CPU backends compute as they enqueue).
     Ready(std::result::Result<TensorData, ExecutionError>),
 }
 
@@ -102,17 +120,103 @@ impl Readback {
         // One poll runs the read up to its first real wait (the buffer mapping); the waker is
         // not needed, whoever awaits the result later polls again with its own.
         let mut cx = Context::from_waker(Waker::noop());
-        match read.as_mut().poll(&mut cx) {
-            Poll::Ready(out) => Readback::Ready(out),
-            Poll::Pending => Readback::Pending(read),
-        }
+        let polled = {
+            let _eager = eager::Reads::declare();
+            read.as_mut().poll(&mut cx)
+        };
+        Readback(Some(match polled {
+            Poll::Ready(out) => ReadState::Ready(out),
+            Poll::Pending => ReadState::Pending(read),
+        }))
+    }
+
+    /// Whether the values were already there when the read was issued (the work ran as it was
+    /// enqueued).
+    pub fn was_ready(&self) -> bool {
+        matches!(self.0, Some(ReadState::Ready(_)))
     }
 
     /// The values, once the device has finished the work before the read.
-    pub async fn data(self) -> std::result::Result<TensorData, ExecutionError> {
-        match self {
-            Readback::Pending(read) => read.await,
-            Readback::Ready(out) => out,
+    pub async fn data(mut self) -> std::result::Result<TensorData, ExecutionError> {
+        match self.0.take() {
+            Some(ReadState::Pending(read)) => read.await,
+            Some(ReadState::Ready(out)) => out,
+            None => unreachable!("a readback is only emptied by data() or drop"),
+        }
+    }
+
+    /// Natively: blocks until the values are there.
+    pub fn wait(self) -> Result<TensorData> {
+        let data = burn::tensor::try_read_sync(self.data())
+            .ok_or_else(|| {
+                Error::Device("this platform cannot block on a device read; await it".into())
+            })?
+            .map_err(|e| {
+                Error::Device(format!(
+                    "the GPU work did not complete (a lost or reset device, or memory exhausted): {e:?}"
+                ))
+            })?;
+        // A lazy read (another thread's declaration, say) copies when its bytes are touched.
+        let _ = data.as_bytes().len();
+        Ok(data)
+    }
+}
+
+impl Drop for Readback {
+    fn drop(&mut self) {
+        #[cfg(not(target_family = "wasm"))]
+        if let Some(ReadState::Pending(read)) = self.0.take() {
+            // Blocking here could hang the caller on a lost device; the thread can wait.
+            let _ = std::thread::Builder::new()
+                .name("tgate-readback".into())
+                .spawn(move || {
+                    let _ = burn::tensor::try_read_sync(read);
+                });
+        }
+    }
+}
+
+/// Eager device reads on native builds, for the duration of a [`Reads`] guard.
+mod eager {
+    #[cfg(not(target_family = "wasm"))]
+    use burn_std::{runtime_kind, set_runtime_kind, RuntimeKind};
+    #[cfg(not(target_family = "wasm"))]
+    use std::sync::Mutex;
+
+    /// burn reads eagerly when the host declares an asynchronous runtime, lazily otherwise (the
+    /// only use of the declaration in burn 0.22). The declaration is process-wide: guards
+    /// overlapping on several threads are counted, and the last one restores what the host had
+    /// declared. A read made eager by another thread's guard is still correct.
+    #[cfg(not(target_family = "wasm"))]
+    static ACTIVE: Mutex<(usize, RuntimeKind)> = Mutex::new((0, RuntimeKind::Sync));
+
+    pub struct Reads(());
+
+    impl Reads {
+        pub fn declare() -> Self {
+            #[cfg(not(target_family = "wasm"))]
+            {
+                let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+                if active.0 == 0 {
+                    active.1 = runtime_kind();
+                    set_runtime_kind(RuntimeKind::Async);
+                }
+                active.0 += 1;
+            }
+            Reads(())
+        }
+    }
+
+    impl Drop for Reads {
+        fn drop(&mut self) {
+            #[cfg(not(target_family = "wasm"))]
+            {
+                let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+                active.0 -= 1;
+                if active.0 == 0 {
+                    set_runtime_kind(active.1);
+                }
+            }
         }
     }
 }
@@ -126,31 +230,151 @@ pub fn sync(device: &Device) -> Result<()> {
     })
 }
 
-/// Runs a stage to its end natively: enqueues each step, waits for the device (so step times
-/// are real) and reports it; `on_step` may stop the run ([`Error::Cancelled`]).
+thread_local! {
+    static ONE_AHEAD: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether native loops ([`drive`], [`crate::text_to_image::Generation::run`]) enqueue one piece
+/// of work ahead of the one they wait for (the default), or wait for the device after each piece
+/// (`false`: for benchmarks that compare both in one run, or attribute per-thread counters to
+/// single steps). Per thread.
+pub fn set_one_ahead(on: bool) {
+    ONE_AHEAD.with(|c| c.set(on));
+}
+
+/// See [`set_one_ahead`].
+pub fn one_ahead() -> bool {
+    ONE_AHEAD.with(|c| c.get())
+}
+
+/// What the host measured of one piece of work.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Measured {
+    /// From the completion of the piece before (or the loop's start) to this one's completion.
+    pub seconds: f64,
+    /// Host time spent enqueuing the piece: what the device would idle per piece if the loop
+    /// waited after each one.
+    pub enqueue_seconds: f64,
+    /// Multiply-accumulates its layers issued ([`crate::nn::macs`]).
+    pub macs: u64,
+}
+
+/// The first value of latents `[b, c, h, w]`: ready once the work that wrote them is.
+pub(crate) fn probe_of(t: &Tensor<4>) -> Tensor<1> {
+    t.clone().slice([0..1, 0..1, 0..1, 0..1]).reshape([1])
+}
+
+struct InFlight<W> {
+    work: W,
+    read: Readback,
+    /// When the read was ready at once: the work ran as it was enqueued (CPU backends).
+    done_at: Option<Instant>,
+    enqueue_seconds: f64,
+    macs: u64,
+}
+
+/// The native loop behind [`drive`] and [`crate::text_to_image::Generation::run`]: `enqueue`
+/// puts the next piece of work on the device without waiting (its probe: one value ready when
+/// the piece is), and the loop waits for piece `i` only after piece `i + 1` is enqueued, so the
+/// device never idles while the host builds a step (see [`set_one_ahead`]). A piece for which
+/// `ends_stage` is true is waited for before the next is enqueued (the next stage's first
+/// kernels are built on the host, and would land in the last step's time). `done` sees each
+/// piece once the device finished it; it may stop the run ([`Error::Cancelled`]). The piece then
+/// in flight finishes unobserved.
 ///
-/// Natively the wait costs nothing to overlap: cubecl-wgpu 0.11 itself waits for the device
-/// every 64 buffer writes on native builds, so host and device run in lockstep anyway, and the
-/// CPU backend computes as it enqueues. The browser worker enqueues one step ahead instead
-/// (see [`Readback`]).
+/// The loop first waits for `device` to finish what is already on it: a device lost since its
+/// last use is then reported as [`Error::Device`] before any new work is written to it (wgpu
+/// learns of a loss when it next polls the device; a write before that is a validation error,
+/// which cubecl raises as a panic).
+pub(crate) fn pipelined<S: ?Sized, W>(
+    device: &Device,
+    state: &mut S,
+    mut enqueue: impl FnMut(&mut S) -> Result<Option<(W, Tensor<1>)>>,
+    ends_stage: impl Fn(&W) -> bool,
+    mut done: impl FnMut(&mut S, W, Measured) -> ControlFlow<()>,
+) -> Result<()> {
+    sync(device)?;
+    let ahead = one_ahead();
+    let mut last_done = Instant::now();
+    // Whether the pieces so far were done when their reads were issued: the backend computes as
+    // it enqueues (the CPU), and a piece's time ends when its enqueueing does. Otherwise a piece
+    // is done when its wait returns, as in the browser (a device that sometimes keeps up with
+    // the host must not credit a step with its neighbour's time).
+    let mut computed_on_enqueue = true;
+    let mut finish = |state: &mut S, piece: InFlight<W>| -> Result<()> {
+        let InFlight {
+            work,
+            read,
+            done_at,
+            enqueue_seconds,
+            macs,
+        } = piece;
+        read.wait()?;
+        computed_on_enqueue &= done_at.is_some();
+        let now = match done_at {
+            Some(at) if computed_on_enqueue => at,
+            _ => Instant::now(),
+        };
+        let measured = Measured {
+            seconds: now.saturating_duration_since(last_done).as_secs_f64(),
+            enqueue_seconds,
+            macs,
+        };
+        last_done = now;
+        match done(state, work, measured) {
+            ControlFlow::Continue(()) => Ok(()),
+            ControlFlow::Break(()) => Err(Error::Cancelled),
+        }
+    };
+    let mut pending: Option<InFlight<W>> = None;
+    loop {
+        if let Some(piece) = pending.take_if(|p| ends_stage(&p.work)) {
+            finish(state, piece)?;
+        }
+        let started = Instant::now();
+        let macs_before = crate::nn::macs();
+        let next = enqueue(state)?.map(|(work, probe)| {
+            let read = Readback::issue(probe);
+            InFlight {
+                work,
+                done_at: read.was_ready().then(Instant::now),
+                read,
+                enqueue_seconds: started.elapsed().as_secs_f64(),
+                macs: crate::nn::macs().wrapping_sub(macs_before),
+            }
+        });
+        if let Some(piece) = pending.take() {
+            finish(state, piece)?;
+        }
+        match next {
+            None => return Ok(()),
+            Some(piece) if !ahead => finish(state, piece)?,
+            Some(piece) => pending = Some(piece),
+        }
+    }
+}
+
+/// Runs a stage to its end natively, one step enqueued ahead of the one waited for (see
+/// [`pipelined`]); `on_step` sees each step once the device finished it and may stop the run
+/// ([`Error::Cancelled`]).
 pub fn drive(
     stage: &mut dyn Stage,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
 ) -> Result<Vec<StepInfo>> {
-    let device = stage.latents().device();
     let mut infos = Vec::with_capacity(stage.total());
-    loop {
-        let started = Instant::now();
-        let Some(enqueued) = stage.step()? else {
-            return Ok(infos);
-        };
-        sync(&device)?;
-        let info = enqueued.finish(started.elapsed().as_secs_f64());
-        infos.push(info);
-        if on_step(&info).is_break() {
-            return Err(Error::Cancelled);
-        }
-    }
+    let device = stage.latents().device();
+    pipelined(
+        &device,
+        stage,
+        |stage| Ok(stage.step()?.map(|s| (s, probe_of(stage.latents())))),
+        |_| false,
+        |_, step, measured| {
+            let info = step.finish_measured(measured);
+            infos.push(info);
+            on_step(&info)
+        },
+    )?;
+    Ok(infos)
 }
 
 /// Per-phase means of a run's steps, for summaries: `(stage, phase, steps, mean seconds)` in
@@ -200,6 +424,8 @@ mod tests {
             phase,
             shallow: false,
             seconds,
+            enqueue_seconds: 0.0,
+            macs: 0,
         };
         let steps = [
             s("prior", Phase::SemanticsPlanning, 2.0),

@@ -11,7 +11,6 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device, Tensor};
-use web_time::Instant;
 
 use crate::deepcache::DeepCacheConfig;
 use crate::error::{Error, Result};
@@ -21,7 +20,7 @@ use crate::pipeline_wuerstchen::{Wuerstchen, WuerstchenLayout, WuerstchenNoise, 
 use crate::safetensors::SafeTensors;
 use crate::schedulers::ddpm_wuerstchen::default_stage_c_timesteps;
 use crate::schedulers::SchedulerKind;
-use crate::stage::{EnqueuedStep, Stage, StepInfo};
+use crate::stage::{probe_of, EnqueuedStep, Stage, StepInfo};
 use crate::tgate::GateConfig;
 
 /// The model families a folder can hold.
@@ -610,10 +609,6 @@ impl Output {
     }
 }
 
-fn probe_of(t: &Tensor<4>) -> Tensor<1> {
-    t.clone().slice([0..1, 0..1, 0..1, 0..1]).reshape([1])
-}
-
 impl<'m> Generation<'m> {
     pub fn plan(&self) -> &Plan {
         &self.plan
@@ -753,24 +748,27 @@ impl<'m> Generation<'m> {
         }
     }
 
-    /// Runs the generation to its end natively, waiting for the device after every piece of
-    /// work (so step times are real; see [`crate::stage::drive`]); `on_step` may stop the run
-    /// ([`Error::Cancelled`]).
+    /// Runs the generation to its end natively, one piece of work enqueued ahead of the one
+    /// waited for (see [`crate::stage::pipelined`]; a stage's last step is waited for before the
+    /// next stage or the decoder is enqueued); `on_step` sees each step once the device finished
+    /// it and may stop the run ([`Error::Cancelled`]).
     pub fn run(mut self, on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>) -> Result<Output> {
         let device = self.pipeline.device().clone();
-        loop {
-            let started = Instant::now();
-            let Some(advance) = self.advance()? else {
-                return self.finish();
-            };
-            crate::stage::sync(&device)?;
-            if let Work::Step(step) = advance.work {
-                let info = self.record(step, started.elapsed().as_secs_f64());
-                if on_step(&info).is_break() {
-                    return Err(Error::Cancelled);
+        crate::stage::pipelined(
+            &device,
+            &mut self,
+            |g| Ok(g.advance()?.map(|a| (a.work, a.probe))),
+            |work| matches!(work, Work::Step(s) if s.index + 1 == s.total),
+            |g, work, measured| match work {
+                Work::Step(step) => {
+                    let info = step.finish_measured(measured);
+                    g.steps.push(info);
+                    on_step(&info)
                 }
-            }
-        }
+                _ => ControlFlow::Continue(()),
+            },
+        )?;
+        self.finish()
     }
 }
 

@@ -397,3 +397,91 @@ fn check_norm_kernel() {
         }
     }
 }
+
+/// The native loops enqueue one step ahead of the one they wait for. On wgpu the readback they
+/// wait with is eager (still on its way when more work is queued behind it: a lazy read would be
+/// "ready" at once and never wait), and burn's runtime declaration is restored after it; a
+/// generation run one step ahead equals the same generation waiting after each step, bit for
+/// bit; its steps come in order with their own times, enqueue times and MACs; a cancel answers
+/// while a step is in flight, and the device then runs the next generation unharmed.
+#[test]
+fn native_loops_run_one_step_ahead() {
+    use burn::tensor::{Distribution, Tensor};
+    use tgate::error::Error;
+    use tgate::stage::{set_one_ahead, Readback};
+    use tgate::text_to_image::{read_f32, NoiseSource, Request};
+    let device = gpu();
+
+    // About half a second of work on lavapipe, then a read of its result.
+    let mut x = Tensor::<2>::random([384, 384], Distribution::Default, &device);
+    for _ in 0..8 {
+        x = x.clone().matmul(x) * 1e-3;
+    }
+    let expected = x.clone().slice([0..1, 0..1]).into_data();
+    let before = burn_std::runtime_kind();
+    let read = Readback::issue(x.slice([0..1, 0..1]));
+    assert_eq!(
+        burn_std::runtime_kind(),
+        before,
+        "the declaration is restored"
+    );
+    assert!(
+        !read.was_ready(),
+        "a read issued behind unfinished work must be on its way, not ready (a lazy read)"
+    );
+    let got = read.wait().expect("the read completes");
+    assert_eq!(
+        got.to_vec::<f32>().unwrap(),
+        expected.to_vec::<f32>().unwrap()
+    );
+
+    let model = load_pipeline(&source("sd1"), &device);
+    let mut request = Request::new("a red fox", NoiseSource::Seed(7));
+    request.steps = Some(4);
+    let run = |ahead: bool| {
+        set_one_ahead(ahead);
+        let mut seen = Vec::new();
+        let out = model.generate(&request, &mut |s| {
+            seen.push(s.index);
+            ControlFlow::Continue(())
+        });
+        set_one_ahead(true);
+        let out = out.expect("generates");
+        // PNDM: 4 steps are 5 UNet iterations.
+        let total = out.steps[0].total;
+        assert!(total >= 4);
+        assert_eq!(
+            seen,
+            (0..total).collect::<Vec<_>>(),
+            "steps reported once each, in order"
+        );
+        for s in &out.steps {
+            assert!(
+                s.seconds > 0.0 && s.enqueue_seconds > 0.0 && s.macs > 0,
+                "{s:?}"
+            );
+        }
+        read_f32(out.latents[0].1.clone(), "latents").unwrap()
+    };
+    let ahead = run(true);
+    let lockstep = run(false);
+    assert_eq!(ahead, lockstep, "one step ahead computes the same latents");
+
+    let cancelled = model.generate(&request, &mut |s| {
+        if s.index == 1 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert!(
+        matches!(cancelled, Err(Error::Cancelled)),
+        "{:?}",
+        cancelled.err()
+    );
+    assert_eq!(
+        run(true),
+        ahead,
+        "the device is unharmed by the cancelled run"
+    );
+}
