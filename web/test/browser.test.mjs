@@ -87,6 +87,22 @@ const todayFiles = (() => {
   return files;
 })();
 
+// /big/sd1/...: the sd1 fixture whose UNet file also holds a 64 MiB tensor no model part uses (a
+// large download for precompile: 'auto'; the loader reads only the tensors it needs).
+const bigUnet = (() => {
+  const unet = fs.readFileSync(path.join(root, 'tests/fixtures/sd1/unet/diffusion_pytorch_model.safetensors'));
+  const n = Number(unet.readBigUInt64LE(0));
+  const head = JSON.parse(unet.subarray(8, 8 + n).toString('utf8'));
+  const data = unet.subarray(8 + n);
+  const extra = 64 * 2 ** 20;
+  head.unused_padding = { dtype: 'F32', shape: [extra / 4], data_offsets: [data.length, data.length + extra] };
+  let json = JSON.stringify(head);
+  while ((json.length + 8) % 8) json += ' ';
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+  return Buffer.concat([len, Buffer.from(json), data, Buffer.alloc(extra)]);
+})();
+
 /** ONNX Runtime Web for the side-by-side benchmark (TGATE_BENCH only: 150 MB, not a CI dependency). */
 function ensureOrt() {
   const web = path.join(root, 'web');
@@ -123,6 +139,23 @@ const server = await serve({
       const weights = p.endsWith('.safetensors');
       if (weights && slow[1] === 'nofull') send(res, 500, Buffer.from('failed'));
       else setTimeout(() => send(res, 200, body, typeOf(p)), weights ? 4000 : 0);
+      return true;
+    }
+    const big = p.match(/^\/big\/sd1\/(.*)$/);
+    if (big) {
+      const file = path.join(root, 'tests/fixtures/sd1', big[1]);
+      const body = big[1] === 'unet/diffusion_pytorch_model.safetensors' ? bigUnet : (fs.existsSync(file) ? fs.readFileSync(file) : null);
+      if (!body) { send(res, 404, Buffer.from('not found')); return true; }
+      const range = /^bytes=(\d+)-(\d*)$/.exec(res.req.headers.range || '');
+      if (range) {
+        const start = Number(range[1]);
+        const end = Math.min(range[2] ? Number(range[2]) : body.length - 1, body.length - 1);
+        res.writeHead(206, {
+          'content-type': typeOf(p), 'content-length': end - start + 1, 'cache-control': 'no-store',
+          'content-range': `bytes ${start}-${end}/${body.length}`,
+        });
+        res.end(body.subarray(start, end + 1));
+      } else send(res, 200, body, typeOf(p));
       return true;
     }
     const t = p.match(/^\/today\/sd1\/(.*)$/);
@@ -258,6 +291,18 @@ try {
     assert.equal(r.precompile, undefined, JSON.stringify(r.precompile));
     return { ...r, upload: r.upload.length };
   });
+  await step("precompile 'auto': only a large uncached download into a worker without a model", async () => {
+    const r = await call('autoPrecompile', '/big/sd1/');
+    // 64 MiB not in the browser cache, no model in the worker: the kernels compile on placeholders.
+    assert.ok(r.first.precompile && r.first.precompile.launches > 500, JSON.stringify(r.first));
+    assert.ok(r.first.weightBytes > 64 * 2 ** 20 && r.first.largestReadBytes < 16 * 2 ** 20, 'the unused tensor is never read');
+    // The same folder again: a model is loaded (and the weights are cached).
+    assert.equal(r.again.precompile, undefined, JSON.stringify(r.again));
+    // A fresh worker, the weights in the browser cache: nothing to hide, no precompilation.
+    assert.equal(r.cached.precompile, undefined, JSON.stringify(r.cached));
+    assert.equal(r.err <= tolerance * r.scale, true, `max abs err ${r.err} (scale ${r.scale})`);
+    return r;
+  });
   await step('precompile: kernels run on placeholder weights before the weights, then the references match', async () => {
     const r = await call('precompileCase', { key: 'pipe.pndm.tgate' });
     // 60 px is not a multiple of 8: only the precompilation is refused, by name.
@@ -277,6 +322,10 @@ try {
     ['sd: pndm gated', { step: 3 }, 'pipe.pndm.tgate'],
     // A folder as saved today: tokenizer.json, sharded UNet.
     ['sd: pndm gated, folder saved today', { step: 3 }, 'pipe.pndm.tgate'],
+    // tgate's self-attention cache: the knobs reach the model (its references differ from the
+    // plain gate's).
+    ['sd: pndm gated with the self-attention cache before the gate', { step: 6, spInterval: 3, fiInterval: 1, warmUp: 1 }, 'pipe.pndm.tgate_sp'],
+    ['sd: pndm gated with the self-attention cache on both sides', { step: 4, spInterval: 2, fiInterval: 2, warmUp: 1 }, 'pipe.pndm.tgate_sa'],
   ]) {
     if (label.includes('saved today')) {
       await step('load a folder saved today (tokenizer.json, sharded UNet)', async () => {
@@ -288,7 +337,7 @@ try {
         assert.ok(r.progress.includes('select'), JSON.stringify(r.progress));
         return { files: r.files, selected: r.selected };
       });
-    } else if (gate) {
+    } else if (label === 'sd: pndm gated') {
       await step('load from Blobs (picked files)', async () => {
         const r = await call('loadBlobs', 'sd1');
         assert.equal(r.kind, 'sd');

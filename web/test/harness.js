@@ -452,6 +452,34 @@ window.harness = {
   },
 
   /**
+   * precompile: 'auto' (the default) on a folder with a large weight file: loaded into a fresh
+   * worker (not cached), again into the same worker, then into another fresh worker (cached);
+   * then the references of a gated run on the last.
+   */
+  async autoPrecompile(baseUrl) {
+    const summary = (r) => ({ precompile: r.precompile, weightBytes: r.weightBytes, largestReadBytes: r.largestReadBytes });
+    const own = await Generator.create();
+    const shared = generator;
+    let fresh = null;
+    try {
+      const first = await own.load({ baseUrl, kind: 'sd' });
+      const again = await own.load({ baseUrl, kind: 'sd' });
+      fresh = await Generator.create();
+      const cached = await fresh.load({ baseUrl, kind: 'sd' });
+      generator = fresh;
+      const r = await window.harness.sdCase('sd1', { scheduler: 'pndm', gate: { step: 3 }, key: 'pipe.pndm.tgate' });
+      return { first: summary(first), again: summary(again), cached: summary(cached), err: r.err, scale: r.scale };
+    } finally {
+      generator = shared;
+      own.terminate();
+      if (fresh) fresh.terminate();
+      // The 64 MiB file leaves the browser cache.
+      const cache = await caches.open('tgate-weights-v1').catch(() => null);
+      if (cache) for (const req of await cache.keys()) if (new URL(req.url).pathname.startsWith(baseUrl)) await cache.delete(req);
+    }
+  },
+
+  /**
    * Time to first image of the sd1 fixture served at `baseUrl` (slowly, by the test server) in a
    * fresh worker, with `precompile` as given: load (download, precompilation), then 5 steps.
    */

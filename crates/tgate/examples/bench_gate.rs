@@ -191,11 +191,12 @@ impl Run {
         keep: impl Fn(&&(Phase, f64, u64, bool)) -> bool,
     ) -> Option<(usize, f64, u64)> {
         let s: Vec<_> = self.steps.iter().filter(keep).collect();
+        // Mean time and mean MACs (steps of a phase differ when self-attention is reused).
         (!s.is_empty()).then(|| {
             (
                 s.len(),
                 s.iter().map(|s| s.1).sum::<f64>() / s.len() as f64,
-                s[0].2,
+                s.iter().map(|s| s.2).sum::<u64>() / s.len() as u64,
             )
         })
     }
