@@ -296,7 +296,7 @@ try {
     // 64 MiB not in the browser cache, no model in the worker: the kernels compile on placeholders.
     assert.ok(r.first.precompile && r.first.precompile.launches > 500, JSON.stringify(r.first));
     assert.ok(r.first.weightBytes > 64 * 2 ** 20 && r.first.largestReadBytes < 16 * 2 ** 20, 'the unused tensor is never read');
-    // The same folder again: a model is loaded (and the weights are cached).
+    // The same folder again, out of the cache again: a model is loaded, so none runs.
     assert.equal(r.again.precompile, undefined, JSON.stringify(r.again));
     // A fresh worker, the weights in the browser cache: nothing to hide, no precompilation.
     assert.equal(r.cached.precompile, undefined, JSON.stringify(r.cached));

@@ -1,6 +1,12 @@
 // Browser-side half of the tests: drives the public API against the fixtures served over HTTP.
 import { detect, Generator, inspect, purgeCache, TGateError } from '../src/index.js';
 
+/** Removes the files under `baseUrl` (a path) from the generator's browser cache. */
+async function forget(baseUrl) {
+  const cache = await caches.open('tgate-weights-v1');
+  for (const req of await cache.keys()) if (new URL(req.url).pathname.startsWith(baseUrl)) await cache.delete(req);
+}
+
 /** Minimal safetensors reader (F32 only, which is what the reference files hold). */
 function readSafetensors(buffer) {
   const view = new DataView(buffer);
@@ -463,6 +469,8 @@ window.harness = {
     let fresh = null;
     try {
       const first = await own.load({ baseUrl, kind: 'sd' });
+      // Out of the browser cache again: only the loaded model stops the second precompilation.
+      await forget(baseUrl);
       const again = await own.load({ baseUrl, kind: 'sd' });
       fresh = await Generator.create();
       const cached = await fresh.load({ baseUrl, kind: 'sd' });
@@ -474,8 +482,7 @@ window.harness = {
       own.terminate();
       if (fresh) fresh.terminate();
       // The 64 MiB file leaves the browser cache.
-      const cache = await caches.open('tgate-weights-v1').catch(() => null);
-      if (cache) for (const req of await cache.keys()) if (new URL(req.url).pathname.startsWith(baseUrl)) await cache.delete(req);
+      await forget(baseUrl);
     }
   },
 

@@ -731,7 +731,8 @@ pub fn denoise_prior(
     )
 }
 
-/// Runs a stage to the end, waiting for the device after every step (so step times are real).
+/// Runs a stage to the end natively, one step enqueued ahead of the one waited for
+/// ([`crate::stage::drive`]).
 fn drive(
     mut d: StageDenoiser<'_>,
     on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,

@@ -85,7 +85,8 @@ pub struct StepInfo {
     pub shallow: bool,
     /// Wall time of the iteration in seconds (measured after the device finished it).
     pub seconds: f64,
-    /// Host time spent enqueuing it (0 where not measured).
+    /// Host wall time spent enqueuing it, cubecl's own waits for the device included (0 where
+    /// not measured).
     pub enqueue_seconds: f64,
     /// Multiply-accumulates its layers issued (0 where not measured).
     pub macs: u64,
@@ -186,7 +187,8 @@ mod eager {
     /// burn reads eagerly when the host declares an asynchronous runtime, lazily otherwise (the
     /// only use of the declaration in burn 0.22). The declaration is process-wide: guards
     /// overlapping on several threads are counted, and the last one restores what the host had
-    /// declared. A read made eager by another thread's guard is still correct.
+    /// declared when the first began (a declaration the host makes while a guard is live is
+    /// overwritten). A read made eager by another thread's guard is still correct.
     #[cfg(not(target_family = "wasm"))]
     static ACTIVE: Mutex<(usize, RuntimeKind)> = Mutex::new((0, RuntimeKind::Sync));
 
@@ -252,8 +254,10 @@ pub fn one_ahead() -> bool {
 pub struct Measured {
     /// From the completion of the piece before (or the loop's start) to this one's completion.
     pub seconds: f64,
-    /// Host time spent enqueuing the piece: what the device would idle per piece if the loop
-    /// waited after each one.
+    /// Host wall time spent enqueuing the piece, including the waits cubecl itself makes for the
+    /// device while it submits (natively it keeps at most about 512 kernels in flight): on a
+    /// device that runs asynchronously, what it would idle per piece if the loop waited after
+    /// each one.
     pub enqueue_seconds: f64,
     /// Multiply-accumulates its layers issued ([`crate::nn::macs`]).
     pub macs: u64,
@@ -285,7 +289,8 @@ struct InFlight<W> {
 /// The loop first waits for `device` to finish what is already on it: a device lost since its
 /// last use is then reported as [`Error::Device`] before any new work is written to it (wgpu
 /// learns of a loss when it next polls the device; a write before that is a validation error,
-/// which cubecl raises as a panic).
+/// which cubecl raises as a panic). A loss during the run can still meet that panic while the
+/// next piece is enqueued; the loop turns a panic raised by wgpu into [`Error::Device`] too.
 pub(crate) fn pipelined<S: ?Sized, W>(
     device: &Device,
     state: &mut S,
@@ -293,7 +298,7 @@ pub(crate) fn pipelined<S: ?Sized, W>(
     ends_stage: impl Fn(&W) -> bool,
     mut done: impl FnMut(&mut S, W, Measured) -> ControlFlow<()>,
 ) -> Result<()> {
-    sync(device)?;
+    device_panics(|| sync(device))?;
     let ahead = one_ahead();
     let mut last_done = Instant::now();
     // Whether the pieces so far were done when their reads were issued: the backend computes as
@@ -309,7 +314,7 @@ pub(crate) fn pipelined<S: ?Sized, W>(
             enqueue_seconds,
             macs,
         } = piece;
-        read.wait()?;
+        device_panics(|| read.wait())?;
         computed_on_enqueue &= done_at.is_some();
         let now = match done_at {
             Some(at) if computed_on_enqueue => at,
@@ -321,7 +326,12 @@ pub(crate) fn pipelined<S: ?Sized, W>(
             macs,
         };
         last_done = now;
-        match done(state, work, measured) {
+        let flow = done(state, work, measured);
+        if !ahead {
+            // Waiting after each step, the next step starts once the callback returns.
+            last_done = Instant::now();
+        }
+        match flow {
             ControlFlow::Continue(()) => Ok(()),
             ControlFlow::Break(()) => Err(Error::Cancelled),
         }
@@ -333,15 +343,15 @@ pub(crate) fn pipelined<S: ?Sized, W>(
         }
         let started = Instant::now();
         let macs_before = crate::nn::macs();
-        let next = enqueue(state)?.map(|(work, probe)| {
-            let read = Readback::issue(probe);
-            InFlight {
-                work,
-                done_at: read.was_ready().then(Instant::now),
-                read,
-                enqueue_seconds: started.elapsed().as_secs_f64(),
-                macs: crate::nn::macs().wrapping_sub(macs_before),
-            }
+        let next = device_panics(|| {
+            Ok(enqueue(state)?.map(|(work, probe)| (work, Readback::issue(probe))))
+        })?
+        .map(|(work, read)| InFlight {
+            work,
+            done_at: read.was_ready().then(Instant::now),
+            read,
+            enqueue_seconds: started.elapsed().as_secs_f64(),
+            macs: crate::nn::macs().wrapping_sub(macs_before),
         });
         if let Some(piece) = pending.take() {
             finish(state, piece)?;
@@ -350,6 +360,29 @@ pub(crate) fn pipelined<S: ?Sized, W>(
             None => return Ok(()),
             Some(piece) if !ahead => finish(state, piece)?,
             Some(piece) => pending = Some(piece),
+        }
+    }
+}
+
+/// Runs `f`, turning a panic raised by wgpu (cubecl re-raises wgpu's errors as panics until it
+/// learns of a lost device) into [`Error::Device`]; other panics go on.
+fn device_panics<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(out) => out,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or_default()
+                .to_string();
+            if message.starts_with("wgpu error") {
+                Err(Error::Device(format!(
+                    "the GPU work did not complete (a lost or reset device, or memory exhausted): {message}"
+                )))
+            } else {
+                std::panic::resume_unwind(panic)
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
-//! A GPU device lost under a loaded model, natively: the next generation fails with the typed
-//! `Error::Device` (its message says the GPU work did not complete), within a bounded time,
-//! without a panic.
+//! A GPU device lost under a loaded model, natively, during a generation (the loop has the next
+//! step enqueued ahead) and before one: each generation fails with the typed `Error::Device` (its
+//! message says the GPU work did not complete), within a bounded time, without a panic.
 //! Its own test binary: the device is destroyed, and wgpu can be initialised once per process.
 #![cfg(feature = "wgpu")]
 
@@ -22,19 +22,26 @@ fn a_lost_device_is_a_typed_device_error() {
         .expect("a wgpu adapter (install mesa-vulkan-drivers)");
     let model = load_pipeline(&source("sd1"), &device);
     let mut request = Request::new("a red fox", NoiseSource::Seed(1));
-    request.steps = Some(1);
-    // A healthy run first (the kernels are compiled), then the device goes away.
+    request.steps = Some(4);
+    // A healthy run first (the kernels are compiled); then the device goes away *during* a
+    // generation (after its second step, while the loop has the next one enqueued ahead), and
+    // the generations after that meet a device already lost.
     model
         .generate(&request, &mut |_| ControlFlow::Continue(()))
         .expect("generates before the loss");
-    setup.device.destroy();
     let (tx, rx) = mpsc::channel();
+    let gpu = setup.device.clone();
     std::thread::spawn(move || {
-        // Twice: the model stays usable as a value (every call answers), the device does not.
-        for _ in 0..2 {
+        // The model stays usable as a value (every call answers), the device does not.
+        for attempt in 0..3 {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 model
-                    .generate(&request, &mut |_| ControlFlow::Continue(()))
+                    .generate(&request, &mut |s| {
+                        if attempt == 0 && s.index == 1 {
+                            gpu.destroy();
+                        }
+                        ControlFlow::Continue(())
+                    })
                     .and_then(|o| o.latents_finite())
             }));
             let _ = tx.send(out.map_err(|p| {
@@ -45,7 +52,7 @@ fn a_lost_device_is_a_typed_device_error() {
             }));
         }
     });
-    for attempt in 1..=2 {
+    for attempt in 1..=3 {
         let out = rx.recv_timeout(Duration::from_secs(300)).unwrap_or_else(|_| {
             panic!("generation {attempt} on a lost device neither returned nor panicked within 300 s")
         });
