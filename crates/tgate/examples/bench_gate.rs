@@ -31,6 +31,8 @@
 //! class (each kernel timed alone), the kernels each attention shape launches (flash or the
 //! fallback that builds the score matrix), and the device memory reserved.
 
+mod common;
+
 use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -139,13 +141,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--deepcache-branch: {e}"))?
             }
             "--memory-only" => a.memory_only = true,
-            "--dtype" => {
-                a.dtype = match val()?.as_str() {
-                    "f32" => DType::F32,
-                    "f16" => DType::F16,
-                    other => return Err(format!("--dtype: f32 or f16, not {other}")),
-                }
-            }
+            "--dtype" => a.dtype = common::dtype(&val()?)?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -560,7 +556,7 @@ fn report_one_ahead(ahead: &Run, lockstep: &Run) {
     let fi = Phase::FidelityImproving;
     let step = |r: &Run, phase| r.phase(phase).map(|(_, t, _)| t).unwrap_or(f64::NAN);
     println!(
-        "  one step ahead vs waiting after each step (gated loop, same run): {:.2} s vs {:.2} s ({:.3}x faster); planning step {:.1} vs {:.1} ms, gated step {:.1} vs {:.1} ms (one step ahead, a step's time is the interval between completions); host time to enqueue a step: planning {:.1} ms, gated {:.1} ms (lockstep: {:.1} / {:.1} ms)",
+        "  one step ahead vs waiting after each step (gated loop, same run): {:.2} s vs {:.2} s ({:.3}x faster); planning step {:.1} vs {:.1} ms, gated step {:.1} vs {:.1} ms (one step ahead, a step's time is the interval between completions); host wall time to enqueue a step (cubecl's own waits for the device included): planning {:.1} ms, gated {:.1} ms (lockstep: {:.1} / {:.1} ms)",
         ahead.total(),
         lockstep.total(),
         lockstep.total() / ahead.total(),

@@ -13,6 +13,8 @@
 //! and per gated step, and the device memory reserved. The loops wait for the device after each
 //! step (`tgate::stage::set_one_ahead(false)`), so each step's time and launches are its own.
 
+mod common;
+
 use std::ops::ControlFlow;
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -59,17 +61,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(a)
-}
-
-fn device(backend: &str) -> Result<Device, String> {
-    match backend {
-        "cpu" => Ok(Device::flex()),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => Device::wgpu_options()
-            .init()
-            .map_err(|e| format!("wgpu: {e:?}")),
-        other => Err(format!("backend {other} is not available in this build")),
-    }
 }
 
 /// Runs the prior loop; `each` sees every step when it is done.
@@ -244,7 +235,7 @@ fn bench(name: &str, json: &str, a: &Args, device: &Device) -> Result<(), String
 fn main() {
     tgate::host_memory::keep_large_allocations();
     let result = parse_args().and_then(|a| {
-        let device = device(&a.backend)?;
+        let device = common::device(&a.backend)?;
         println!("backend {} ({device:?})", a.backend);
         tgate::stage::set_one_ahead(false);
         if a.model == "small" || a.model == "both" {

@@ -401,6 +401,17 @@ impl GroupNorm {
         self.forward_act(x, false)
     }
 
+    /// Bytes per element of the largest map this norm holds for an input of `dtype`: tgate's
+    /// norm kernel (cubecl devices) keeps the input's storage and computes its statistics in
+    /// f32 registers; burn's composition copies the map to f32 first.
+    pub fn map_bytes(&self, dtype: DType) -> usize {
+        #[cfg(feature = "wgpu")]
+        if custom_kernels() && tgate_shaders::is_cube_device(&self.gamma32.device()) {
+            return dtype.size();
+        }
+        dtype.size().max(4)
+    }
+
     /// `silu(norm(x))`, the pair every ResNet block and every `conv_norm_out` runs: one launch
     /// on GPUs.
     pub fn forward_silu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {

@@ -288,8 +288,8 @@ pub fn validate(p: &GenerateParams) -> Result<()> {
 /// The denoising loop on text embeddings: `cond` `[1, 77, d]` and, when guidance is on,
 /// `uncond` (the negative prompt's). The prompt fields of `p` are not used here.
 ///
-/// Waits for the device after every iteration (so step times are real); see [`Denoiser`] for
-/// driving the loop yourself (e.g. with asynchronous waits in a browser).
+/// Runs natively, one iteration enqueued ahead of the one waited for ([`drive`]); see
+/// [`Denoiser`] for driving the loop yourself (e.g. with asynchronous waits in a browser).
 pub fn denoise(
     unet: &UNet2DConditionModel,
     scheduler_config: &SchedulerConfig,

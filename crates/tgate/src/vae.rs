@@ -232,7 +232,8 @@ impl VaeDecoder {
 
     /// The largest activation of decoding one `[1, c, h, w]` latent (the mid attention's
     /// scores excepted): a feature map at the resolution of up block `j`, with that block's
-    /// channels or the channels coming up from the block before, in f32 (group norms).
+    /// channels or the channels coming up from the block before, in the bytes its group norms
+    /// hold it in (the decoder's dtype with tgate's norm kernel, f32 with burn's ops).
     pub fn largest_activation(&self, h: usize, w: usize) -> ActivationSize {
         let rev: Vec<usize> = self
             .config
@@ -242,13 +243,14 @@ impl VaeDecoder {
             .copied()
             .collect();
         let mut largest = ActivationSize::new("nothing", &[0], 0);
+        let bytes = self.conv_norm_out.map_bytes(self.dtype);
         for j in 0..rev.len() {
             let ch = rev[j].max(rev[j.saturating_sub(1)]);
             let (fh, fw) = (h << j, w << j);
             largest = largest.max(ActivationSize::new(
                 format!("a VAE decoder feature map (1×{ch}×{fh}×{fw})"),
                 &[ch, fh, fw],
-                4,
+                bytes,
             ));
         }
         largest

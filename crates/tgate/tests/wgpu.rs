@@ -272,6 +272,22 @@ fn custom_kernel_matches_burn(label: &str, kernel: &str, tol: f32, run: &dyn Fn(
     assert!(err <= tol * scale.max(1.0), "{label}: {err}");
 }
 
+/// The VAE's largest map as the binding-limit check counts it: in f16 on wgpu tgate's norm
+/// kernel keeps it in f16 (2 bytes an element; SD 1.5's 256×512×512 map at 512² is then exactly
+/// WebGPU's default 128 MiB), where burn's ops (the CPU) copy it to f32.
+fn check_f16_map_size() {
+    let load = |device: &Device| {
+        StableDiffusion::load_as(&source("sd1"), Variant::Auto, DType::F16, device)
+            .expect("loads in f16")
+    };
+    // The fixture's VAE: 16 channels at full size.
+    let side = 256;
+    let on_gpu = load(&gpu()).vae.largest_activation(side / 8, side / 8);
+    assert_eq!(on_gpu.bytes, 16 * 256 * 256 * 2, "{}", on_gpu.what);
+    let on_cpu = load(&cpu()).vae.largest_activation(side / 8, side / 8);
+    assert_eq!(on_cpu.bytes, 16 * 256 * 256 * 4, "{}", on_cpu.what);
+}
+
 /// One test, so kernels compiled for the first case serve the others.
 #[test]
 fn wgpu_pipelines_match_references() {
@@ -289,6 +305,7 @@ fn wgpu_pipelines_match_references() {
     if gpu().supports_dtype(DType::F16) {
         check("sd1", "pndm", "tgate", DType::F16);
         check_wuerstchen(DType::F16);
+        check_f16_map_size();
     } else {
         eprintln!("this adapter has no shader-f16: the f16 path is checked on the CPU only");
     }

@@ -1,0 +1,191 @@
+//! Benchmark (not a test): peak device memory of a whole Stable Diffusion 1.5 generation — text
+//! encoder, UNet (a planning step with guidance, then a gated step) and VAE decoder — at a given
+//! size and dtype, with SD 1.5's shapes and placeholder parameters (zeros made on the device: no
+//! weights needed, the memory is the same).
+//!
+//! ```text
+//! cargo run -p tgate --example bench_memory -- [--backend wgpu|cpu] [--size 512] [--dtype f16|f32]
+//!     [--max-tensor-mib 128]
+//! ```
+//! Writes SD 1.5's part configs (runwayml/stable-diffusion-v1-5: UNet, VAE, CLIP ViT-L/14 text
+//! encoder) into `target/bench-memory-sd15/`, with the tiny fixture's tokenizer and scheduler
+//! files, loads them with `Pipeline::placeholder` and runs one 2-step generation (DDIM, gate at
+//! 1). `--max-tensor-mib N` refuses any parameter over N MiB and splits attention to fit, as on a
+//! device with that binding limit (WebGPU's default is 128). Prints the device memory reserved
+//! (the pools' high-water mark) after the load and after the generation, and the largest
+//! parameter. On lavapipe a 512×512 run takes about 40 minutes.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use tgate::loader::DirSource;
+use tgate::profile::device_memory;
+use tgate::text_to_image::{GateKnobs, ModelKind, NoiseSource, Pipeline, Request};
+
+/// SD 1.5's `unet/config.json` (the keys that shape the network).
+const UNET: &str = r#"{"_class_name":"UNet2DConditionModel","block_out_channels":[320,640,1280,1280],
+ "layers_per_block":2,
+ "down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],
+ "up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],
+ "attention_head_dim":8,"cross_attention_dim":768,"norm_num_groups":32,"sample_size":64,
+ "in_channels":4,"out_channels":4}"#;
+/// SD 1.5's `vae/config.json`.
+const VAE: &str = r#"{"_class_name":"AutoencoderKL","act_fn":"silu","block_out_channels":[128,256,512,512],
+ "down_block_types":["DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D"],
+ "up_block_types":["UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D"],
+ "in_channels":3,"out_channels":3,"latent_channels":4,"layers_per_block":2,"norm_num_groups":32,
+ "sample_size":512,"scaling_factor":0.18215}"#;
+
+/// CLIP ViT-L/14's text tower (SD 1.5's `text_encoder/config.json`); the token ids are those of
+/// the fixture's tokenizer.
+fn text_encoder_config() -> String {
+    r#"{"architectures":["CLIPTextModel"],"hidden_act":"quick_gelu","hidden_size":768,
+ "intermediate_size":3072,"layer_norm_eps":1e-05,"max_position_embeddings":77,
+ "model_type":"clip_text_model","num_attention_heads":12,"num_hidden_layers":12,
+ "projection_dim":768,"vocab_size":49408,"bos_token_id":1512,"eos_token_id":1513,"pad_token_id":1513}"#
+        .to_string()
+}
+
+struct Args {
+    backend: String,
+    size: usize,
+    dtype: DType,
+    max_tensor_mib: Option<u64>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        backend: "wgpu".into(),
+        size: 512,
+        dtype: DType::F16,
+        max_tensor_mib: Some(128),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--backend" => a.backend = val()?,
+            "--size" => a.size = val()?.parse().map_err(|e| format!("--size: {e}"))?,
+            "--max-tensor-mib" => {
+                a.max_tensor_mib = Some(
+                    val()?
+                        .parse()
+                        .map_err(|e| format!("--max-tensor-mib: {e}"))?,
+                )
+            }
+            "--dtype" => a.dtype = common::dtype(&val()?)?,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(a)
+}
+
+/// The configs folder: SD 1.5's parts, the fixture's tokenizer and scheduler.
+fn configs(root: &Path) -> Result<PathBuf, String> {
+    let fixture = root.join("tests/fixtures/sd1");
+    let dir = root.join("target/bench-memory-sd15");
+    let write = |rel: &str, text: &str| -> Result<(), String> {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let copy = |rel: &str| -> Result<(), String> {
+        let text = std::fs::read_to_string(fixture.join(rel))
+            .map_err(|e| format!("{}: {e}", fixture.join(rel).display()))?;
+        write(rel, &text)
+    };
+    for rel in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
+        copy(rel)?;
+    }
+    write("unet/config.json", UNET)?;
+    write("vae/config.json", VAE)?;
+    write("text_encoder/config.json", &text_encoder_config())?;
+    Ok(dir)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+fn main() {
+    let result = parse_args().and_then(|a| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = configs(&root)?;
+        let device = common::device(&a.backend)?;
+        let limit = a.max_tensor_mib.map(|m| m << 20);
+        let cap = limit.map_or("the device's limit".to_string(), |l| {
+            format!("{} MiB", l >> 20)
+        });
+        println!(
+            "backend {} ({device:?}), SD 1.5 shapes at {}x{}, {:?}, tensors capped at {cap}",
+            a.backend, a.size, a.size, a.dtype
+        );
+        let src = DirSource::new(&dir).with_max_tensor_bytes(limit);
+        let t0 = std::time::Instant::now();
+        let model = Pipeline::placeholder(
+            &src,
+            None,
+            Some(ModelKind::StableDiffusion),
+            a.dtype,
+            &device,
+        )
+        .map_err(|e| e.to_string())?;
+        let memory = |label: &str| match device_memory(&device) {
+            Some((reserved, in_use)) => println!(
+                "  {label:<34}: {:>8.1} MiB reserved (high-water mark), {:>8.1} MiB in use",
+                mib(reserved),
+                mib(in_use)
+            ),
+            None => println!("  {label:<34}: this backend reports no pool usage"),
+        };
+        println!("  loaded in {:.1} s", t0.elapsed().as_secs_f64());
+        memory("after the load (parameters)");
+        let mut request = Request::new(
+            "a photograph of an astronaut riding a horse",
+            NoiseSource::Seed(0),
+        );
+        request.steps = Some(2);
+        request.scheduler = Some("ddim".into());
+        request.width = Some(a.size);
+        request.height = Some(a.size);
+        request.gate = Some(GateKnobs {
+            step: Some(1),
+            ..GateKnobs::default()
+        });
+        let t0 = std::time::Instant::now();
+        let out = model
+            .generate(&request, &mut |s| {
+                println!(
+                    "  step {} ({}): {:.1} s",
+                    s.index,
+                    s.phase.name(),
+                    s.seconds
+                );
+                ControlFlow::Continue(())
+            })
+            .map_err(|e| e.to_string())?;
+        println!(
+            "  generated a {:?} image in {:.1} s",
+            out.image.dims(),
+            t0.elapsed().as_secs_f64()
+        );
+        memory("after the generation");
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
