@@ -270,11 +270,87 @@ pub(crate) fn probe_of(t: &Tensor<4>) -> Tensor<1> {
 
 struct InFlight<W> {
     work: W,
-    read: Readback,
-    /// When the read was ready at once: the work ran as it was enqueued (CPU backends).
-    done_at: Option<Instant>,
+    done: Completion,
     enqueue_seconds: f64,
     macs: u64,
+}
+
+type ReadResult = std::result::Result<TensorData, ExecutionError>;
+
+/// A piece's readback and the instant it completed.
+enum Completion {
+    /// The values were there when the read was issued (the CPU computes as it enqueues).
+    At(Instant, ReadResult),
+    /// A thread of its own waits for the read and notes when it completes: the host may be
+    /// blocked in cubecl's submissions then (software Vulkan runs kernels as they are submitted),
+    /// and a step must not be credited with the time its successor took to enqueue.
+    Watched(std::sync::mpsc::Receiver<(Instant, ReadResult)>),
+    /// Waited for by the loop itself (no thread could be made).
+    Inline(Readback),
+}
+
+impl Completion {
+    fn of(read: Readback) -> Self {
+        let ready = read.was_ready();
+        let mut read = read;
+        if ready {
+            if let Some(ReadState::Ready(out)) = read.0.take() {
+                return Completion::At(Instant::now(), out);
+            }
+        }
+        #[cfg(not(target_family = "wasm"))]
+        {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(read)));
+            let theirs = slot.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tgate-step-wait".into())
+                .spawn(move || {
+                    let read = theirs.lock().ok().and_then(|mut r| r.take());
+                    if let Some(read) = read {
+                        if let Some(out) = burn::tensor::try_read_sync(read.data()) {
+                            let _ = tx.send((Instant::now(), out));
+                        }
+                    }
+                });
+            if spawned.is_ok() {
+                return Completion::Watched(rx);
+            }
+            read = match slot.lock().ok().and_then(|mut r| r.take()) {
+                Some(read) => read,
+                None => return Completion::Watched(rx),
+            };
+        }
+        Completion::Inline(read)
+    }
+
+    /// Blocks until the piece is done; the instant it completed.
+    fn wait(self) -> Result<Instant> {
+        let failed = |e: ExecutionError| {
+            Error::Device(format!(
+                "the GPU work did not complete (a lost or reset device, or memory exhausted): {e:?}"
+            ))
+        };
+        // A lazy read (another thread's declaration, say) copies when its bytes are touched.
+        let touch = |data: TensorData| data.as_bytes().len();
+        match self {
+            Completion::At(at, out) => {
+                touch(out.map_err(failed)?);
+                Ok(at)
+            }
+            Completion::Watched(rx) => {
+                let (at, out) = rx.recv().map_err(|_| {
+                    Error::Device("the GPU work did not complete: its readback was lost".into())
+                })?;
+                touch(out.map_err(failed)?);
+                Ok(at)
+            }
+            Completion::Inline(read) => {
+                read.wait()?;
+                Ok(Instant::now())
+            }
+        }
+    }
 }
 
 /// The native loop behind [`drive`] and [`crate::text_to_image::Generation::run`]: `enqueue`
@@ -301,31 +377,21 @@ pub(crate) fn pipelined<S: ?Sized, W>(
     device_panics(|| sync(device))?;
     let ahead = one_ahead();
     let mut last_done = Instant::now();
-    // Whether the pieces so far were done when their reads were issued: the backend computes as
-    // it enqueues (the CPU), and a piece's time ends when its enqueueing does. Otherwise a piece
-    // is done when its wait returns, as in the browser (a device that sometimes keeps up with
-    // the host must not credit a step with its neighbour's time).
-    let mut computed_on_enqueue = true;
     let mut finish = |state: &mut S, piece: InFlight<W>| -> Result<()> {
         let InFlight {
             work,
-            read,
-            done_at,
+            done: completion,
             enqueue_seconds,
             macs,
         } = piece;
-        device_panics(|| read.wait())?;
-        computed_on_enqueue &= done_at.is_some();
-        let now = match done_at {
-            Some(at) if computed_on_enqueue => at,
-            _ => Instant::now(),
-        };
+        // The device completes pieces in order; the max only guards against clock noise.
+        let at = device_panics(|| completion.wait())?.max(last_done);
         let measured = Measured {
-            seconds: now.saturating_duration_since(last_done).as_secs_f64(),
+            seconds: at.duration_since(last_done).as_secs_f64(),
             enqueue_seconds,
             macs,
         };
-        last_done = now;
+        last_done = at;
         let flow = done(state, work, measured);
         if !ahead {
             // Waiting after each step, the next step starts once the callback returns.
@@ -348,8 +414,7 @@ pub(crate) fn pipelined<S: ?Sized, W>(
         })?
         .map(|(work, read)| InFlight {
             work,
-            done_at: read.was_ready().then(Instant::now),
-            read,
+            done: Completion::of(read),
             enqueue_seconds: started.elapsed().as_secs_f64(),
             macs: crate::nn::macs().wrapping_sub(macs_before),
         });
