@@ -284,6 +284,7 @@ enum Completion {
     /// A thread of its own waits for the read and notes when it completes: the host may be
     /// blocked in cubecl's submissions then (software Vulkan runs kernels as they are submitted),
     /// and a step must not be credited with the time its successor took to enqueue.
+    #[cfg_attr(target_family = "wasm", allow(dead_code))]
     Watched(std::sync::mpsc::Receiver<(Instant, ReadResult)>),
     /// Waited for by the loop itself (no thread could be made).
     Inline(Readback),
