@@ -22,6 +22,27 @@ export function send(res, status, body, type = 'text/plain') {
 export const typeOf = (p) => TYPES[path.extname(p)] || 'application/octet-stream';
 
 /**
+ * Answers a byte-range request (`Range: bytes=a-b`, as static hosts serve them) for `body` with
+ * 206 (416 when it starts past the end); false when the request asks for no range.
+ */
+export function sendRange(res, p, body) {
+  const range = /^bytes=(\d+)-(\d*)$/.exec(res.req.headers.range || '');
+  if (!range) return false;
+  const start = Number(range[1]);
+  const end = Math.min(range[2] ? Number(range[2]) : body.length - 1, body.length - 1);
+  if (start > end) {
+    send(res, 416, Buffer.from('range not satisfiable'));
+    return true;
+  }
+  res.writeHead(206, {
+    'content-type': typeOf(p), 'content-length': end - start + 1, 'cache-control': 'no-store',
+    'content-range': `bytes ${start}-${end}/${body.length}`,
+  });
+  res.end(body.subarray(start, end + 1));
+  return true;
+}
+
+/**
  * Starts the server on 127.0.0.1, serving `dir`. `route(pathname, res)` may answer a request first (return
  * true); `onFile(pathname, { range })` sees every file served (`range`: only a byte range of it).
  */
@@ -38,19 +59,8 @@ export async function serve({ port = 0, dir = root, route = () => false, onFile 
     const body = fs.readFileSync(file);
     // Byte ranges (`Range: bytes=a-b`), as static hosts serve them: the package reads weight
     // headers this way before it downloads anything.
-    const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range || '');
-    onFile(p, { range: Boolean(range) });
-    if (range) {
-      const start = Number(range[1]);
-      const end = Math.min(range[2] ? Number(range[2]) : body.length - 1, body.length - 1);
-      if (start > end) return send(res, 416, Buffer.from('range not satisfiable'));
-      res.writeHead(206, {
-        'content-type': typeOf(p), 'content-length': end - start + 1, 'cache-control': 'no-store',
-        'content-range': `bytes ${start}-${end}/${body.length}`,
-      });
-      return res.end(body.subarray(start, end + 1));
-    }
-    send(res, 200, body, typeOf(p));
+    onFile(p, { range: /^bytes=(\d+)-(\d*)$/.test(req.headers.range || '') });
+    if (!sendRange(res, p, body)) send(res, 200, body, typeOf(p));
   });
   await new Promise((r) => server.listen(port, '127.0.0.1', r));
   return server;

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import { execFileSync } from 'node:child_process';
 import { chromium } from 'playwright-core';
-import { root, send, serve, typeOf } from '../scripts/server.mjs';
+import { root, send, sendRange, serve, typeOf } from '../scripts/server.mjs';
 
 // Weight downloads seen by the server (to prove the second load comes from the browser cache).
 const weightHits = [];
@@ -125,17 +125,7 @@ const server = await serve({
       const file = path.join(root, 'tests/fixtures/sd1', slow[2]);
       if (!fs.existsSync(file)) { send(res, 404, Buffer.from('not found')); return true; }
       const body = fs.readFileSync(file);
-      const range = /^bytes=(\d+)-(\d*)$/.exec(res.req.headers.range || '');
-      if (range) {
-        const start = Number(range[1]);
-        const end = Math.min(range[2] ? Number(range[2]) : body.length - 1, body.length - 1);
-        res.writeHead(206, {
-          'content-type': typeOf(p), 'content-length': end - start + 1, 'cache-control': 'no-store',
-          'content-range': `bytes ${start}-${end}/${body.length}`,
-        });
-        res.end(body.subarray(start, end + 1));
-        return true;
-      }
+      if (sendRange(res, p, body)) return true;
       const weights = p.endsWith('.safetensors');
       if (weights && slow[1] === 'nofull') send(res, 500, Buffer.from('failed'));
       else setTimeout(() => send(res, 200, body, typeOf(p)), weights ? 4000 : 0);
@@ -146,16 +136,7 @@ const server = await serve({
       const file = path.join(root, 'tests/fixtures/sd1', big[1]);
       const body = big[1] === 'unet/diffusion_pytorch_model.safetensors' ? bigUnet : (fs.existsSync(file) ? fs.readFileSync(file) : null);
       if (!body) { send(res, 404, Buffer.from('not found')); return true; }
-      const range = /^bytes=(\d+)-(\d*)$/.exec(res.req.headers.range || '');
-      if (range) {
-        const start = Number(range[1]);
-        const end = Math.min(range[2] ? Number(range[2]) : body.length - 1, body.length - 1);
-        res.writeHead(206, {
-          'content-type': typeOf(p), 'content-length': end - start + 1, 'cache-control': 'no-store',
-          'content-range': `bytes ${start}-${end}/${body.length}`,
-        });
-        res.end(body.subarray(start, end + 1));
-      } else send(res, 200, body, typeOf(p));
+      if (!sendRange(res, p, body)) send(res, 200, body, typeOf(p));
       return true;
     }
     const t = p.match(/^\/today\/sd1\/(.*)$/);
