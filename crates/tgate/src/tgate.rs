@@ -152,11 +152,12 @@ impl GateConfig {
 /// text (`to_k` / `to_v` of the prompt embeddings): they are the same at every step of a
 /// generation, so each layer projects them once per batch size (2 with guidance, 1 without) and
 /// then reuses them; once a layer serves its gated output, its keys and values are dropped.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AttentionCache {
     cross: Vec<Option<Tensor<3>>>,
     self_attn: Vec<Option<Tensor<3>>>,
-    /// Per cross-attention layer: (batch, keys, values) of the text.
+    /// Per cross-attention layer (SD) or Stage C / Stage B attention block: (batch, keys,
+    /// values) of the text.
     text_kv: Vec<Option<(usize, Tensor<3>, Tensor<3>)>>,
     cross_mode: Option<CacheMode>,
     self_mode: Option<CacheMode>,
@@ -217,27 +218,44 @@ impl AttentionCache {
         attend: impl FnOnce(Tensor<3>, Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
         let slot = self.cross_cursor;
-        if self.text_kv.len() <= slot {
-            self.text_kv.resize(slot + 1, None);
-        }
         if self.cross_mode == Some(CacheMode::Reuse) {
             if let Some(Some(gated)) = self.cross.get(slot) {
                 // From here on the gated output is returned: the text is no longer needed.
                 let out = gated.clone();
-                self.text_kv[slot] = None;
+                self.drop_text_kv(slot);
                 self.cross_cursor += 1;
                 return out;
             }
         }
-        let (k, v) = match &self.text_kv[slot] {
+        let (k, v) = self.text_keys_values(slot, batch, kv);
+        self.cross_attention(|| attend(k, v))
+    }
+
+    /// The text's keys and values of layer `slot` at batch size `batch`: projected by `kv` the
+    /// first time, kept on the device for the next steps.
+    fn text_keys_values(
+        &mut self,
+        slot: usize,
+        batch: usize,
+        kv: impl FnOnce() -> (Tensor<3>, Tensor<3>),
+    ) -> (Tensor<3>, Tensor<3>) {
+        if self.text_kv.len() <= slot {
+            self.text_kv.resize(slot + 1, None);
+        }
+        match &self.text_kv[slot] {
             Some((b, k, v)) if *b == batch => (k.clone(), v.clone()),
             _ => {
                 let (k, v) = kv();
                 self.text_kv[slot] = Some((batch, k.clone(), v.clone()));
                 (k, v)
             }
-        };
-        self.cross_attention(|| attend(k, v))
+        }
+    }
+
+    fn drop_text_kv(&mut self, slot: usize) {
+        if let Some(entry) = self.text_kv.get_mut(slot) {
+            *entry = None;
+        }
     }
 
     /// Number of text key/value pairs held (for tests and reports).
@@ -262,14 +280,19 @@ impl AttentionCache {
     /// Runs (or gates) the next Würstchen Stage C attention block, whose keys and values are the
     /// image tokens followed by the text tokens (there is no separate cross-attention there).
     ///
-    /// `with_text` is the block's attention over `[image, text]`, `image_only` the same attention
-    /// over the image tokens alone. Under the cross-attention schedule: before the gate step
-    /// `with_text` is computed; at the gate step (`StoreMean`) both are, and the difference
-    /// δ = with_text − image_only, averaged over the two guidance halves, is kept on the device;
-    /// after it (`Reuse`) the block returns `image_only + δ`.
+    /// `with_text(k_text, v_text)` is the block's attention over `[image, text]` given the
+    /// text's keys and values, `image_only` the same attention over the image tokens alone.
+    /// The text is the same at every step, so `text_kv` (its mapping and key/value
+    /// projections, at batch size `batch`) runs once per generation and batch size; its result
+    /// stays on the device until the block serves its gated output. Under the cross-attention
+    /// schedule: before the gate step `with_text` is computed; at the gate step (`StoreMean`)
+    /// both are, and the difference δ = with_text − image_only, averaged over the two guidance
+    /// halves, is kept on the device; after it (`Reuse`) the block returns `image_only + δ`.
     pub fn text_kv_attention(
         &mut self,
-        with_text: impl FnOnce() -> Tensor<3>,
+        batch: usize,
+        text_kv: impl FnOnce() -> (Tensor<3>, Tensor<3>),
+        with_text: impl FnOnce(Tensor<3>, Tensor<3>) -> Tensor<3>,
         image_only: impl FnOnce() -> Tensor<3>,
     ) -> Tensor<3> {
         let slot = self.cross_cursor;
@@ -277,19 +300,20 @@ impl AttentionCache {
         if self.cross.len() <= slot {
             self.cross.resize(slot + 1, None);
         }
-        match self.cross_mode.unwrap_or(CacheMode::Compute) {
-            CacheMode::StoreMean => {
-                let out = with_text();
-                let delta = out.clone() - image_only();
-                self.cross[slot] = Some(batch_half_mean(delta));
-                out
+        let mode = self.cross_mode.unwrap_or(CacheMode::Compute);
+        if mode == CacheMode::Reuse {
+            if let Some(delta) = self.cross[slot].clone() {
+                self.drop_text_kv(slot);
+                return image_only() + delta;
             }
-            CacheMode::Reuse => match &self.cross[slot] {
-                Some(delta) => image_only() + delta.clone(),
-                None => with_text(),
-            },
-            CacheMode::Compute | CacheMode::Store => with_text(),
         }
+        let (k, v) = self.text_keys_values(slot, batch, text_kv);
+        let out = with_text(k, v);
+        if mode == CacheMode::StoreMean {
+            let delta = out.clone() - image_only();
+            self.cross[slot] = Some(batch_half_mean(delta));
+        }
+        out
     }
 }
 
@@ -486,6 +510,50 @@ mod tests {
             "the batch mean kept at the gate step"
         );
         assert_eq!(cache.text_kv_entries(), 0);
+    }
+
+    /// Stage C's blocks: the text's keys and values are projected once per block and batch
+    /// size, the gated output is `image_only + δ` (δ the batch mean of with_text − image_only at
+    /// the gate step), and the text is dropped once δ is served.
+    #[test]
+    fn text_kv_attention_projects_the_text_once() {
+        let device = burn::tensor::Device::flex();
+        let filled = |b: usize, v: f32| Tensor::<3>::full([b, 2, 3], v, &device);
+        let mut cache = AttentionCache::new();
+        let mut projections = 0;
+        // with_text = image_only + k_text, so δ is the text's keys; the halves differ.
+        let block = |cache: &mut AttentionCache, b: usize, projections: &mut usize| {
+            cache.text_kv_attention(
+                b,
+                || {
+                    *projections += 1;
+                    let k = Tensor::cat(vec![filled(1, 1.0), filled(b - 1, 3.0)], 0);
+                    (k, filled(b, 0.0))
+                },
+                |k, _| filled(b, 10.0) + k,
+                || filled(b, 10.0),
+            )
+        };
+        for mode in [Compute, Compute, StoreMean] {
+            cache.begin(mode, Compute);
+            block(&mut cache, 2, &mut projections);
+            block(&mut cache, 2, &mut projections);
+        }
+        assert_eq!(projections, 2, "two blocks, once each");
+        assert_eq!(cache.text_kv_entries(), 2);
+        cache.begin(Reuse, Compute);
+        let gated = block(&mut cache, 1, &mut projections);
+        assert_eq!(projections, 2, "served from δ: nothing projected");
+        let values = gated.into_data().to_vec::<f32>().unwrap();
+        assert!(
+            values.iter().all(|v| *v == 12.0),
+            "10 + mean(1, 3): {values:?}"
+        );
+        assert_eq!(
+            cache.text_kv_entries(),
+            1,
+            "the served block's text dropped"
+        );
     }
 
     #[test]

@@ -189,7 +189,8 @@ impl AttnBlock {
         })
     }
 
-    /// `x: [b, c, h, w]`, `cond: [b, n, c_cond]`. Blocks outside Stage C pass a fresh cache.
+    /// `x: [b, c, h, w]`, `cond: [b, n, c_cond]`, the same at every step of a generation: the
+    /// cache keeps its keys and values (and, in Stage C, carries the gate).
     pub fn forward(&self, x: Tensor<4>, cond: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let tokens = channel_norm(x.clone())
@@ -201,9 +202,9 @@ impl AttnBlock {
         let q = attn.query(tokens.clone());
         let (k_img, v_img) = attn.key_value(tokens);
         let out = cache.text_kv_attention(
-            || {
-                let text = self.kv_mapper.forward(activation::silu(cond.clone()));
-                let (k_text, v_text) = attn.key_value(text);
+            cond.dims()[0],
+            || attn.key_value(self.kv_mapper.forward(activation::silu(cond.clone()))),
+            |k_text, v_text| {
                 let k = Tensor::cat(vec![k_img.clone(), k_text], 1);
                 let v = Tensor::cat(vec![v_img.clone(), v_text], 1);
                 attn.attend(q.clone(), k, v)

@@ -10,7 +10,7 @@ use crate::nn::{
     norm_over, pixel_shuffle, pixel_unshuffle, resize_bicubic_antialias, ActivationSize, Conv2d,
     ConvTranspose2d, Linear,
 };
-use crate::tgate::AttentionCache;
+use crate::tgate::{AttentionCache, CacheMode};
 use crate::weights::Weights;
 use crate::wuerstchen_common::{
     channel_norm, check_c_r, r_embedding, AttnBlock, Channelwise, TimestepBlock,
@@ -184,6 +184,8 @@ pub struct DiffNeXtConditioning {
     clip: Tensor<3>,
     effnet: Tensor<4>,
     mapped: Vec<Option<Tensor<4>>>,
+    /// The text keys and values of every attention block (Stage B is never gated).
+    attention: AttentionCache,
 }
 
 /// Stage B.
@@ -280,13 +282,15 @@ impl WuerstchenDiffNeXt {
 
     /// The conditioning of one generation: `effnet: [b, effnet_embd, h, w]` (any size) and
     /// `clip: [b, n, clip_embd]`. The text mapping is done here once; each level's resized and
-    /// mapped effnet is computed at its first use and kept for the following steps.
+    /// mapped effnet, and each attention block's text keys and values, are computed at their
+    /// first use and kept for the following steps.
     pub fn condition(&self, effnet: Tensor<4>, clip: Tensor<3>) -> DiffNeXtConditioning {
         DiffNeXtConditioning {
             clip: norm_over(self.clip_mapper.forward(clip.cast(self.dtype)), 2, 1e-6),
             // Kept in f32 (diffusers resizes `effnet.float()`); cast after each resize.
             effnet: effnet.cast(DType::F32),
             mapped: vec![None; self.effnet_mappers.len()],
+            attention: AttentionCache::new(),
         }
     }
 
@@ -297,7 +301,8 @@ impl WuerstchenDiffNeXt {
         let device = x.device();
         let r_embed = r_embedding(r, cfg.c_r, &device).cast(self.dtype);
         let clip = cond.clip.clone();
-        let mut cache = AttentionCache::new();
+        let mut cache = std::mem::take(&mut cond.attention);
+        cache.begin(CacheMode::Compute, CacheMode::Compute);
         let mut effnet_at = |n: usize, x: &Tensor<4>| -> Option<Tensor<4>> {
             let mapper = self.effnet_mappers[n].as_ref()?;
             let [_, _, h, w] = x.dims();
@@ -357,6 +362,7 @@ impl WuerstchenDiffNeXt {
                 };
             }
         }
+        cond.attention = cache;
         let ab = pixel_shuffle(self.clf.forward(channel_norm(x)), cfg.patch_size).cast(DType::F32);
         let c_out = cfg.c_out;
         let a = ab.clone().narrow(1, 0, c_out);
