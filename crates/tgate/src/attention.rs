@@ -181,11 +181,10 @@ impl FeedForward {
         })
     }
 
+    /// `value · gelu(gate)` with the projection's bias added to each half separately, so on a
+    /// GPU the bias, GELU and product run as one fused kernel after the matmul.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.proj.forward(x);
-        let inner = h.dims()[2] / 2;
-        let value = h.clone().narrow(2, 0, inner);
-        let gate = h.narrow(2, inner, inner);
+        let (value, gate) = self.proj.forward_halves(x);
         self.out.forward(value * Activation::Gelu.forward(gate))
     }
 }
