@@ -187,6 +187,52 @@ impl Linear {
         burn::tensor::module::linear(x, self.weight.clone(), self.bias.clone())
     }
 
+    /// Several linears of the same input as one whose outputs lie side by side, in order (their
+    /// widths may differ), built on the device from the parts' parameters; the parts can then be
+    /// dropped. A part without a bias contributes zeros to the joined bias.
+    pub fn join(parts: Vec<Linear>) -> Option<Linear> {
+        let first = parts.first()?;
+        let device = first.weight.device();
+        let any_bias = parts.iter().any(|p| p.bias.is_some());
+        let bias = any_bias.then(|| {
+            let dtype = first.weight.dtype();
+            Tensor::cat(
+                parts
+                    .iter()
+                    .map(|p| match &p.bias {
+                        Some(b) => b.clone(),
+                        None => Tensor::<1>::zeros([p.weight.dims()[1]], &device).cast(dtype),
+                    })
+                    .collect(),
+                0,
+            )
+        });
+        let weight = Tensor::cat(parts.into_iter().map(|p| p.weight).collect(), 1);
+        Some(Linear { weight, bias })
+    }
+
+    /// The same linear with `extra` added to its bias.
+    pub fn with_added_bias(self, extra: Option<Tensor<1>>) -> Linear {
+        let bias = match (self.bias, extra) {
+            (Some(b), Some(e)) => Some(b + e),
+            (b, e) => b.or(e),
+        };
+        Linear {
+            weight: self.weight,
+            bias,
+        }
+    }
+
+    /// Width of the output.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Bytes of the weight.
+    pub fn weight_bytes(&self) -> u64 {
+        (self.weight.shape().num_elements() * self.weight.dtype().size()) as u64
+    }
+
     /// [`Self::forward`] with the output split into its two halves along the last axis, each
     /// given its half of the bias *after* the split. The same values, but on a GPU the bias
     /// additions then fuse with the elementwise work that follows on each half (GEGLU's
@@ -292,8 +338,18 @@ impl Conv2d {
 
     /// `[b, c_in, h, w] -> [b, c_out, h', w']`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_with_bias(x, self.bias.clone())
+    }
+
+    /// Takes the bias out of the layer (its owner then passes one to [`Self::forward_with_bias`]).
+    pub fn take_bias(&mut self) -> Option<Tensor<1>> {
+        self.bias.take()
+    }
+
+    /// The convolution with `bias` (`[c_out]`) in place of the layer's own.
+    pub fn forward_with_bias(&self, x: Tensor<4>, bias: Option<Tensor<1>>) -> Tensor<4> {
         let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], self.groups);
-        let out = conv2d(x, self.weight.clone(), self.bias.clone(), options);
+        let out = conv2d(x, self.weight.clone(), bias, options);
         let [_, c_in, k, _] = self.weight.dims();
         add_macs(out.shape().num_elements() * c_in * k * k);
         out

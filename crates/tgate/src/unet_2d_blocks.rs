@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 
 use crate::error::Result;
 use crate::nn::Conv2d;
-use crate::resnet::ResnetBlock2D;
+use crate::resnet::{ResnetBlock2D, TimeInput};
 use crate::tgate::AttentionCache;
 use crate::transformer_2d::{Transformer2DConfig, Transformer2DModel};
 use crate::weights::Weights;
@@ -111,7 +111,7 @@ impl DownBlock {
     pub fn forward(
         &self,
         x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
@@ -125,7 +125,7 @@ impl DownBlock {
     pub fn forward_layers(
         &self,
         mut x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
@@ -148,6 +148,11 @@ impl DownBlock {
 
     pub fn num_layers(&self) -> usize {
         self.resnets.len()
+    }
+
+    /// The block's ResNet blocks (for the UNet to join their time projections).
+    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+        &mut self.resnets
     }
 
     /// Transformer blocks (one self- and one cross-attention each) in layers `from..`.
@@ -191,7 +196,7 @@ impl MidBlock {
     pub fn forward(
         &self,
         x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
     ) -> Tensor<4> {
@@ -206,6 +211,11 @@ impl MidBlock {
     /// Transformer blocks (one self- and one cross-attention each).
     pub fn attention_blocks(&self) -> usize {
         self.attentions.iter().map(|a| a.depth()).sum()
+    }
+
+    /// The block's ResNet blocks (for the UNet to join their time projections).
+    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+        &mut self.resnets
     }
 }
 
@@ -267,11 +277,16 @@ impl UpBlock {
         self.resnets.len()
     }
 
+    /// The block's ResNet blocks (for the UNet to join their time projections).
+    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+        &mut self.resnets
+    }
+
     /// Consumes skips from the end of `skips`; `upsample_to` is the size of the next level.
     pub fn forward(
         &self,
         x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
@@ -286,7 +301,7 @@ impl UpBlock {
     pub fn forward_layers(
         &self,
         mut x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,

@@ -13,7 +13,8 @@ use serde_json::Value;
 use crate::deepcache::{BranchPlace, DeepCacheConfig, DeepStep};
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::error::{Error, Result};
-use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm};
+use crate::nn::{Activation, ActivationSize, Conv2d, GroupNorm, Linear};
+use crate::resnet::{ResnetBlock2D, TimeInput};
 use crate::tgate::AttentionCache;
 use crate::unet_2d_blocks::{BlockCommon, CrossAttn, DownBlock, MidBlock, UpBlock};
 use crate::weights::Weights;
@@ -301,6 +302,10 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Every ResNet block's `time_emb_proj` (with its conv1's bias folded in) as one linear: one
+    /// matmul a call for all of them instead of one each (see [`TimeInput::Joined`]). `None`
+    /// where the joined weight would not fit the device's largest buffer.
+    time_projections: Option<Linear>,
     /// Parameters and activations (inputs and outputs are f32).
     dtype: DType,
 }
@@ -408,7 +413,7 @@ impl UNet2DConditionModel {
             )?);
             prev_out = c_out;
         }
-        Ok(UNet2DConditionModel {
+        let mut unet = UNet2DConditionModel {
             conv_in: Conv2d::load(&w.pp("conv_in"), c.in_channels, boc[0], 3, 1, 1)?,
             time_embedding: TimestepEmbedding::load(
                 &w.pp("time_embedding"),
@@ -427,8 +432,47 @@ impl UNet2DConditionModel {
             )?,
             conv_out: Conv2d::load(&w.pp("conv_out"), boc[0], c.out_channels, 3, 1, 1)?,
             config: config.clone(),
+            time_projections: None,
             dtype: w.dtype(),
-        })
+        };
+        unet.join_time_projections(w.max_tensor_bytes());
+        Ok(unet)
+    }
+
+    /// Joins the ResNet blocks' time projections into [`Self::time_projections`] when the
+    /// joined weight fits `max_tensor_bytes`.
+    fn join_time_projections(&mut self, max_tensor_bytes: Option<u64>) {
+        let mut resnets: Vec<&mut ResnetBlock2D> = self
+            .down_blocks
+            .iter_mut()
+            .flat_map(|b| b.resnets_mut().iter_mut())
+            .chain(
+                self.mid_block
+                    .iter_mut()
+                    .flat_map(|m| m.resnets_mut().iter_mut()),
+            )
+            .chain(
+                self.up_blocks
+                    .iter_mut()
+                    .flat_map(|b| b.resnets_mut().iter_mut()),
+            )
+            .collect();
+        let bytes: u64 = resnets
+            .iter()
+            .filter_map(|r| r.time_projection().map(Linear::weight_bytes))
+            .sum();
+        if bytes == 0 || max_tensor_bytes.is_some_and(|limit| bytes > limit) {
+            return;
+        }
+        let mut offset = 0;
+        let mut parts = Vec::with_capacity(resnets.len());
+        for resnet in resnets.iter_mut() {
+            if let Some(part) = resnet.take_time_projection(offset) {
+                offset += part.out_features();
+                parts.push(part);
+            }
+        }
+        self.time_projections = Linear::join(parts);
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -496,13 +540,14 @@ impl UNet2DConditionModel {
         cache: &mut AttentionCache,
         deep: Option<DeepStep>,
     ) -> Tensor<4> {
-        let b = sample.dims()[0];
         let device = sample.device();
         let sample = sample.cast(self.dtype);
         let context = &context.clone().cast(self.dtype);
-        // 1. time
+        // 1. time: every row of the batch is at the same timestep, so the embedding is computed
+        // once for all (or per row of `timestep_cond` when that has several).
+        let rows = timestep_cond.map_or(1, |c| c.dims()[0]);
         let t = timestep_embedding(
-            &vec![timestep; b],
+            &vec![timestep; rows],
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
@@ -512,6 +557,10 @@ impl UNet2DConditionModel {
         let cond = timestep_cond.map(|c| c.clone().cast(self.dtype));
         // Every ResNet block projects silu(temb): activated once per forward here.
         let temb = Activation::Silu.forward(self.time_embedding.forward(t, cond));
+        let temb = match &self.time_projections {
+            Some(joined) => TimeInput::Joined(joined.forward(temb)),
+            None => TimeInput::Activated(temb),
+        };
         // 2. pre-process
         let sample = if self.config.center_input_sample {
             sample.mul_scalar(2.0).sub_scalar(1.0)
@@ -545,7 +594,7 @@ impl UNet2DConditionModel {
     fn down_and_mid(
         &self,
         mut x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
@@ -564,7 +613,7 @@ impl UNet2DConditionModel {
     fn up_path(
         &self,
         mut x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
@@ -595,7 +644,7 @@ impl UNet2DConditionModel {
     fn shallow_path(
         &self,
         mut x: Tensor<4>,
-        temb: &Tensor<2>,
+        temb: &TimeInput,
         context: &Tensor<3>,
         cache: &mut AttentionCache,
         skips: &mut Vec<Tensor<4>>,
