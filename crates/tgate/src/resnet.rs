@@ -11,7 +11,7 @@ use crate::weights::Weights;
 pub enum TimeInput {
     /// silu(time embedding), `[rows, temb_channels]`: each block projects it itself.
     Activated(Tensor<2>),
-    /// For blocks whose projections the UNet joined ([`ResnetBlock2D::take_time_projection`]):
+    /// For blocks whose projections the UNet joined (`ResnetBlock2D::take_time_projection`):
     /// `conv1.bias + time_emb_proj(silu(time embedding))` of every block side by side,
     /// `[rows, Σ c_out]`, from one matmul per call.
     Joined(Tensor<2>),
@@ -65,7 +65,7 @@ impl ResnetBlock2D {
     /// Hands over this block's time projection with conv1's bias folded into its bias, for the
     /// UNet to join with the others (see [`TimeInput::Joined`]); from then on the block reads
     /// its share at `offset` of the joined input. `None` for a block without a time projection.
-    pub fn take_time_projection(&mut self, offset: usize) -> Option<Linear> {
+    pub(crate) fn take_time_projection(&mut self, offset: usize) -> Option<Linear> {
         let proj = self.time_emb_proj.take()?;
         let width = proj.out_features();
         self.joined_at = Some((offset, width));
@@ -76,7 +76,7 @@ impl ResnetBlock2D {
     /// batch, or `b`) -> `[b, c_out, h, w]`.
     ///
     /// # Panics
-    /// When a block whose projection was taken ([`Self::take_time_projection`]) is given no
+    /// When a block whose projection its UNet took (`take_time_projection`) is given no
     /// [`TimeInput::Joined`]: only its UNet calls it, and always with one.
     pub fn forward(&self, x: Tensor<4>, time: Option<&TimeInput>) -> Tensor<4> {
         let x_act = self.norm1.forward_silu(x.clone());

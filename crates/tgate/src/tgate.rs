@@ -544,7 +544,7 @@ mod tests {
         cache.begin(Reuse, Compute);
         let gated = block(&mut cache, 1, &mut projections);
         assert_eq!(projections, 2, "served from δ: nothing projected");
-        let values = gated.into_data().to_vec::<f32>().unwrap();
+        let values = gated.into_data().try_to_vec::<f32>().unwrap();
         assert!(
             values.iter().all(|v| *v == 12.0),
             "10 + mean(1, 3): {values:?}"

@@ -151,7 +151,7 @@ impl DownBlock {
     }
 
     /// The block's ResNet blocks (for the UNet to join their time projections).
-    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+    pub(crate) fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
         &mut self.resnets
     }
 
@@ -214,7 +214,7 @@ impl MidBlock {
     }
 
     /// The block's ResNet blocks (for the UNet to join their time projections).
-    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+    pub(crate) fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
         &mut self.resnets
     }
 }
@@ -278,7 +278,7 @@ impl UpBlock {
     }
 
     /// The block's ResNet blocks (for the UNet to join their time projections).
-    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+    pub(crate) fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
         &mut self.resnets
     }
 

@@ -439,6 +439,12 @@ impl UNet2DConditionModel {
         Ok(unet)
     }
 
+    /// Bytes of the joined time projections' weight ([`Self::time_projections`]), `None` when
+    /// each ResNet block keeps its own (for tests and reports).
+    pub fn joined_time_projection_bytes(&self) -> Option<u64> {
+        self.time_projections.as_ref().map(Linear::weight_bytes)
+    }
+
     /// Joins the ResNet blocks' time projections into [`Self::time_projections`] when the
     /// joined weight fits `max_tensor_bytes`.
     fn join_time_projections(&mut self, max_tensor_bytes: Option<u64>) {

@@ -190,7 +190,8 @@ impl AttnBlock {
     }
 
     /// `x: [b, c, h, w]`, `cond: [b, n, c_cond]`, the same at every step of a generation: the
-    /// cache keeps its keys and values (and, in Stage C, carries the gate).
+    /// cache keeps its keys and values (and, in Stage C, carries the gate), so a new text needs
+    /// a new cache.
     pub fn forward(&self, x: Tensor<4>, cond: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let tokens = channel_norm(x.clone())

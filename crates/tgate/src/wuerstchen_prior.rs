@@ -135,7 +135,8 @@ impl WuerstchenPrior {
 
     /// `x: [b, c_in, h, w]`, one noise ratio per batch row, mapped text `[b, n, c]` (see
     /// [`Self::map_text`]) → the model's estimate `[b, c_in, h, w]`. `cache` carries the gate
-    /// (see [`AttnBlock`]).
+    /// (see [`AttnBlock`]) and each block's text keys and values, so it belongs to one
+    /// generation: a new text needs a new cache.
     pub fn forward(
         &self,
         x: Tensor<4>,

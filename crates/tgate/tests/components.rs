@@ -77,6 +77,32 @@ fn unet(name: &str) {
         &mut AttentionCache::new(),
     );
     assert_close(out, &r, "unet.out", REL);
+
+    // Where the joined time projections would not fit the device's largest buffer, each block
+    // keeps its own (and projects the one-row time embedding for the whole batch).
+    let joined = model
+        .joined_time_projection_bytes()
+        .expect("the fixture's time projections are joined");
+    let capped = source(name).with_max_tensor_bytes(Some(joined - 1));
+    let w = load_weights(
+        &capped,
+        "unet",
+        "diffusion_pytorch_model",
+        Variant::Auto,
+        &device,
+    )
+    .unwrap();
+    let separate = UNet2DConditionModel::load(&cfg, &w).unwrap();
+    assert_eq!(separate.joined_time_projection_bytes(), None);
+    let sample = tensor(&r, "unet.sample", &device);
+    assert!(sample.dims()[0] > 1, "a batch of several rows");
+    let out = separate.forward(
+        sample,
+        t,
+        &tensor(&r, "unet.encoder_hidden_states", &device),
+        &mut AttentionCache::new(),
+    );
+    assert_close(out, &r, "unet.out", REL);
 }
 
 fn vae(name: &str) {
