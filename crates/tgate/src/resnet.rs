@@ -58,7 +58,7 @@ impl ResnetBlock2D {
     }
 
     /// The block's own time projection (until the UNet takes it).
-    pub fn time_projection(&self) -> Option<&Linear> {
+    pub(crate) fn time_projection(&self) -> Option<&Linear> {
         self.time_emb_proj.as_ref()
     }
 
