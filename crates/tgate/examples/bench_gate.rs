@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run -p tgate --example bench_gate [--features wgpu] -- [--backend cpu|wgpu]
 //!     [--model sd15|small|both|CONFIG.json] [--size PIXELS] [--steps N] [--gate-step K] [--dtype f32|f16]
-//!     [--no-kernels] [--memory-only] [--deepcache-interval N] [--deepcache-branch K]
+//!     [--no-kernels] [--kernels-only] [--memory-only] [--deepcache-interval N] [--deepcache-branch K]
 //!     [--before-after] [--no-deepcache] [--default-malloc] [--max-tensor-mib N] [--one-ahead-too]
 //! ```
 //! The timed loops wait for the device after each step (`tgate::stage::set_one_ahead(false)`), so
@@ -18,6 +18,7 @@
 //! (WebGPU's default is 128): weights over it fail to load, attention splits its queries to fit.
 //! `--default-malloc`: leave glibc's malloc as it is (by default the benchmark calls
 //! `tgate::host_memory::keep_large_allocations`, as the CLI does).
+//! `--kernels-only`: the kernel accounting alone (no timed loops).
 //! `--before-after` (GPU backends): the kernel accounting and the plain / gated loops first with
 //! burn's generic ops only, then with tgate's own kernels (`shaders/`), same run; then a line of
 //! before → after ratios. `--no-deepcache` skips the DeepCache loops.
@@ -27,8 +28,10 @@
 //! `TgateSDDeepCacheLoader`; interval 3, branch 0 by default), full and shallow steps apart, and
 //! the whole-loop speed-up of each against the plain loop, all in the same run.
 //! On wgpu it first accounts for the kernels (`tgate::profile`): launches per UNet forward
-//! (planning batch 2, gated batch 1), distinct kernels compiled by a cold run, device time per op
-//! class (each kernel timed alone), the kernels each attention shape launches (flash or the
+//! (planning batch 2, gated batch 1; the time input made beforehand, as a generation makes it
+//! once for all its calls), the kernels a gated forward launches more often than a planning one,
+//! distinct kernels compiled by a cold run, device time per op class (each kernel timed alone)
+//! for a planning forward, a gated one and a planning one reusing self-attention, the kernels each attention shape launches (flash or the
 //! fallback that builds the score matrix), and the device memory reserved.
 
 mod common;
@@ -41,6 +44,7 @@ use tgate::deepcache::DeepCacheConfig;
 use tgate::noise::randn;
 use tgate::pipeline::{denoise, GenerateParams, Noise, StepInfo};
 use tgate::profile::{class_of, device_memory, observe, Launches, Timing};
+use tgate::resnet::TimeInput;
 use tgate::schedulers::SchedulerConfig;
 use tgate::tgate::{AttentionCache, CacheMode, GateConfig, Phase};
 use tgate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
@@ -70,6 +74,8 @@ struct Args {
     steps: usize,
     gate_step: Option<usize>,
     kernels: bool,
+    /// Only the kernel accounting (no timed loops).
+    kernels_only: bool,
     dtype: DType,
     memory_only: bool,
     deep_cache: DeepCacheConfig,
@@ -90,6 +96,7 @@ fn parse_args() -> Result<Args, String> {
         steps: 10,
         gate_step: None,
         kernels: true,
+        kernels_only: false,
         dtype: DType::F32,
         memory_only: false,
         deep_cache: DeepCacheConfig::tgate_default(),
@@ -112,6 +119,7 @@ fn parse_args() -> Result<Args, String> {
                 a.gate_step = Some(val()?.parse().map_err(|e| format!("--gate-step: {e}"))?)
             }
             "--no-kernels" => a.kernels = false,
+            "--kernels-only" => a.kernels_only = true,
             "--before-after" => a.before_after = true,
             "--no-deepcache" => a.deepcache_runs = false,
             "--one-ahead-too" => a.one_ahead_too = true,
@@ -242,6 +250,7 @@ fn forward(
     b: usize,
     side: usize,
     cond: &Tensor<3>,
+    time: &TimeInput,
     modes: (CacheMode, CacheMode),
 ) {
     let device = cond.device();
@@ -251,7 +260,20 @@ fn forward(
     );
     let context = Tensor::cat(vec![cond.clone(); b], 0);
     cache.begin(modes.0, modes.1);
-    let _ = unet.forward(sample, 500.0, &context, cache).into_data();
+    let _ = unet
+        .forward_time(sample, time, &context, cache, None)
+        .into_data();
+}
+
+/// The time input of a call at timestep 500, as a generation makes it: once, in its
+/// [`tgate::unet_2d_condition::TimeTable`], outside the calls measured.
+fn time_input(unet: &UNet2DConditionModel, device: &burn::tensor::Device) -> TimeInput {
+    let table = unet.time_table(&[500.0], None, device);
+    let time = unet.time_at(&table, 0).expect("the table holds call 0");
+    // Run it now, so that none of it is counted in the calls measured.
+    let (TimeInput::Joined(t) | TimeInput::Activated(t)) = &time;
+    let _ = t.clone().into_data();
+    time
 }
 
 fn print_launches(label: &str, l: &Launches) {
@@ -275,12 +297,13 @@ fn kernels(
         (CacheMode::StoreMean, CacheMode::Compute),
         (CacheMode::Reuse, CacheMode::Compute),
     );
+    let time = time_input(unet, &cond.device());
     let mut cache = AttentionCache::new();
     let t0 = std::time::Instant::now();
     let ((), cold) = observe(Timing::Off, || {
-        forward(unet, &mut cache, 2, side, cond, compute);
-        forward(unet, &mut cache, 2, side, cond, store);
-        forward(unet, &mut cache, 1, side, cond, reuse);
+        forward(unet, &mut cache, 2, side, cond, &time, compute);
+        forward(unet, &mut cache, 2, side, cond, &time, store);
+        forward(unet, &mut cache, 1, side, cond, &time, reuse);
     });
     println!(
         "  cold (planning, gate, gated forward): {} distinct kernels compiled, {} launches, {:.1} s",
@@ -290,27 +313,68 @@ fn kernels(
     );
     // A planning step of a generation: the text keys and values are already projected (once
     // per generation, by its first step).
-    forward(unet, &mut cache, 2, side, cond, compute);
+    forward(unet, &mut cache, 2, side, cond, &time, compute);
     let ((), planning) = observe(Timing::Off, || {
-        forward(unet, &mut cache, 2, side, cond, compute)
+        forward(unet, &mut cache, 2, side, cond, &time, compute)
     });
     print_launches("planning forward (batch 2)", &planning);
     let ((), gated) = observe(Timing::Off, || {
-        forward(unet, &mut cache, 1, side, cond, reuse)
+        forward(unet, &mut cache, 1, side, cond, &time, reuse)
     });
     print_launches("gated forward (batch 1)", &gated);
+    // Work a batch-1 call does that the batch-2 one does not (layout copies, mostly).
+    let more: Vec<String> = gated
+        .kernels
+        .iter()
+        .filter_map(|(n, g)| {
+            let p = planning.kernels.get(n).map_or(0, |s| s.launches);
+            (g.launches > p).then(|| format!("{} {p} -> {}", short(n), g.launches))
+        })
+        .collect();
+    if !more.is_empty() {
+        println!(
+            "    launched more often by the gated forward: {}",
+            more.join(", ")
+        );
+    }
     let ((), timed) = observe(Timing::PerKernel, || {
-        forward(unet, &mut cache, 2, side, cond, compute)
+        forward(unet, &mut cache, 2, side, cond, &time, compute)
     });
-    let total: f64 = timed.kernels.values().map(|s| s.seconds).sum();
-    println!("  device time by op class, planning forward (kernels timed one at a time, {:.1} ms in all):", total * 1e3);
-    for (class, s) in timed.by_class() {
-        if s.launches > 0 {
+    // The same per kernel for a gated forward and for a planning forward that reuses
+    // self-attention (tgate's self-attention cache before the gate): what each phase saves, by
+    // op class.
+    let ((), timed_gated) = observe(Timing::PerKernel, || {
+        forward(unet, &mut cache, 1, side, cond, &time, reuse)
+    });
+    let self_store = (CacheMode::Compute, CacheMode::Store);
+    let self_reuse = (CacheMode::Compute, CacheMode::Reuse);
+    forward(unet, &mut cache, 2, side, cond, &time, self_store);
+    let ((), timed_self) = observe(Timing::PerKernel, || {
+        forward(unet, &mut cache, 2, side, cond, &time, self_reuse)
+    });
+    let seconds = |l: &Launches| l.kernels.values().map(|s| s.seconds).sum::<f64>();
+    let total = seconds(&timed);
+    println!(
+        "  device time by op class (kernels timed one at a time): planning forward {:.1} ms; gated forward {:.1} ms ({:.2}x); planning forward reusing self-attention {:.1} ms ({:.2}x)",
+        total * 1e3,
+        seconds(&timed_gated) * 1e3,
+        seconds(&timed_gated) / total.max(1e-12),
+        seconds(&timed_self) * 1e3,
+        seconds(&timed_self) / total.max(1e-12)
+    );
+    let (gated_classes, self_classes) = (timed_gated.by_class(), timed_self.by_class());
+    for (i, (class, s)) in timed.by_class().into_iter().enumerate() {
+        let (g, r) = (&gated_classes[i].1, &self_classes[i].1);
+        if s.launches + g.launches + r.launches > 0 {
             println!(
-                "    {class:<12} {:>5} launches {:>9.2} ms ({:>4.1} %)",
+                "    {class:<12} {:>5} launches {:>9.2} ms ({:>4.1} %) | gated {:>5} launches {:>9.2} ms | self-attention reused {:>5} launches {:>9.2} ms",
                 s.launches,
                 s.seconds * 1e3,
-                100.0 * s.seconds / total.max(1e-12)
+                100.0 * s.seconds / total.max(1e-12),
+                g.launches,
+                g.seconds * 1e3,
+                r.launches,
+                r.seconds * 1e3
             );
         }
     }
@@ -488,6 +552,9 @@ fn bench(
             );
         }
         let counts = (a.kernels && gpu).then(|| kernels(&unet, size / 8, &cond, limit));
+        if a.kernels_only {
+            continue;
+        }
         // Warm-up: kernel compilation and autotuning on wgpu, allocator growth on CPU.
         run(
             &unet,
@@ -511,6 +578,9 @@ fn bench(
             report_one_ahead(&ahead?, &gated);
         }
         results.push((counts, ungated, gated));
+    }
+    if a.kernels_only {
+        return Ok(());
     }
     if let [(before_counts, before_u, before_g), (after_counts, after_u, after_g)] = &results[..] {
         let step = |r: &Run, phase| r.phase(phase).map(|(_, t, _)| t).unwrap_or(f64::NAN);
@@ -659,10 +729,11 @@ fn memory(
     device: &Device,
 ) {
     let mut cache = AttentionCache::new();
+    let time = time_input(unet, device);
     let planning = (CacheMode::StoreMean, CacheMode::Compute);
-    forward(unet, &mut cache, 2, size / 8, cond, planning);
+    forward(unet, &mut cache, 2, size / 8, cond, &time, planning);
     let gated = (CacheMode::Reuse, CacheMode::Compute);
-    forward(unet, &mut cache, 1, size / 8, cond, gated);
+    forward(unet, &mut cache, 1, size / 8, cond, &time, gated);
     match device_memory(device) {
         Some((reserved, in_use)) => println!(
             "  device memory ({dtype:?}): {:.1} MiB reserved (high-water mark), {:.1} MiB in use (weights and gate cache)",

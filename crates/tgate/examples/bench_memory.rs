@@ -13,8 +13,10 @@
 //! 1). `--max-tensor-mib N` refuses any parameter over N MiB and splits attention to fit, as on a
 //! device with that binding limit (WebGPU's default is 128). Prints the device memory reserved
 //! (the pools' high-water mark) after the load and after the generation, and the largest
-//! parameter. On lavapipe (2 cores) a 512×512 f16 run takes over two hours: its UNet steps alone
-//! took 76 minutes here.
+//! parameter. Built without the `autotune` feature (`--no-default-features --features flex,wgpu`)
+//! it uses the kernels the browser build picks by rule, as a WebGPU laptop would: a 512×512 f16
+//! run took 40 minutes on lavapipe (2 cores) that way; with autotuning, which runs candidate
+//! kernels at every new shape, its UNet steps alone took 76 minutes.
 
 mod common;
 

@@ -254,8 +254,9 @@ impl Linear {
     }
 }
 
-/// Whether convolution weights are kept channels last: on GPU devices running tgate's kernels.
-fn channels_last_weights(w: &Weights) -> bool {
+/// Whether convolution weights are kept channels last: on GPU devices running tgate's kernels
+/// (where the convolutions' outputs, and tgate's norms over them, are channels-last maps).
+pub(crate) fn channels_last_weights(w: &Weights) -> bool {
     #[cfg(feature = "wgpu")]
     {
         custom_kernels() && tgate_shaders::is_cube_device(w.device())

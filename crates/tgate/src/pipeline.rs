@@ -23,7 +23,7 @@ use crate::stage::drive;
 pub use crate::stage::{EnqueuedStep, Stage, StepInfo};
 use crate::tgate::{Gate, GateConfig};
 use crate::tokenizer::ClipTokenizer;
-use crate::unet_2d_condition::{UNet2DConditionModel, UNetConfig};
+use crate::unet_2d_condition::{TimeTable, UNet2DConditionModel, UNetConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
 use crate::weights::Weights;
 
@@ -307,8 +307,52 @@ pub fn denoise(
     })
 }
 
-/// Hands out the noise of step `j` (ancestral schedulers).
-type StepNoise = Box<dyn Fn(usize) -> Vec<f32>>;
+/// The noise of each step of an ancestral scheduler.
+enum StepNoise {
+    /// Every step's noise on the device, `[steps, c, h, w]`, uploaded at once when the
+    /// generation starts; step `j` reads row `j` (a view: no upload, no host work per step).
+    Device(Tensor<4>),
+    /// Drawn (or copied) and uploaded per step: the whole set would exceed
+    /// [`UP_FRONT_NOISE_BYTES`] (very many steps at a large size).
+    Host(Box<dyn Fn(usize) -> Vec<f32>>),
+}
+
+/// The most step noise uploaded up front (f32 bytes); beyond it each step uploads its own.
+const UP_FRONT_NOISE_BYTES: usize = 32 << 20;
+
+impl StepNoise {
+    /// `f(j)` for `j < steps`, on the device at once when it takes at most `max_bytes`
+    /// ([`UP_FRONT_NOISE_BYTES`] in a generation).
+    fn within(
+        f: Box<dyn Fn(usize) -> Vec<f32>>,
+        steps: usize,
+        shape: [usize; 4],
+        device: &Device,
+        max_bytes: usize,
+    ) -> Self {
+        let numel: usize = shape.iter().product();
+        if steps * numel * 4 > max_bytes || steps == 0 {
+            return StepNoise::Host(f);
+        }
+        let mut all = Vec::with_capacity(steps * numel);
+        for j in 0..steps {
+            all.extend(f(j));
+        }
+        let [_, c, h, w] = shape;
+        StepNoise::Device(Tensor::from_data(
+            TensorData::new(all, [steps, c, h, w]),
+            device,
+        ))
+    }
+
+    /// The noise of step `j`, `shape`.
+    fn get(&self, j: usize, shape: [usize; 4], device: &Device) -> Tensor<4> {
+        match self {
+            StepNoise::Device(all) => all.clone().narrow(0, j, 1),
+            StepNoise::Host(f) => Tensor::from_data(TensorData::new(f(j), shape), device),
+        }
+    }
+}
 
 /// Stable Diffusion's denoising loop as a [`Stage`]: [`Denoiser::step`] enqueues one iteration
 /// on the device without waiting for it, so the caller decides how to wait (blocking natively,
@@ -322,9 +366,9 @@ pub struct Denoiser<'a> {
     cond: Tensor<3>,
     both: Option<Tensor<3>>,
     guidance: f64,
-    /// The guidance embedding of a latent-consistency UNet (`[1, time_cond_proj_dim]`), made
-    /// once per generation.
-    timestep_cond: Option<Tensor<2>>,
+    /// The UNet's time input of every iteration (with the guidance embedding of a
+    /// latent-consistency UNet), made once per generation.
+    time: TimeTable,
     /// DeepCache's schedule and kept feature (`None`: every step runs the whole UNet).
     deep: Option<DeepCache>,
     latents: Tensor<4>,
@@ -370,7 +414,8 @@ impl<'a> Denoiser<'a> {
         let shape = [1, unet.config().in_channels, p.height / 8, p.width / 8];
         let numel: usize = shape.iter().product();
         let needs_noise = scheduler.needs_noise();
-        let (noise, step_noise): (Vec<f32>, Option<StepNoise>) = match &p.noise {
+        type Draw = Box<dyn Fn(usize) -> Vec<f32>>;
+        let (noise, step_noise): (Vec<f32>, Option<Draw>) = match &p.noise {
             Noise::Seed(seed) => {
                 let seed = *seed;
                 (
@@ -398,7 +443,7 @@ impl<'a> Denoiser<'a> {
                     ));
                 }
                 let steps = step_noise.clone().filter(|_| needs_noise).map(|s| {
-                    Box::new(move |j: usize| s[j * numel..(j + 1) * numel].to_vec()) as StepNoise
+                    Box::new(move |j: usize| s[j * numel..(j + 1) * numel].to_vec()) as Draw
                 });
                 (noise.clone(), steps)
             }
@@ -412,6 +457,10 @@ impl<'a> Denoiser<'a> {
             .config()
             .time_cond_proj_dim
             .map(|dim| guidance_scale_embedding(&[p.guidance - 1.0], dim, &device));
+        let time = unet.time_table(&timesteps, timestep_cond.as_ref(), &device);
+        let step_noise = step_noise
+            .filter(|_| needs_noise)
+            .map(|f| StepNoise::within(f, timesteps.len(), shape, &device, UP_FRONT_NOISE_BYTES));
         Ok(Denoiser {
             unet,
             scheduler,
@@ -421,11 +470,11 @@ impl<'a> Denoiser<'a> {
             cond,
             both,
             guidance: p.guidance,
-            timestep_cond,
+            time,
             deep: p.deep_cache.map(DeepCache::new).transpose()?,
             latents,
             shape,
-            step_noise: step_noise.filter(|_| needs_noise),
+            step_noise,
             next: 0,
         })
     }
@@ -470,14 +519,10 @@ impl<'a> Denoiser<'a> {
             (!unet.branch_skips_nothing(place)).then(|| d.step(index, place, batch))
         });
         let shallow = matches!(deep, Some(DeepStep::Shallow { .. }));
-        let mut pred = unet.forward_deep(
-            input,
-            t,
-            context,
-            self.timestep_cond.as_ref(),
-            self.gate.cache(),
-            deep,
-        );
+        let time = unet
+            .time_at(&self.time, i)
+            .ok_or_else(|| Error::param("steps", format!("no time input for iteration {i}")))?;
+        let mut pred = unet.forward_time(input, &time, context, self.gate.cache(), deep);
         if plan.guidance {
             let uncond = pred.clone().narrow(0, 0, 1);
             let text = pred.narrow(0, 1, 1);
@@ -486,7 +531,7 @@ impl<'a> Denoiser<'a> {
         let noise = self
             .step_noise
             .as_ref()
-            .map(|f| Tensor::<4>::from_data(TensorData::new(f(i), self.shape), &latents.device()));
+            .map(|n| n.get(i, self.shape, &latents.device()));
         self.latents = self.scheduler.step(pred, i, latents, noise)?;
         Ok(Some(EnqueuedStep {
             stage: "unet",
@@ -519,4 +564,36 @@ pub fn to_rgb8(image: Tensor<4>) -> Result<(usize, usize, Vec<u8>)> {
     let [_, _, h, w] = image.dims();
     let data = crate::text_to_image::read_f32(image, "the image")?;
     Ok((w, h, crate::text_to_image::interleave(&data, h, w, false)))
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    /// Step noise uploaded up front and step noise uploaded per step hand each step the same
+    /// values.
+    #[test]
+    fn step_noise_up_front_equals_step_noise_per_step() {
+        let device = Device::flex();
+        let shape = [1, 2, 3, 2];
+        let draw =
+            || Box::new(|j: usize| randn(7, 1 + j as u64, 12)) as Box<dyn Fn(usize) -> Vec<f32>>;
+        let up_front = StepNoise::within(draw(), 5, shape, &device, usize::MAX);
+        let per_step = StepNoise::within(draw(), 5, shape, &device, 5 * 12 * 4 - 1);
+        assert!(matches!(up_front, StepNoise::Device(_)));
+        assert!(matches!(per_step, StepNoise::Host(_)));
+        for j in 0..5 {
+            let (a, b) = (
+                up_front.get(j, shape, &device),
+                per_step.get(j, shape, &device),
+            );
+            assert_eq!(a.dims(), shape);
+            let (a, b) = (
+                a.into_data().try_to_vec::<f32>().unwrap(),
+                b.into_data().try_to_vec::<f32>().unwrap(),
+            );
+            assert_eq!(a, randn(7, 1 + j as u64, 12));
+            assert_eq!(a, b, "step {j}");
+        }
+    }
 }

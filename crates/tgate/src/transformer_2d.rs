@@ -4,7 +4,7 @@ use burn::tensor::Tensor;
 
 use crate::attention::BasicTransformerBlock;
 use crate::error::Result;
-use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::nn::{channels_last_weights, Conv2d, GroupNorm, Linear};
 use crate::tgate::AttentionCache;
 use crate::weights::Weights;
 
@@ -21,6 +21,9 @@ pub struct Transformer2DModel {
     proj_in: Projection,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
+    /// Whether the maps it receives are channels last (GPU devices running tgate's kernels):
+    /// tokens are then taken as a view of the channels-last memory.
+    channels_last: bool,
 }
 
 /// Shape parameters of one spatial transformer.
@@ -65,6 +68,7 @@ impl Transformer2DModel {
                 })
                 .collect::<Result<_>>()?,
             proj_out: proj("proj_out", inner, cfg.channels)?,
+            channels_last: channels_last_weights(w),
         })
     }
 
@@ -77,9 +81,17 @@ impl Transformer2DModel {
     ) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let normed = self.norm.forward(x.clone());
+        // Tokens as a view of the map's memory: a channels-last map (what the convolutions and
+        // tgate's norms leave on GPU devices) is permuted before the reshape (reshaping its
+        // `[b, c, h, w]` view would copy it), a contiguous one reshaped, then transposed.
+        let channels_last = self.channels_last;
         let to_tokens = |t: Tensor<4>| {
             let ch = t.dims()[1];
-            t.reshape([b, ch, h * w]).swap_dims(1, 2)
+            if channels_last {
+                t.permute([0, 2, 3, 1]).reshape([b, h * w, ch])
+            } else {
+                t.reshape([b, ch, h * w]).swap_dims(1, 2)
+            }
         };
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(conv.forward(normed)),
@@ -88,9 +100,14 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context, cache);
         }
+        // And back: a channels-last view of the tokens.
         let to_image = |t: Tensor<3>| {
             let ch = t.dims()[2];
-            t.swap_dims(1, 2).reshape([b, ch, h, w])
+            if channels_last {
+                t.reshape([b, h, w, ch]).permute([0, 3, 1, 2])
+            } else {
+                t.swap_dims(1, 2).reshape([b, ch, h, w])
+            }
         };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(to_image(tokens)),

@@ -6,7 +6,7 @@
 //! layers per block, `attention_head_dim` as an
 //! int or a per-block list, conv or linear projections. Anything else is refused by name.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -291,6 +291,38 @@ impl UNetConfig {
     }
 }
 
+/// The time input of every denoiser call of one generation
+/// ([`UNet2DConditionModel::time_table`]), read per call with [`UNet2DConditionModel::time_at`].
+#[derive(Clone, Debug)]
+pub struct TimeTable {
+    timesteps: Vec<f64>,
+    timestep_cond: Option<Tensor<2>>,
+    device: Device,
+    /// Every call's rows, made at once and kept on the device (`None`: each call computes its
+    /// own, because the table would exceed [`TIME_TABLE_BYTES`]).
+    table: Option<TimeInput>,
+}
+
+impl TimeTable {
+    /// Number of calls (timesteps) the table holds.
+    pub fn len(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.timesteps.is_empty()
+    }
+
+    /// Whether every call's time input was computed at once (not per call).
+    pub fn is_precomputed(&self) -> bool {
+        self.table.is_some()
+    }
+}
+
+/// The largest time table made up front (bytes of its rows); past it (hundreds of steps) each
+/// call computes its own time input.
+const TIME_TABLE_BYTES: u64 = 16 << 20;
+
 /// The conditional UNet.
 #[derive(Clone, Debug)]
 pub struct UNet2DConditionModel {
@@ -546,27 +578,112 @@ impl UNet2DConditionModel {
         cache: &mut AttentionCache,
         deep: Option<DeepStep>,
     ) -> Tensor<4> {
-        let device = sample.device();
-        let sample = sample.cast(self.dtype);
-        let context = &context.clone().cast(self.dtype);
-        // 1. time: every row of the batch is at the same timestep, so the embedding is computed
-        // once for all (or per row of `timestep_cond` when that has several).
+        let time = self.time_input(&[timestep], timestep_cond, &sample.device());
+        self.forward_time(sample, &time, context, cache, deep)
+    }
+
+    /// The time input of every call of one generation at once ([`TimeTable`]): the sinusoidal
+    /// embedding of each timestep (with its `timestep_cond` row(s), the same for every call),
+    /// the time MLP, silu and the joined ResNet projections run once for all of them, so a
+    /// denoiser call ([`Self::forward_time`] with [`Self::time_at`]) launches none of it.
+    pub fn time_table(
+        &self,
+        timesteps: &[f64],
+        timestep_cond: Option<&Tensor<2>>,
+        device: &Device,
+    ) -> TimeTable {
+        self.time_table_within(timesteps, timestep_cond, device, TIME_TABLE_BYTES)
+    }
+
+    /// [`Self::time_table`], made up front only when its rows take at most `max_bytes`
+    /// (otherwise each call computes its own time input, as [`Self::forward_deep`] does).
+    pub fn time_table_within(
+        &self,
+        timesteps: &[f64],
+        timestep_cond: Option<&Tensor<2>>,
+        device: &Device,
+        max_bytes: u64,
+    ) -> TimeTable {
         let rows = timestep_cond.map_or(1, |c| c.dims()[0]);
+        let width = self
+            .time_projections
+            .as_ref()
+            .map_or(self.config.time_embed_dim(), Linear::out_features);
+        let bytes = (timesteps.len() * rows * width * self.dtype.size()) as u64;
+        TimeTable {
+            timesteps: timesteps.to_vec(),
+            timestep_cond: timestep_cond.cloned(),
+            device: device.clone(),
+            table: (bytes <= max_bytes).then(|| self.time_input(timesteps, timestep_cond, device)),
+        }
+    }
+
+    /// The time input of call `i` of `table`: a view of its rows (nothing launched), or computed
+    /// now where the table was too large to make up front; `None` past its end.
+    pub fn time_at(&self, table: &TimeTable, i: usize) -> Option<TimeInput> {
+        let &t = table.timesteps.get(i)?;
+        let cond = table.timestep_cond.as_ref();
+        Some(match &table.table {
+            Some(all) => {
+                let n = cond.map_or(1, |c| c.dims()[0]);
+                match all {
+                    TimeInput::Joined(x) => TimeInput::Joined(x.clone().narrow(0, i * n, n)),
+                    TimeInput::Activated(x) => TimeInput::Activated(x.clone().narrow(0, i * n, n)),
+                }
+            }
+            None => self.time_input(&[t], cond, &table.device),
+        })
+    }
+
+    /// The time input of calls at `timesteps`: `rows` rows per timestep (every row of a batch
+    /// is at the same timestep, so one row serves the whole batch; or one per row of
+    /// `timestep_cond` when that has several), timestep-major.
+    fn time_input(
+        &self,
+        timesteps: &[f64],
+        timestep_cond: Option<&Tensor<2>>,
+        device: &Device,
+    ) -> TimeInput {
+        let rows = timestep_cond.map_or(1, |c| c.dims()[0]);
+        let every: Vec<f64> = timesteps
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t, rows))
+            .collect();
         let t = timestep_embedding(
-            &vec![timestep; rows],
+            &every,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
-            &device,
+            device,
         )
         .cast(self.dtype);
-        let cond = timestep_cond.map(|c| c.clone().cast(self.dtype));
-        // Every ResNet block projects silu(temb): activated once per forward here.
+        let cond = timestep_cond.map(|c| {
+            let c = c.clone().cast(self.dtype);
+            if timesteps.len() > 1 {
+                c.repeat_dim(0, timesteps.len())
+            } else {
+                c
+            }
+        });
+        // Every ResNet block projects silu(temb): activated once here.
         let temb = Activation::Silu.forward(self.time_embedding.forward(t, cond));
-        let temb = match &self.time_projections {
+        match &self.time_projections {
             Some(joined) => TimeInput::Joined(joined.forward(temb)),
             None => TimeInput::Activated(temb),
-        };
+        }
+    }
+
+    /// [`Self::forward_deep`] with its time input already computed (a [`TimeTable`] row).
+    pub fn forward_time(
+        &self,
+        sample: Tensor<4>,
+        time: &TimeInput,
+        context: &Tensor<3>,
+        cache: &mut AttentionCache,
+        deep: Option<DeepStep>,
+    ) -> Tensor<4> {
+        let sample = sample.cast(self.dtype);
+        let context = &context.clone().cast(self.dtype);
         // 2. pre-process
         let sample = if self.config.center_input_sample {
             sample.mul_scalar(2.0).sub_scalar(1.0)
@@ -577,15 +694,15 @@ impl UNet2DConditionModel {
         let mut skips = vec![x.clone()];
         let x = match deep {
             Some(DeepStep::Shallow { place, feature }) => {
-                self.shallow_path(x, &temb, context, cache, &mut skips, place, feature)
+                self.shallow_path(x, time, context, cache, &mut skips, place, feature)
             }
             Some(DeepStep::Full { place, keep }) => {
-                let x = self.down_and_mid(x, &temb, context, cache, &mut skips);
-                self.up_path(x, &temb, context, cache, &mut skips, Some((place, keep)))
+                let x = self.down_and_mid(x, time, context, cache, &mut skips);
+                self.up_path(x, time, context, cache, &mut skips, Some((place, keep)))
             }
             None => {
-                let x = self.down_and_mid(x, &temb, context, cache, &mut skips);
-                self.up_path(x, &temb, context, cache, &mut skips, None)
+                let x = self.down_and_mid(x, time, context, cache, &mut skips);
+                self.up_path(x, time, context, cache, &mut skips, None)
             }
         };
         // 6. post-process

@@ -77,6 +77,7 @@ fn unet(name: &str) {
         &mut AttentionCache::new(),
     );
     assert_close(out, &r, "unet.out", REL);
+    time_table_matches_per_call_time(&model, &r, t);
 
     // Where the joined time projections would not fit the device's largest buffer, each block
     // keeps its own (and projects the one-row time embedding for the whole batch).
@@ -103,6 +104,54 @@ fn unet(name: &str) {
         &mut AttentionCache::new(),
     );
     assert_close(out, &r, "unet.out", REL);
+    time_table_matches_per_call_time(&separate, &r, t);
+}
+
+/// A generation's time table (every call's time input made at once, or per call where the
+/// table is over its byte cap) gives each call the output of a call that computes its own.
+fn time_table_matches_per_call_time(
+    model: &UNet2DConditionModel,
+    r: &tgate::safetensors::SafeTensors,
+    t: f64,
+) {
+    let device = cpu();
+    let timesteps = [999.0, t, 1.0];
+    let sample = tensor(r, "unet.sample", &device);
+    let context = tensor(r, "unet.encoder_hidden_states", &device);
+    for max_bytes in [u64::MAX, 0] {
+        let table = model.time_table_within(&timesteps, None, &device, max_bytes);
+        assert_eq!(table.is_precomputed(), max_bytes > 0);
+        assert_eq!(table.len(), 3);
+        assert!(model.time_at(&table, 3).is_none());
+        for (i, &ti) in timesteps.iter().enumerate() {
+            let time = model.time_at(&table, i).unwrap();
+            let out = model.forward_time(
+                sample.clone(),
+                &time,
+                &context,
+                &mut AttentionCache::new(),
+                None,
+            );
+            if ti == t {
+                assert_close(out, r, "unet.out", REL);
+            } else {
+                let own = model.forward(sample.clone(), ti, &context, &mut AttentionCache::new());
+                let (a, b) = (
+                    out.into_data().try_to_vec::<f32>().unwrap(),
+                    own.into_data().try_to_vec::<f32>().unwrap(),
+                );
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let err = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "timestep {ti}: max abs err {err} (scale {scale})"
+                );
+            }
+        }
+    }
 }
 
 fn vae(name: &str) {
