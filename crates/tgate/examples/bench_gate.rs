@@ -153,6 +153,11 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown flag {other}")),
         }
     }
+    if a.kernels_only && (!a.kernels || a.before_after || a.backend == "cpu") {
+        return Err(
+            "--kernels-only is the kernel accounting of a GPU backend alone: not with --no-kernels, --before-after or --backend cpu".into(),
+        );
+    }
     Ok(a)
 }
 

@@ -458,9 +458,15 @@ impl<'a> Denoiser<'a> {
             .time_cond_proj_dim
             .map(|dim| guidance_scale_embedding(&[p.guidance - 1.0], dim, &device));
         let time = unet.time_table(&timesteps, timestep_cond.as_ref(), &device);
-        let step_noise = step_noise
-            .filter(|_| needs_noise)
-            .map(|f| StepNoise::within(f, timesteps.len(), shape, &device, UP_FRONT_NOISE_BYTES));
+        let step_noise = step_noise.filter(|_| needs_noise).map(|f| {
+            // Within the device's largest tensor too.
+            let cap = unet
+                .max_tensor_bytes()
+                .map_or(UP_FRONT_NOISE_BYTES, |limit| {
+                    UP_FRONT_NOISE_BYTES.min(usize::try_from(limit).unwrap_or(usize::MAX))
+                });
+            StepNoise::within(f, timesteps.len(), shape, &device, cap)
+        });
         Ok(Denoiser {
             unet,
             scheduler,
@@ -519,9 +525,12 @@ impl<'a> Denoiser<'a> {
             (!unet.branch_skips_nothing(place)).then(|| d.step(index, place, batch))
         });
         let shallow = matches!(deep, Some(DeepStep::Shallow { .. }));
-        let time = unet
-            .time_at(&self.time, i)
-            .ok_or_else(|| Error::param("steps", format!("no time input for iteration {i}")))?;
+        let time = unet.time_at(&self.time, i).ok_or_else(|| {
+            Error::param(
+                "steps",
+                format!("internal: the time table has no row for iteration {i}"),
+            )
+        })?;
         let mut pred = unet.forward_time(input, &time, context, self.gate.cache(), deep);
         if plan.guidance {
             let uncond = pred.clone().narrow(0, 0, 1);

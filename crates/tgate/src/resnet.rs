@@ -13,7 +13,8 @@ pub enum TimeInput {
     Activated(Tensor<2>),
     /// For blocks whose projections the UNet joined (`ResnetBlock2D::take_time_projection`):
     /// `conv1.bias + time_emb_proj(silu(time embedding))` of every block side by side,
-    /// `[rows, Σ c_out]`, from one matmul per call.
+    /// `[rows, Σ c_out]`, from one matmul (per generation in a pipeline's time table, per call
+    /// otherwise).
     Joined(Tensor<2>),
 }
 

@@ -335,9 +335,12 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     /// Every ResNet block's `time_emb_proj` (with its conv1's bias folded in) as one linear: one
-    /// matmul a call for all of them instead of one each (see [`TimeInput::Joined`]). `None`
-    /// where the joined weight would not fit the device's largest buffer.
+    /// matmul for all of them instead of one each, run once per generation by its time table
+    /// (see [`TimeInput::Joined`]). `None` where the joined weight would not fit the device's
+    /// largest buffer.
     time_projections: Option<Linear>,
+    /// The largest tensor the device takes (the weights' cap), which the time table respects too.
+    max_tensor_bytes: Option<u64>,
     /// Parameters and activations (inputs and outputs are f32).
     dtype: DType,
 }
@@ -465,6 +468,7 @@ impl UNet2DConditionModel {
             conv_out: Conv2d::load(&w.pp("conv_out"), boc[0], c.out_channels, 3, 1, 1)?,
             config: config.clone(),
             time_projections: None,
+            max_tensor_bytes: w.max_tensor_bytes(),
             dtype: w.dtype(),
         };
         unet.join_time_projections(w.max_tensor_bytes());
@@ -592,7 +596,16 @@ impl UNet2DConditionModel {
         timestep_cond: Option<&Tensor<2>>,
         device: &Device,
     ) -> TimeTable {
-        self.time_table_within(timesteps, timestep_cond, device, TIME_TABLE_BYTES)
+        let cap = self
+            .max_tensor_bytes
+            .map_or(TIME_TABLE_BYTES, |limit| limit.min(TIME_TABLE_BYTES));
+        self.time_table_within(timesteps, timestep_cond, device, cap)
+    }
+
+    /// The largest tensor the device takes, as the weights were loaded
+    /// ([`Weights::with_max_tensor_bytes`]); `None`: no cap given.
+    pub fn max_tensor_bytes(&self) -> Option<u64> {
+        self.max_tensor_bytes
     }
 
     /// [`Self::time_table`], made up front only when its rows take at most `max_bytes`
@@ -614,12 +627,15 @@ impl UNet2DConditionModel {
             timesteps: timesteps.to_vec(),
             timestep_cond: timestep_cond.cloned(),
             device: device.clone(),
-            table: (bytes <= max_bytes).then(|| self.time_input(timesteps, timestep_cond, device)),
+            table: (bytes <= max_bytes && !timesteps.is_empty())
+                .then(|| self.time_input(timesteps, timestep_cond, device)),
         }
     }
 
     /// The time input of call `i` of `table`: a view of its rows (nothing launched), or computed
-    /// now where the table was too large to make up front; `None` past its end.
+    /// now where the table was too large to make up front; `None` past its end. The table must
+    /// come from this model's [`Self::time_table`] (another model's rows have other widths, and
+    /// its ResNet blocks would panic reading them).
     pub fn time_at(&self, table: &TimeTable, i: usize) -> Option<TimeInput> {
         let &t = table.timesteps.get(i)?;
         let cond = table.timestep_cond.as_ref();
@@ -673,7 +689,11 @@ impl UNet2DConditionModel {
         }
     }
 
-    /// [`Self::forward_deep`] with its time input already computed (a [`TimeTable`] row).
+    /// [`Self::forward_deep`] with its time input already computed: a row of this model's
+    /// [`TimeTable`] ([`Self::time_at`]).
+    ///
+    /// # Panics
+    /// If `time` was made by another model (its joined rows do not match this one's blocks).
     pub fn forward_time(
         &self,
         sample: Tensor<4>,

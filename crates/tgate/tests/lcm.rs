@@ -48,6 +48,47 @@ fn the_guidance_embedding_and_the_unet_match_diffusers() {
         &mut AttentionCache::new(),
     );
     assert_close(out, &r, "unet.out", 1e-4);
+
+    // A generation's time table with a two-row guidance embedding (one per batch row): each
+    // call's rows are that call's own, in the batch's order.
+    let two = guidance_scale_embedding(&[guidance - 1.0, 2.0], dim, &device);
+    let sample = tensor::<4>(&r, "unet.sample", &device);
+    let sample = burn::tensor::Tensor::cat(vec![sample.clone(), sample], 0);
+    let context = tensor::<3>(&r, "unet.encoder_hidden_states", &device);
+    let context = burn::tensor::Tensor::cat(vec![context.clone(), context], 0);
+    let timesteps = [999.0, t, 1.0];
+    let table = model.time_table(&timesteps, Some(&two), &device);
+    assert!(table.is_precomputed());
+    for (i, &ti) in timesteps.iter().enumerate() {
+        let time = model.time_at(&table, i).unwrap();
+        let from_table = model.forward_time(
+            sample.clone(),
+            &time,
+            &context,
+            &mut AttentionCache::new(),
+            None,
+        );
+        let own = model.forward_with_cond(
+            sample.clone(),
+            ti,
+            &context,
+            Some(&two),
+            &mut AttentionCache::new(),
+        );
+        let (a, b) = (
+            from_table.into_data().try_to_vec::<f32>().unwrap(),
+            own.into_data().try_to_vec::<f32>().unwrap(),
+        );
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "timestep {ti}: max abs err {err} (scale {scale})"
+        );
+    }
 }
 
 /// The pipeline with the folder's defaults (LCMScheduler, 4 steps, guidance 8.5), ungated and
