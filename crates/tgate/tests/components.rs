@@ -136,19 +136,7 @@ fn time_table_matches_per_call_time(
                 assert_close(out, r, "unet.out", REL);
             } else {
                 let own = model.forward(sample.clone(), ti, &context, &mut AttentionCache::new());
-                let (a, b) = (
-                    out.into_data().try_to_vec::<f32>().unwrap(),
-                    own.into_data().try_to_vec::<f32>().unwrap(),
-                );
-                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let err = a
-                    .iter()
-                    .zip(&b)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    err <= 1e-5 * scale,
-                    "timestep {ti}: max abs err {err} (scale {scale})"
-                );
+                assert_agree(out, own, 1e-5, &format!("timestep {ti}"));
             }
         }
     }

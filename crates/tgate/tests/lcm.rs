@@ -75,19 +75,7 @@ fn the_guidance_embedding_and_the_unet_match_diffusers() {
             Some(&two),
             &mut AttentionCache::new(),
         );
-        let (a, b) = (
-            from_table.into_data().try_to_vec::<f32>().unwrap(),
-            own.into_data().try_to_vec::<f32>().unwrap(),
-        );
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            err <= 1e-5 * scale,
-            "timestep {ti}: max abs err {err} (scale {scale})"
-        );
+        assert_agree(from_table, own, 1e-5, &format!("timestep {ti}"));
     }
 }
 

@@ -101,6 +101,24 @@ pub fn assert_close<const D: usize>(actual: Tensor<D>, r: &SafeTensors, key: &st
     );
 }
 
+/// Asserts two of our own outputs agree within `rel × max |b|` (no reference file involved).
+pub fn assert_agree<const D: usize>(a: Tensor<D>, b: Tensor<D>, rel: f32, label: &str) {
+    let (a, b) = (
+        a.into_data().try_to_vec::<f32>().expect("f32 data"),
+        b.into_data().try_to_vec::<f32>().expect("f32 data"),
+    );
+    assert_eq!(a.len(), b.len(), "{label}: length");
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        err <= rel * scale,
+        "{label}: max abs err {err} (scale {scale})"
+    );
+}
+
 /// The gate settings of the reference run `run` (`tgate`, `tgate_sa`, `tgate_sp`).
 pub fn gate_of(json: &serde_json::Value, run: &str) -> GateConfig {
     let g = &json["gate_runs"][run];
