@@ -1,6 +1,7 @@
-//! GroupNorm and LayerNorm (optionally followed by SiLU) in one launch each: one cube per
-//! normalised row (a GroupNorm group of one batch item, or a LayerNorm token), statistics in
-//! f32 whatever the storage dtype (mean first, then the mean squared deviation, as PyTorch),
+//! GroupNorm and LayerNorm (optionally followed by SiLU) in one launch each, one normalised
+//! row (a GroupNorm group of one batch item, a LayerNorm token, a Würstchen pixel) to a unit
+//! where rows are short and to a cube where they are long, statistics in f32 whatever the
+//! storage dtype (mean first, then the mean squared deviation, as PyTorch),
 //! then the scale and shift (kept in f32) and the activation, written in the input's dtype.
 //! Burn's composition of the same norm is a cast, a layout copy, two reductions and two or
 //! three element-wise passes, plus an f32 copy of the whole map in f16 mode.
@@ -65,7 +66,7 @@ fn tgate_norm<E: Float>(
         sum += f32::cast_from(x[row_offset(x, x_base, i, plane, width)]);
         i += units;
     }
-    let mean = cube_sum(&mut partial, sum, unit) / count;
+    let mean = cube_sum(&mut partial, sum, unit, units) / count;
 
     let mut squares = f32::new(0.0);
     let mut j = unit;
@@ -74,7 +75,7 @@ fn tgate_norm<E: Float>(
         squares += d * d;
         j += units;
     }
-    let inv = f32::new(1.0) / (cube_sum(&mut partial, squares, unit) / count + eps).sqrt();
+    let inv = f32::new(1.0) / (cube_sum(&mut partial, squares, unit, units) / count + eps).sqrt();
 
     let mut k = unit;
     while k < row_len {
@@ -94,6 +95,80 @@ fn tgate_norm<E: Float>(
     }
 }
 
+/// [`tgate_norm`] with one unit per row: each unit walks its row three times (the sum, the
+/// squared deviations, the output) through nested channel / row / column loops, with no shared
+/// memory, no barrier and no index division. For short rows (LayerNorm tokens, Würstchen's
+/// pixels), where a cube per row spends its time in barriers on CPU rasterisers.
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+fn tgate_norm_per_unit<E: Float>(
+    x: &Tensor<E>,
+    gamma: &Tensor<f32>,
+    beta: &Tensor<f32>,
+    out: &mut Tensor<E>,
+    groups: usize,
+    eps: f32,
+    #[comptime] silu: bool,
+    #[comptime] affine_per_position: bool,
+    #[define(E)] _dtype: ElemType,
+) {
+    let rows = x.shape(0) * groups;
+    let cube = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let row = cube * CUBE_DIM as usize + UNIT_POS as usize;
+    if row >= rows {
+        terminate!();
+    }
+    let channels = x.shape(1) / groups;
+    let (height, width) = (x.shape(2), x.shape(3));
+    let b = row / groups;
+    let first_channel = (row % groups) * channels;
+    let x_base = b * x.stride(0) + first_channel * x.stride(1);
+    let o_base = b * out.stride(0) + first_channel * out.stride(1);
+    let count = f32::cast_from(channels * height * width);
+
+    let mut sum = f32::new(0.0);
+    for ch in 0..channels {
+        for yy in 0..height {
+            let line = x_base + ch * x.stride(1) + yy * x.stride(2);
+            for xx in 0..width {
+                sum += f32::cast_from(x[line + xx * x.stride(3)]);
+            }
+        }
+    }
+    let mean = sum / count;
+    let mut squares = f32::new(0.0);
+    for ch in 0..channels {
+        for yy in 0..height {
+            let line = x_base + ch * x.stride(1) + yy * x.stride(2);
+            for xx in 0..width {
+                let d = f32::cast_from(x[line + xx * x.stride(3)]) - mean;
+                squares += d * d;
+            }
+        }
+    }
+    let inv = f32::new(1.0) / (squares / count + eps).sqrt();
+    for ch in 0..channels {
+        for yy in 0..height {
+            let line = x_base + ch * x.stride(1) + yy * x.stride(2);
+            let o_line = o_base + ch * out.stride(1) + yy * out.stride(2);
+            let o_step = out.stride(3);
+            for xx in 0..width {
+                let a = if affine_per_position {
+                    yy * width + xx
+                } else {
+                    first_channel + ch
+                };
+                let value = f32::cast_from(x[line + xx * x.stride(3)]);
+                let mut y = (value - mean) * inv * gamma[a] + beta[a];
+                if silu {
+                    y = y / (f32::new(1.0) + (-y).exp());
+                }
+                out[o_line + xx * o_step] = E::cast_from(y);
+            }
+        }
+    }
+}
+
 /// Where the `k`-th value of a row lies in `t` (the row's channels one after the other, each an
 /// `H × W` plane in row order), from the row's first channel at `base`.
 #[cube]
@@ -102,21 +177,33 @@ fn row_offset<E: Float>(t: &Tensor<E>, base: usize, k: usize, plane: usize, widt
     base + (k / plane) * t.stride(1) + (s / width) * t.stride(2) + (s % width) * t.stride(3)
 }
 
-/// The sum of every unit's `value` over the cube (a tree in shared memory; the cube size is a
-/// power of two), returned to every unit; `partial` is free again when it returns.
+/// The sum of every unit's `value` over the cube (`units`, a power of two from 32), returned to
+/// every unit; `partial` is free again when it returns. Two levels of 16-way sums (groups of 16
+/// partials, then the groups' sums) rather than a binary tree: four barriers whatever the cube
+/// size, where a tree takes one per level. Barriers are what CPU rasterisers (SwiftShader,
+/// lavapipe) pay most for, as they switch between the cube's invocations at each one.
 #[cube]
-fn cube_sum(partial: &mut Shared<[f32]>, value: f32, unit: usize) -> f32 {
+fn cube_sum(partial: &mut Shared<[f32]>, value: f32, unit: usize, #[comptime] units: usize) -> f32 {
+    let groups = comptime!(units / 16);
     partial[unit] = value;
     sync_cube();
-    let mut stride = CUBE_DIM as usize / 2;
-    while stride > 0 {
-        if unit < stride {
-            partial[unit] += partial[unit + stride];
+    let mut group_sum = f32::new(0.0);
+    if unit < groups {
+        #[unroll]
+        for i in 0..16 {
+            group_sum += partial[unit * 16 + i];
         }
-        sync_cube();
-        stride /= 2;
     }
-    let total = partial[0];
+    sync_cube();
+    if unit < groups {
+        partial[unit] = group_sum;
+    }
+    sync_cube();
+    let mut total = f32::new(0.0);
+    #[unroll]
+    for i in 0..groups {
+        total += partial[i];
+    }
     sync_cube();
     total
 }
@@ -143,6 +230,14 @@ fn empty_like_layout(x: &CubeTensor) -> CubeTensor {
     permute(dense, &inverse)
 }
 
+/// Rows up to this many values get a unit each ([`tgate_norm_per_unit`]), longer ones a cube
+/// each ([`tgate_norm`]): LayerNorm tokens (SD: 320 to 1280) and Würstchen's pixels (up to
+/// 1536 channels) go per unit, GroupNorm's groups (channels × a whole map) per cube.
+const PER_UNIT_MAX_ROW: usize = 4096;
+
+/// Units per cube of the per-unit kernel.
+const PER_UNIT_CUBE: usize = 64;
+
 /// Launch over a 4-d `x` (`[B, C, H, W]`, any strides).
 pub(crate) fn launch(
     x: CubeTensor,
@@ -159,9 +254,6 @@ pub(crate) fn launch(
     }
     let rows = shape[0] * layout.groups;
     let row_len = shape.num_elements() / rows.max(1);
-    let units = row_len.next_power_of_two().clamp(32, 256);
-    // Rows over x (up to 65535 cubes) and y.
-    let (cx, cy) = (rows.min(65535), rows.div_ceil(65535));
     let address_type = [
         x.required_address_type(),
         gamma.required_address_type(),
@@ -171,6 +263,31 @@ pub(crate) fn launch(
     .max()
     .unwrap_or_default();
     let dtype = burn::backend::cubecl::dtype_to_storage_type(x.dtype);
+    if row_len <= PER_UNIT_MAX_ROW {
+        let cubes = rows.div_ceil(PER_UNIT_CUBE);
+        let (cx, cy) = (cubes.min(65535), cubes.div_ceil(65535));
+        tgate_norm_per_unit::launch(
+            &out.client,
+            CubeCount::Static(cx as u32, cy as u32, 1),
+            CubeDim::new_1d(PER_UNIT_CUBE as u32),
+            address_type,
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            beta.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            layout.groups,
+            eps,
+            silu,
+            layout.affine_per_position,
+            dtype,
+        );
+        return out;
+    }
+    // About four values a unit (fewer invocations to switch between on CPU rasterisers), 32
+    // to 256 units.
+    let units = row_len.div_ceil(4).next_power_of_two().clamp(32, 256);
+    // Rows over x (up to 65535 cubes) and y.
+    let (cx, cy) = (rows.min(65535), rows.div_ceil(65535));
     tgate_norm::launch(
         &out.client,
         CubeCount::Static(cx as u32, cy as u32, 1),

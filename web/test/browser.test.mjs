@@ -192,10 +192,12 @@ try {
   page.setDefaultTimeout(600_000);
   const call = (fn, ...args) => page.evaluate(([f, a]) => window.harness[f](...a), [fn, args]);
 
-  // ONLY=<substring> runs the matching tests (and the loads they need) while developing.
-  const only = process.env.ONLY;
+  // ONLY=<substring>[|<substring>...] runs the matching tests (and the loads they need) while
+  // developing.
+  const only = process.env.ONLY && process.env.ONLY.split('|');
   const step = async (name, fn) => {
-    if (only && !name.includes(only) && !['first load (network)', 'wuerstchen: load'].includes(name)) return;
+    const wanted = !only || only.some((o) => name.includes(o));
+    if (!wanted && !['first load (network)', 'wuerstchen: load'].includes(name)) return;
     const t0 = Date.now();
     try {
       results[name] = await fn();

@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! cargo run --release -p tgate --example bench_wuerstchen -- [--backend cpu|wgpu]
-//!     [--model production|small|both] [--latent SIDE] [--steps N] [--gate-step K]
+//!     [--model production|small|both] [--latent SIDE] [--steps N] [--gate-step K] [--kernels]
 //! ```
 //! `production` has the shape of `warp-ai/wuerstchen-prior` (c 1536, depth 32, 24 heads,
 //! c_cond 1280); `--latent 12` is a 512×512 image, 24 is 1024×1024. Prints per-phase step times
 //! and MACs per step (counted from the layers actually run), and the gated / ungated ratios of
 //! the whole loop, both runs measured in the same process. On wgpu also the kernels
 //! (`tgate::profile`): distinct kernels compiled by the cold warm-up run, launches per planning
-//! and per gated step, and the device memory reserved. The loops wait for the device after each
+//! and per gated step (`--kernels`: each kernel's launches too), and the device memory
+//! reserved. The loops wait for the device after each
 //! step (`tgate::stage::set_one_ahead(false)`), so each step's time and launches are its own.
 
 mod common;
@@ -37,6 +38,7 @@ struct Args {
     latent: usize,
     steps: usize,
     gate_step: Option<usize>,
+    kernels: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -46,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         latent: 12,
         steps: 6,
         gate_step: None,
+        kernels: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
             "--latent" => a.latent = num(val()?, "--latent")?,
             "--steps" => a.steps = num(val()?, "--steps")?,
             "--gate-step" => a.gate_step = Some(num(val()?, "--gate-step")?),
+            "--kernels" => a.kernels = true,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -185,6 +189,11 @@ fn bench(name: &str, json: &str, a: &Args, device: &Device) -> Result<(), String
                 l.total(),
                 l.class_summary()
             );
+            if a.kernels {
+                for (n, s) in &l.kernels {
+                    println!("      {:>4} {}", s.launches, n);
+                }
+            }
         }
         if let Some((reserved, in_use)) = device_memory(device) {
             println!(

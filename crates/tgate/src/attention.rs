@@ -95,9 +95,11 @@ impl Attention {
         })
     }
 
-    /// A layer that only attends to itself (`forward(x, None)`): its three projections run as
-    /// one matmul whose output the attention reads as three strided views (separate when the
-    /// joined weight would not fit the device's largest buffer).
+    /// A layer whose queries, keys and values project the same tokens (self-attention,
+    /// `forward(x, None)`, or [`Self::query_key_value`]): its three projections run as one
+    /// matmul whose output the attention reads as three strided views (separate when the
+    /// joined weight would not fit the device's largest buffer). Keys and values of other
+    /// tokens ([`Self::key_value`]) then come from the same matmul, the query part unused.
     pub fn load_self(
         w: &Weights,
         dim: usize,
@@ -127,6 +129,22 @@ impl Attention {
         let context = context.cloned().unwrap_or_else(|| x.clone());
         let (k, v) = self.key_value(context);
         self.attend(self.query(x), k, v)
+    }
+
+    /// The query, key and value projections of the same tokens (one matmul read as three
+    /// views where the projections are joined).
+    pub fn query_key_value(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        match &self.projections {
+            Projections::Separate { q, .. } => {
+                let (k, v) = self.key_value(x.clone());
+                (q.forward(x), k, v)
+            }
+            Projections::Joined { qkv, inner } => {
+                let h = qkv.forward(x);
+                let part = |i: usize| h.clone().narrow(2, i * inner, *inner);
+                (part(0), part(1), part(2))
+            }
+        }
     }
 
     /// The query projection alone (for callers that share projections between attention calls).

@@ -3,7 +3,7 @@
 
 use burn::tensor::module::{attention as sdpa, conv2d, conv_transpose2d, layer_norm};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, ConvTransposeOptions};
-use burn::tensor::{activation, Bool, DType, Int, Tensor};
+use burn::tensor::{activation, Bool, DType, Device, Int, Tensor};
 
 use crate::error::Result;
 use crate::weights::Weights;
@@ -279,6 +279,11 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.weight.device()
+    }
+
     pub fn load(
         w: &Weights,
         c_in: usize,

@@ -12,6 +12,8 @@
 //! and independent of tensor layout. Stream 0 is the initial latent noise; stream `1 + j` is the
 //! noise an ancestral scheduler draws at its `j`-th step.
 
+use burn::tensor::{Device, Tensor, TensorData};
+
 /// SplitMix64's output function on `x + golden gamma`.
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -36,6 +38,64 @@ pub fn randn(seed: u64, stream: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A function drawing (or copying) the noise of step `j` on the host.
+pub(crate) type Draw = Box<dyn Fn(usize) -> Vec<f32>>;
+
+/// The noise of each step of a stochastic sampler (SD's ancestral schedulers and LCM,
+/// Würstchen's DDPM).
+pub(crate) enum StepNoise {
+    /// Every step's noise on the device, `[steps, c, h, w]`, uploaded at once when the
+    /// generation starts; step `j` reads row `j` (a view: no upload, no host work per step).
+    Device(Tensor<4>),
+    /// Drawn (or copied) and uploaded per step: the whole set would exceed
+    /// [`UP_FRONT_NOISE_BYTES`] (very many steps at a large size).
+    Host(Draw),
+}
+
+/// The most step noise uploaded up front (f32 bytes); beyond it each step uploads its own.
+pub(crate) const UP_FRONT_NOISE_BYTES: usize = 32 << 20;
+
+impl StepNoise {
+    /// `f(j)` for `j < steps`, on the device at once when it takes at most `max_bytes`
+    /// ([`UP_FRONT_NOISE_BYTES`] in a generation).
+    pub(crate) fn within(
+        f: Draw,
+        steps: usize,
+        shape: [usize; 4],
+        device: &Device,
+        max_bytes: usize,
+    ) -> Self {
+        let numel: usize = shape.iter().product();
+        if steps * numel * 4 > max_bytes || steps == 0 {
+            return StepNoise::Host(f);
+        }
+        let mut all = Vec::with_capacity(steps * numel);
+        for j in 0..steps {
+            all.extend(f(j));
+        }
+        let [_, c, h, w] = shape;
+        StepNoise::Device(Tensor::from_data(
+            TensorData::new(all, [steps, c, h, w]),
+            device,
+        ))
+    }
+
+    /// [`UP_FRONT_NOISE_BYTES`], or the device's largest tensor (`max_tensor_bytes`) if smaller.
+    pub(crate) fn up_front_cap(max_tensor_bytes: Option<u64>) -> usize {
+        max_tensor_bytes.map_or(UP_FRONT_NOISE_BYTES, |limit| {
+            UP_FRONT_NOISE_BYTES.min(usize::try_from(limit).unwrap_or(usize::MAX))
+        })
+    }
+
+    /// The noise of step `j`, `shape`.
+    pub(crate) fn get(&self, j: usize, shape: [usize; 4], device: &Device) -> Tensor<4> {
+        match self {
+            StepNoise::Device(all) => all.clone().narrow(0, j, 1),
+            StepNoise::Host(f) => Tensor::from_data(TensorData::new(f(j), shape), device),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +115,33 @@ mod tests {
         // Python): a change here changes every seeded image.
         assert_eq!(randn(0, 0, 3), [0.463_431_3, 1.147_028_8, 1.344_403_1]);
         assert_eq!(randn(42, 1, 2), [-1.115_176, 0.471_857_04]);
+    }
+
+    /// Step noise uploaded up front and step noise uploaded per step hand each step the same
+    /// values.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn step_noise_up_front_equals_step_noise_per_step() {
+        let device = Device::flex();
+        let shape = [1, 2, 3, 2];
+        let draw =
+            || Box::new(|j: usize| randn(7, 1 + j as u64, 12)) as Box<dyn Fn(usize) -> Vec<f32>>;
+        let up_front = StepNoise::within(draw(), 5, shape, &device, usize::MAX);
+        let per_step = StepNoise::within(draw(), 5, shape, &device, 5 * 12 * 4 - 1);
+        assert!(matches!(up_front, StepNoise::Device(_)));
+        assert!(matches!(per_step, StepNoise::Host(_)));
+        for j in 0..5 {
+            let (a, b) = (
+                up_front.get(j, shape, &device),
+                per_step.get(j, shape, &device),
+            );
+            assert_eq!(a.dims(), shape);
+            let (a, b) = (
+                a.into_data().try_to_vec::<f32>().unwrap(),
+                b.into_data().try_to_vec::<f32>().unwrap(),
+            );
+            assert_eq!(a, randn(7, 1 + j as u64, 12));
+            assert_eq!(a, b, "step {j}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use crate::loader::{
     check_dtype, load_weights_as, read_required, LoadedFiles, ModelSource, Variant,
 };
 use crate::nn::ActivationSize;
-use crate::noise::randn;
+use crate::noise::{randn, Draw, StepNoise};
 use crate::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
 use crate::stage::drive;
 pub use crate::stage::{EnqueuedStep, Stage, StepInfo};
@@ -307,53 +307,6 @@ pub fn denoise(
     })
 }
 
-/// The noise of each step of an ancestral scheduler.
-enum StepNoise {
-    /// Every step's noise on the device, `[steps, c, h, w]`, uploaded at once when the
-    /// generation starts; step `j` reads row `j` (a view: no upload, no host work per step).
-    Device(Tensor<4>),
-    /// Drawn (or copied) and uploaded per step: the whole set would exceed
-    /// [`UP_FRONT_NOISE_BYTES`] (very many steps at a large size).
-    Host(Box<dyn Fn(usize) -> Vec<f32>>),
-}
-
-/// The most step noise uploaded up front (f32 bytes); beyond it each step uploads its own.
-const UP_FRONT_NOISE_BYTES: usize = 32 << 20;
-
-impl StepNoise {
-    /// `f(j)` for `j < steps`, on the device at once when it takes at most `max_bytes`
-    /// ([`UP_FRONT_NOISE_BYTES`] in a generation).
-    fn within(
-        f: Box<dyn Fn(usize) -> Vec<f32>>,
-        steps: usize,
-        shape: [usize; 4],
-        device: &Device,
-        max_bytes: usize,
-    ) -> Self {
-        let numel: usize = shape.iter().product();
-        if steps * numel * 4 > max_bytes || steps == 0 {
-            return StepNoise::Host(f);
-        }
-        let mut all = Vec::with_capacity(steps * numel);
-        for j in 0..steps {
-            all.extend(f(j));
-        }
-        let [_, c, h, w] = shape;
-        StepNoise::Device(Tensor::from_data(
-            TensorData::new(all, [steps, c, h, w]),
-            device,
-        ))
-    }
-
-    /// The noise of step `j`, `shape`.
-    fn get(&self, j: usize, shape: [usize; 4], device: &Device) -> Tensor<4> {
-        match self {
-            StepNoise::Device(all) => all.clone().narrow(0, j, 1),
-            StepNoise::Host(f) => Tensor::from_data(TensorData::new(f(j), shape), device),
-        }
-    }
-}
-
 /// Stable Diffusion's denoising loop as a [`Stage`]: [`Denoiser::step`] enqueues one iteration
 /// on the device without waiting for it, so the caller decides how to wait (blocking natively,
 /// an awaited readback in a browser) and when to stop.
@@ -414,7 +367,6 @@ impl<'a> Denoiser<'a> {
         let shape = [1, unet.config().in_channels, p.height / 8, p.width / 8];
         let numel: usize = shape.iter().product();
         let needs_noise = scheduler.needs_noise();
-        type Draw = Box<dyn Fn(usize) -> Vec<f32>>;
         let (noise, step_noise): (Vec<f32>, Option<Draw>) = match &p.noise {
             Noise::Seed(seed) => {
                 let seed = *seed;
@@ -459,12 +411,7 @@ impl<'a> Denoiser<'a> {
             .map(|dim| guidance_scale_embedding(&[p.guidance - 1.0], dim, &device));
         let time = unet.time_table(&timesteps, timestep_cond.as_ref(), &device);
         let step_noise = step_noise.filter(|_| needs_noise).map(|f| {
-            // Within the device's largest tensor too.
-            let cap = unet
-                .max_tensor_bytes()
-                .map_or(UP_FRONT_NOISE_BYTES, |limit| {
-                    UP_FRONT_NOISE_BYTES.min(usize::try_from(limit).unwrap_or(usize::MAX))
-                });
+            let cap = StepNoise::up_front_cap(unet.max_tensor_bytes());
             StepNoise::within(f, timesteps.len(), shape, &device, cap)
         });
         Ok(Denoiser {
@@ -573,36 +520,4 @@ pub fn to_rgb8(image: Tensor<4>) -> Result<(usize, usize, Vec<u8>)> {
     let [_, _, h, w] = image.dims();
     let data = crate::text_to_image::read_f32(image, "the image")?;
     Ok((w, h, crate::text_to_image::interleave(&data, h, w, false)))
-}
-
-#[cfg(all(test, feature = "flex"))]
-mod tests {
-    use super::*;
-
-    /// Step noise uploaded up front and step noise uploaded per step hand each step the same
-    /// values.
-    #[test]
-    fn step_noise_up_front_equals_step_noise_per_step() {
-        let device = Device::flex();
-        let shape = [1, 2, 3, 2];
-        let draw =
-            || Box::new(|j: usize| randn(7, 1 + j as u64, 12)) as Box<dyn Fn(usize) -> Vec<f32>>;
-        let up_front = StepNoise::within(draw(), 5, shape, &device, usize::MAX);
-        let per_step = StepNoise::within(draw(), 5, shape, &device, 5 * 12 * 4 - 1);
-        assert!(matches!(up_front, StepNoise::Device(_)));
-        assert!(matches!(per_step, StepNoise::Host(_)));
-        for j in 0..5 {
-            let (a, b) = (
-                up_front.get(j, shape, &device),
-                per_step.get(j, shape, &device),
-            );
-            assert_eq!(a.dims(), shape);
-            let (a, b) = (
-                a.into_data().try_to_vec::<f32>().unwrap(),
-                b.into_data().try_to_vec::<f32>().unwrap(),
-            );
-            assert_eq!(a, randn(7, 1 + j as u64, 12));
-            assert_eq!(a, b, "step {j}");
-        }
-    }
 }

@@ -20,7 +20,7 @@ use crate::loader::{
     check_dtype, load_weights_as, read_required, tighter_limit, LoadedFiles, ModelSource, Variant,
 };
 use crate::nn::ActivationSize;
-use crate::noise::randn;
+use crate::noise::{randn, Draw, StepNoise};
 use crate::paella_vq_model::{PaellaConfig, PaellaDecoder};
 use crate::pipeline::MAX_STEPS;
 use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenScheduler};
@@ -28,6 +28,7 @@ use crate::stage::{EnqueuedStep, Stage, StepInfo};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::Weights;
+use crate::wuerstchen_common::RTable;
 use crate::wuerstchen_diffnext::{DiffNeXtConditioning, DiffNeXtConfig, WuerstchenDiffNeXt};
 use crate::wuerstchen_prior::{PriorConfig, WuerstchenPrior};
 
@@ -689,20 +690,20 @@ impl Wuerstchen {
         };
         let sched = DdpmWuerstchenScheduler::new(self.decoder_scheduler, p.decoder_steps)?;
         let shape = self.decoder_shape(eh, ew);
-        let noise = noise_source(&self.device, p, shape, DECODER_STREAM);
-        let latents = noise(None).mul_scalar(sched.init_noise_sigma());
-        Ok(StageDenoiser {
-            name: "decoder",
-            model: StageModel::Decoder {
-                decoder: &self.decoder,
-                conditioning: self.decoder.condition(effnet, clip),
-            },
-            guidance: guidance.then_some(p.decoder_guidance),
+        let model = StageModel::Decoder {
+            decoder: &self.decoder,
+            conditioning: self.decoder.condition(effnet, clip),
+        };
+        Ok(StageDenoiser::new(
+            "decoder",
+            model,
+            guidance.then_some(p.decoder_guidance),
             sched,
-            latents,
-            noise: Box::new(noise),
-            next: 0,
-        })
+            p,
+            shape,
+            DECODER_STREAM,
+            &self.device,
+        ))
     }
 
     /// Stage A: decoder latents → image `[1, 3, H, W]` in `[0, 1]`.
@@ -769,8 +770,39 @@ pub struct StageDenoiser<'a> {
     guidance: Option<f64>,
     sched: DdpmWuerstchenScheduler,
     latents: Tensor<4>,
-    noise: Box<dyn Fn(Option<usize>) -> Tensor<4>>,
+    shape: [usize; 4],
+    noise: StepNoise,
+    /// Every step's timestep-block modulation (`None`: made per step, past
+    /// [`UP_FRONT_R_BYTES`]).
+    r_table: Option<RTable>,
     next: usize,
+}
+
+/// The most bytes of timestep-block modulation made up front for a stage's steps; beyond it
+/// each step makes its own.
+const UP_FRONT_R_BYTES: usize = 32 << 20;
+
+impl StageModel<'_> {
+    fn r_table(&self, r: &[f32]) -> RTable {
+        match self {
+            StageModel::Prior { prior, .. } => prior.r_table(r),
+            StageModel::Decoder { decoder, .. } => decoder.r_table(r),
+        }
+    }
+
+    fn r_table_bytes(&self, rows: usize) -> u64 {
+        match self {
+            StageModel::Prior { prior, .. } => prior.r_table_bytes(rows),
+            StageModel::Decoder { decoder, .. } => decoder.r_table_bytes(rows),
+        }
+    }
+
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        match self {
+            StageModel::Prior { prior, .. } => prior.max_tensor_bytes(),
+            StageModel::Decoder { decoder, .. } => decoder.max_tensor_bytes(),
+        }
+    }
 }
 
 impl<'a> StageDenoiser<'a> {
@@ -799,7 +831,6 @@ impl<'a> StageDenoiser<'a> {
             check_noise("prior_noise", prior_noise.len(), 1, shape)?;
             check_noise("prior_step_noise", prior_step_noise.len(), steps, shape)?;
         }
-        let noise = noise_source(&device, p, shape, 0);
         // The text is mapped once per generation (it is the same at every step).
         let both = uncond
             .filter(|_| p.prior_guidance > 1.0)
@@ -808,21 +839,58 @@ impl<'a> StageDenoiser<'a> {
             Some(both) => both.clone().narrow(0, 0, 1),
             None => prior.map_text(cond),
         };
-        let latents = noise(None).mul_scalar(sched.init_noise_sigma());
-        Ok(StageDenoiser {
-            name: "prior",
-            guidance: both.as_ref().map(|_| p.prior_guidance),
-            model: StageModel::Prior {
-                prior,
-                cond,
-                both,
-                gate,
-            },
+        let guidance = both.as_ref().map(|_| p.prior_guidance);
+        let model = StageModel::Prior {
+            prior,
+            cond,
+            both,
+            gate,
+        };
+        Ok(StageDenoiser::new(
+            "prior", model, guidance, sched, p, shape, 0, &device,
+        ))
+    }
+
+    /// The stage's noise drawn (or copied from `p`) and the per-generation work done: the
+    /// initial latents, every step's noise and every step's timestep-block modulation, on the
+    /// device at once where they fit their caps (else made per step).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &'static str,
+        model: StageModel<'a>,
+        guidance: Option<f64>,
+        sched: DdpmWuerstchenScheduler,
+        p: &WuerstchenParams,
+        shape: [usize; 4],
+        stream: u64,
+        device: &Device,
+    ) -> Self {
+        let (first, draw) = noise_source(p, shape, stream);
+        let latents = Tensor::<4>::from_data(TensorData::new(first, shape), device)
+            .mul_scalar(sched.init_noise_sigma());
+        let steps = sched.steps();
+        let max_tensor = model.max_tensor_bytes();
+        let noise = StepNoise::within(
+            draw,
+            steps,
+            shape,
+            device,
+            StepNoise::up_front_cap(max_tensor),
+        );
+        let ratios = sched.timesteps()[..steps].to_vec();
+        let r_table =
+            (model.r_table_bytes(steps) <= UP_FRONT_R_BYTES as u64).then(|| model.r_table(&ratios));
+        StageDenoiser {
+            name,
+            model,
+            guidance,
             sched,
             latents,
-            noise: Box::new(noise),
+            shape,
+            noise,
+            r_table,
             next: 0,
-        })
+        }
     }
 
     /// Number of steps.
@@ -843,6 +911,11 @@ impl<'a> StageDenoiser<'a> {
         }
         self.next += 1;
         let r = self.sched.timesteps()[i];
+        // One row for the whole batch (guidance's two rows share the step's ratio).
+        let table = match self.r_table.as_ref().and_then(|t| t.row(i)) {
+            Some(row) => row,
+            None => self.model.r_table(&[r]),
+        };
         let latents = self.latents.clone();
         let doubled = || Tensor::cat(vec![latents.clone(), latents.clone()], 0);
         let (pred, phase) = match &mut self.model {
@@ -854,10 +927,11 @@ impl<'a> StageDenoiser<'a> {
             } => {
                 let plan = gate.begin_iteration(i, both.is_some());
                 let pred = match (both.as_ref(), plan.guidance, self.guidance) {
-                    (Some(both), true, Some(g)) => {
-                        lerp_guidance(prior.forward(doubled(), &[r, r], both, gate.cache()), g)
-                    }
-                    _ => prior.forward(latents.clone(), &[r], cond, gate.cache()),
+                    (Some(both), true, Some(g)) => lerp_guidance(
+                        prior.forward_table(doubled(), &table, both, gate.cache()),
+                        g,
+                    ),
+                    _ => prior.forward_table(latents.clone(), &table, cond, gate.cache()),
                 };
                 (pred, plan.phase)
             }
@@ -866,13 +940,15 @@ impl<'a> StageDenoiser<'a> {
                 conditioning,
             } => {
                 let pred = match self.guidance {
-                    Some(g) => lerp_guidance(decoder.forward(doubled(), &[r, r], conditioning), g),
-                    None => decoder.forward(latents.clone(), &[r], conditioning),
+                    Some(g) => {
+                        lerp_guidance(decoder.forward_table(doubled(), &table, conditioning), g)
+                    }
+                    None => decoder.forward_table(latents.clone(), &table, conditioning),
                 };
                 (pred, Phase::SemanticsPlanning)
             }
         };
-        let noise = (self.noise)(Some(i));
+        let noise = self.noise.get(i, self.shape, &self.latents.device());
         self.latents = self.sched.step(pred, i, latents, Some(noise))?;
         Ok(Some(EnqueuedStep {
             stage: self.name,
@@ -930,42 +1006,32 @@ fn check_noise(name: &str, len: usize, count: usize, shape: [usize; 4]) -> Resul
     Ok(())
 }
 
-/// A function handing out the initial noise (`None`) and step noise (`Some(i)`) of a stage
+/// A stage's initial noise and a function drawing (or copying) the noise of step `i`
 /// (lengths were checked by [`Wuerstchen::validate`]).
-fn noise_source(
-    device: &Device,
-    p: &WuerstchenParams,
-    shape: [usize; 4],
-    stream: u64,
-) -> impl Fn(Option<usize>) -> Tensor<4> + 'static {
+fn noise_source(p: &WuerstchenParams, shape: [usize; 4], stream: u64) -> (Vec<f32>, Draw) {
     let n: usize = shape.iter().product();
-    let device = device.clone();
-    // The stage's own share of given noise (a copy: the stage outlives the parameters).
-    let given = match &p.noise {
-        WuerstchenNoise::Seed(_) => None,
+    match &p.noise {
+        WuerstchenNoise::Seed(seed) => {
+            let seed = *seed;
+            (
+                randn(seed, stream, n),
+                Box::new(move |i| randn(seed, stream + 1 + i as u64, n)),
+            )
+        }
         WuerstchenNoise::Tensors {
             prior_noise,
             prior_step_noise,
             decoder_noise,
             decoder_step_noise,
-        } => Some(if stream == 0 {
-            (prior_noise.clone(), prior_step_noise.clone())
-        } else {
-            (decoder_noise.clone(), decoder_step_noise.clone())
-        }),
-    };
-    let seed = match p.noise {
-        WuerstchenNoise::Seed(seed) => seed,
-        WuerstchenNoise::Tensors { .. } => 0,
-    };
-    move |step: Option<usize>| {
-        let data = match (&given, step) {
-            (None, None) => randn(seed, stream, n),
-            (None, Some(i)) => randn(seed, stream + 1 + i as u64, n),
-            (Some((first, _)), None) => first.clone(),
-            (Some((_, steps)), Some(i)) => steps[i * n..(i + 1) * n].to_vec(),
-        };
-        Tensor::<4>::from_data(TensorData::new(data, shape), &device)
+        } => {
+            // The stage's own share of given noise (a copy: the stage outlives the parameters).
+            let (first, steps) = if stream == 0 {
+                (prior_noise.clone(), prior_step_noise.clone())
+            } else {
+                (decoder_noise.clone(), decoder_step_noise.clone())
+            };
+            (first, Box::new(move |i| steps[i * n..(i + 1) * n].to_vec()))
+        }
     }
 }
 

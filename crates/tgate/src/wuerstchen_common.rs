@@ -6,13 +6,49 @@ use burn::tensor::{activation, DType, Device, Tensor, TensorData};
 
 use crate::attention::{Attention, AttentionKeys};
 use crate::error::{Error, Result};
-use crate::nn::{norm_over, Activation, Conv2d, Linear};
+use crate::nn::{channels_last_weights, norm_over, Activation, Conv2d, Linear};
 use crate::tgate::AttentionCache;
 use crate::weights::Weights;
 
 /// `WuerstchenLayerNorm(c, elementwise_affine=False, eps=1e-6)` on `[b, c, h, w]`.
 pub fn channel_norm(x: Tensor<4>) -> Tensor<4> {
     norm_over(x, 1, 1e-6)
+}
+
+/// [`channel_norm`] as a layer: on GPU devices running tgate's kernels one launch of the
+/// LayerNorm kernel (`tgate_shaders::layer_norm`) over each pixel's channel vector, read and
+/// written in the map's memory order (a channels-last map is not copied), with f32 statistics
+/// whatever the storage dtype; elsewhere burn's ops.
+#[derive(Clone, Debug)]
+pub struct ChannelNorm {
+    /// The kernel's unit scale and zero shift (`[c]`, f32), where the kernel runs.
+    unit_affine: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+impl ChannelNorm {
+    /// For `c` channels, on the weights' device.
+    pub fn load(w: &Weights, c: usize) -> Self {
+        let unit_affine = channels_last_weights(w).then(|| {
+            let device = w.device();
+            (
+                Tensor::ones([c], (device, DType::F32)),
+                Tensor::zeros([c], (device, DType::F32)),
+            )
+        });
+        ChannelNorm { unit_affine }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        #[cfg(feature = "wgpu")]
+        if let Some((gamma, beta)) = &self.unit_affine {
+            let [n, c, h, w] = x.dims();
+            let pixels = x.clone().permute([0, 2, 3, 1]).reshape([n, h * w, c]);
+            if let Some(y) = tgate_shaders::layer_norm(pixels, gamma, beta, 1e-6) {
+                return y.reshape([n, h, w, c]).permute([0, 3, 1, 2]);
+            }
+        }
+        channel_norm(x)
+    }
 }
 
 /// `gen_r_embedding`: the noise ratio `r ∈ [0, 1]` → `[b, c_r]`, sin first then cos, computed on
@@ -60,12 +96,96 @@ impl TimestepBlock {
         })
     }
 
-    pub fn forward(&self, x: Tensor<4>, r_embed: &Tensor<2>) -> Tensor<4> {
-        let b = r_embed.dims()[0];
+    /// The block's scale `1 + a` and shift `b` for each row of `r_embed: [n, c_r]`.
+    pub fn modulation(&self, r_embed: &Tensor<2>) -> Modulation {
         let ab = self.mapper.forward(r_embed.clone());
-        let a = ab.clone().narrow(1, 0, self.c).reshape([b, self.c, 1, 1]);
-        let bias = ab.narrow(1, self.c, self.c).reshape([b, self.c, 1, 1]);
-        x * a.add_scalar(1.0) + bias
+        Modulation {
+            scale: ab.clone().narrow(1, 0, self.c).add_scalar(1.0),
+            shift: ab.narrow(1, self.c, self.c),
+        }
+    }
+
+    /// The channels it modulates.
+    pub fn channels(&self) -> usize {
+        self.c
+    }
+}
+
+/// A [`TimestepBlock`]'s scale `1 + a` and shift `b`, `[n, c]` each: one row per noise ratio.
+#[derive(Clone, Debug)]
+pub struct Modulation {
+    scale: Tensor<2>,
+    shift: Tensor<2>,
+}
+
+impl Modulation {
+    /// Row `i` (a view).
+    fn row(&self, i: usize) -> Self {
+        Modulation {
+            scale: self.scale.clone().narrow(0, i, 1),
+            shift: self.shift.clone().narrow(0, i, 1),
+        }
+    }
+
+    /// `x · scale + shift` on `x: [b, c, h, w]`; the rows are `x`'s batch rows, or one row for
+    /// all of them.
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [n, c] = self.scale.dims();
+        x * self.scale.clone().reshape([n, c, 1, 1]) + self.shift.clone().reshape([n, c, 1, 1])
+    }
+}
+
+/// The modulation of every [`TimestepBlock`] of a model (in the order its forward pass meets
+/// them) for a list of noise ratios. A pipeline makes one for all the steps of a generation
+/// (the ratios are known in advance, and the mapping is the same at every call), so a step only
+/// takes row views; a direct call makes one row per batch row.
+#[derive(Clone, Debug)]
+pub struct RTable {
+    blocks: Vec<Modulation>,
+    rows: usize,
+}
+
+impl RTable {
+    /// Maps `r` through each of `blocks` (`c_r`: the r-embedding size, `dtype`: the model's).
+    pub fn new<'a>(
+        blocks: impl Iterator<Item = &'a TimestepBlock>,
+        r: &[f32],
+        c_r: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let embed = r_embedding(r, c_r, device).cast(dtype);
+        RTable {
+            blocks: blocks.map(|b| b.modulation(&embed)).collect(),
+            rows: r.len(),
+        }
+    }
+
+    /// Bytes a table of `rows` ratios takes for `blocks` of `c` channels each, in `dtype`.
+    pub fn bytes(channels: impl Iterator<Item = usize>, rows: usize, dtype: DType) -> u64 {
+        channels.map(|c| (2 * c * rows * dtype.size()) as u64).sum()
+    }
+
+    /// Number of rows (noise ratios).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row `i` of every block (views), for a call whose batch rows share that ratio. `None`
+    /// past the last row.
+    pub fn row(&self, i: usize) -> Option<RTable> {
+        (i < self.rows).then(|| RTable {
+            blocks: self.blocks.iter().map(|m| m.row(i)).collect(),
+            rows: 1,
+        })
+    }
+
+    /// The modulation of the `k`-th block met by the forward pass.
+    ///
+    /// # Panics
+    /// If the table was made for a model with fewer timestep blocks (programmer error).
+    pub fn block(&self, k: usize) -> &Modulation {
+        &self.blocks[k]
     }
 }
 
@@ -84,15 +204,19 @@ impl GlobalResponseNorm {
         })
     }
 
-    /// The response statistics are computed in f32 whatever the activation dtype.
+    /// The response statistics are computed in f32 whatever the activation dtype: the L2 norm
+    /// over the pixels is one reduction (as `torch.norm(dim=(1, 2))`) over the `[b, h·w, c]`
+    /// view of the map.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, h, w, c] = x.dims();
         let agg = x
             .clone()
             .cast(DType::F32)
             .square()
+            .reshape([b, h * w, c])
             .sum_dim(1)
-            .sum_dim(2)
-            .sqrt();
+            .sqrt()
+            .reshape([b, 1, 1, c]);
         let stand = (agg.clone() / agg.mean_dim(3).add_scalar(1e-6)).cast(x.dtype());
         self.gamma.clone() * (x.clone() * stand) + self.beta.clone() + x
     }
@@ -128,6 +252,7 @@ impl Channelwise {
 #[derive(Clone, Debug)]
 pub struct ResBlock {
     depthwise: Conv2d,
+    norm: ChannelNorm,
     channelwise: Channelwise,
 }
 
@@ -143,6 +268,7 @@ impl ResBlock {
                 kernel / 2,
                 c,
             )?,
+            norm: ChannelNorm::load(w, c),
             channelwise: Channelwise::load(&w.pp("channelwise"), c, 4 * c, c)?,
         })
     }
@@ -153,7 +279,7 @@ impl ResBlock {
             Some(s) => Tensor::cat(vec![x, s], 1),
             None => x,
         };
-        let x = channel_norm(self.depthwise.forward(x));
+        let x = self.norm.forward(self.depthwise.forward(x));
         self.channelwise.forward(x) + residual
     }
 }
@@ -163,6 +289,7 @@ impl ResBlock {
 /// where the gate acts (see [`AttentionCache::text_kv_attention`]).
 #[derive(Clone, Debug)]
 pub struct AttnBlock {
+    norm: ChannelNorm,
     attention: Attention,
     kv_mapper: Linear,
 }
@@ -176,9 +303,11 @@ impl AttnBlock {
             ));
         }
         Ok(AttnBlock {
-            attention: Attention::load(
+            norm: ChannelNorm::load(w, c),
+            // The queries and the image keys and values project the same tokens: one joined
+            // matmul (the text's keys and values, once per generation, use it too).
+            attention: Attention::load_self(
                 &w.pp("attention"),
-                c,
                 c,
                 nhead,
                 c / nhead,
@@ -194,14 +323,15 @@ impl AttnBlock {
     /// a new cache.
     pub fn forward(&self, x: Tensor<4>, cond: &Tensor<3>, cache: &mut AttentionCache) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let tokens = channel_norm(x.clone())
+        let tokens = self
+            .norm
+            .forward(x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         // The query and the image keys/values are shared by both attention variants, so the
         // gate step pays only one extra attention core and output projection.
         let attn = &self.attention;
-        let q = attn.query(tokens.clone());
-        let (k_img, v_img) = attn.key_value(tokens);
+        let (q, k_img, v_img) = attn.query_key_value(tokens);
         let out = cache.text_kv_attention(
             cond.dims()[0],
             || attn.key_value(self.kv_mapper.forward(activation::silu(cond.clone()))),

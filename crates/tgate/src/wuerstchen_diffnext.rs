@@ -13,7 +13,7 @@ use crate::nn::{
 use crate::tgate::{AttentionCache, CacheMode};
 use crate::weights::Weights;
 use crate::wuerstchen_common::{
-    channel_norm, check_c_r, r_embedding, AttnBlock, Channelwise, TimestepBlock,
+    check_c_r, AttnBlock, ChannelNorm, Channelwise, RTable, TimestepBlock,
 };
 
 /// `WuerstchenDiffNeXt`'s `config.json` (defaults as diffusers' constructor).
@@ -145,6 +145,7 @@ impl DiffNeXtConfig {
 #[derive(Clone, Debug)]
 struct ResBlockStageB {
     depthwise: Conv2d,
+    norm: ChannelNorm,
     channelwise: Channelwise,
 }
 
@@ -152,13 +153,14 @@ impl ResBlockStageB {
     fn load(w: &Weights, c: usize, c_skip: usize, kernel: usize) -> Result<Self> {
         Ok(ResBlockStageB {
             depthwise: Conv2d::load_grouped(&w.pp("depthwise"), c, c, kernel, 1, kernel / 2, c)?,
+            norm: ChannelNorm::load(w, c),
             channelwise: Channelwise::load(&w.pp("channelwise"), c + c_skip, 4 * c, c)?,
         })
     }
 
     fn forward(&self, x: Tensor<4>, skip: Option<Tensor<4>>) -> Tensor<4> {
         let residual = x.clone();
-        let x = channel_norm(self.depthwise.forward(x));
+        let x = self.norm.forward(self.depthwise.forward(x));
         let x = match skip {
             Some(s) => Tensor::cat(vec![x, s], 1),
             None => x,
@@ -173,9 +175,9 @@ enum Block {
     Time(TimestepBlock),
     Attn(AttnBlock),
     /// Channel norm then a 2×2 stride-2 convolution (start of a deeper level).
-    Down(Conv2d),
+    Down(ChannelNorm, Conv2d),
     /// Channel norm then a 2×2 stride-2 transposed convolution (end of an up level).
-    Up(ConvTranspose2d),
+    Up(ChannelNorm, ConvTranspose2d),
 }
 
 /// Stage B's per-generation conditioning (see [`WuerstchenDiffNeXt::condition`]).
@@ -196,11 +198,15 @@ pub struct WuerstchenDiffNeXt {
     /// Down levels then up levels; `None` where that level takes no effnet.
     effnet_mappers: Vec<Option<Conv2d>>,
     embedding: Conv2d,
+    embedding_norm: ChannelNorm,
     down: Vec<Vec<Block>>,
     up: Vec<Vec<Block>>,
+    clf_norm: ChannelNorm,
     clf: Conv2d,
     /// Parameters and activations (inputs and outputs are f32).
     dtype: DType,
+    /// The largest tensor the device takes (the weights' cap), if known.
+    max_tensor_bytes: Option<u64>,
 }
 
 impl WuerstchenDiffNeXt {
@@ -240,8 +246,10 @@ impl WuerstchenDiffNeXt {
                 1,
                 0,
             )?,
+            embedding_norm: ChannelNorm::load(w, cfg.c_hidden[0]),
             down,
             up,
+            clf_norm: ChannelNorm::load(w, cfg.c_hidden[0]),
             clf: Conv2d::load(
                 &w.pp("clf").pp(1),
                 cfg.c_hidden[0],
@@ -252,6 +260,7 @@ impl WuerstchenDiffNeXt {
             )?,
             config: cfg.clone(),
             dtype: w.dtype(),
+            max_tensor_bytes: w.max_tensor_bytes(),
         })
     }
 
@@ -297,9 +306,63 @@ impl WuerstchenDiffNeXt {
     /// `x: [b, c_in, H, W]` (multiples of [`DiffNeXtConfig::downscale`]), one noise ratio per
     /// row → `[b, c_out, H, W]`. The conditioning's batch must match `x`'s.
     pub fn forward(&self, x: Tensor<4>, r: &[f32], cond: &mut DiffNeXtConditioning) -> Tensor<4> {
+        self.forward_table(x, &self.r_table(r), cond)
+    }
+
+    /// The timestep blocks in the order the forward pass meets them.
+    fn timestep_blocks(&self) -> impl Iterator<Item = &TimestepBlock> {
+        self.down
+            .iter()
+            .chain(self.up.iter())
+            .flatten()
+            .filter_map(|b| match b {
+                Block::Time(t) => Some(t),
+                _ => None,
+            })
+    }
+
+    /// Every timestep block's scale and shift for each ratio of `r` (see [`RTable`]): one row
+    /// per ratio, on the device.
+    pub fn r_table(&self, r: &[f32]) -> RTable {
+        let device = self.embedding.device();
+        RTable::new(
+            self.timestep_blocks(),
+            r,
+            self.config.c_r,
+            self.dtype,
+            &device,
+        )
+    }
+
+    /// The largest tensor the device takes, as given to the weights
+    /// ([`Weights::with_max_tensor_bytes`]); `None`: no cap given.
+    pub fn max_tensor_bytes(&self) -> Option<u64> {
+        self.max_tensor_bytes
+    }
+
+    /// The bytes of an [`RTable`] of `rows` ratios.
+    pub fn r_table_bytes(&self, rows: usize) -> u64 {
+        RTable::bytes(
+            self.timestep_blocks().map(|t| t.channels()),
+            rows,
+            self.dtype,
+        )
+    }
+
+    /// [`Self::forward`] with the noise ratios' modulation made beforehand: `table` has one
+    /// row per batch row of `x`, or one row for all of them (a row of a generation's table).
+    pub fn forward_table(
+        &self,
+        x: Tensor<4>,
+        table: &RTable,
+        cond: &mut DiffNeXtConditioning,
+    ) -> Tensor<4> {
         let cfg = &self.config;
-        let device = x.device();
-        let r_embed = r_embedding(r, cfg.c_r, &device).cast(self.dtype);
+        let mut time_block = 0;
+        let mut modulate = |x: Tensor<4>| {
+            time_block += 1;
+            table.block(time_block - 1).apply(x)
+        };
         let clip = cond.clip.clone();
         let mut cache = std::mem::take(&mut cond.attention);
         cache.begin(CacheMode::Compute, CacheMode::Compute);
@@ -316,7 +379,7 @@ impl WuerstchenDiffNeXt {
 
         let x_in = x.clone().cast(DType::F32);
         let x = pixel_unshuffle(x.cast(self.dtype), cfg.patch_size);
-        let mut x = channel_norm(self.embedding.forward(x));
+        let mut x = self.embedding_norm.forward(self.embedding.forward(x));
         let mut levels: Vec<Tensor<4>> = Vec::with_capacity(self.down.len());
         for (i, blocks) in self.down.iter().enumerate() {
             let mut effnet_c: Option<Tensor<4>> = None;
@@ -328,10 +391,10 @@ impl WuerstchenDiffNeXt {
                         }
                         res.forward(x, effnet_c.clone())
                     }
-                    Block::Time(t) => t.forward(x, &r_embed),
+                    Block::Time(_) => modulate(x),
                     Block::Attn(a) => a.forward(x, &clip, &mut cache),
-                    Block::Down(conv) => conv.forward(channel_norm(x)),
-                    Block::Up(conv) => conv.forward(channel_norm(x)),
+                    Block::Down(norm, conv) => conv.forward(norm.forward(x)),
+                    Block::Up(norm, conv) => conv.forward(norm.forward(x)),
                 };
             }
             levels.push(x.clone());
@@ -355,15 +418,16 @@ impl WuerstchenDiffNeXt {
                         };
                         res.forward(x, skip)
                     }
-                    Block::Time(t) => t.forward(x, &r_embed),
+                    Block::Time(_) => modulate(x),
                     Block::Attn(a) => a.forward(x, &clip, &mut cache),
-                    Block::Down(conv) => conv.forward(channel_norm(x)),
-                    Block::Up(conv) => conv.forward(channel_norm(x)),
+                    Block::Down(norm, conv) => conv.forward(norm.forward(x)),
+                    Block::Up(norm, conv) => conv.forward(norm.forward(x)),
                 };
             }
         }
         cond.attention = cache;
-        let ab = pixel_shuffle(self.clf.forward(channel_norm(x)), cfg.patch_size).cast(DType::F32);
+        let ab = pixel_shuffle(self.clf.forward(self.clf_norm.forward(x)), cfg.patch_size)
+            .cast(DType::F32);
         let c_out = cfg.c_out;
         let a = ab.clone().narrow(1, 0, c_out);
         let b = activation::sigmoid(ab.narrow(1, c_out, c_out));
@@ -404,7 +468,7 @@ fn load_down(cfg: &DiffNeXtConfig, w: &Weights) -> Result<Vec<Vec<Block>>> {
                 2,
                 0,
             )?;
-            blocks.push(Block::Down(conv));
+            blocks.push(Block::Down(ChannelNorm::load(w, cfg.c_hidden[i - 1]), conv));
         }
         for _ in 0..cfg.blocks[i] {
             for kind in cfg.level_config[i].chars() {
@@ -447,7 +511,7 @@ fn load_up(cfg: &DiffNeXtConfig, w: &Weights) -> Result<Vec<Vec<Block>>> {
                 2,
                 0,
             )?;
-            blocks.push(Block::Up(conv));
+            blocks.push(Block::Up(ChannelNorm::load(w, cfg.c_hidden[i]), conv));
         }
         up.push(blocks);
     }

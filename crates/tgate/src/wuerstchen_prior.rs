@@ -9,7 +9,7 @@ use crate::nn::{ActivationSize, Conv2d, Linear};
 use crate::tgate::AttentionCache;
 use crate::weights::Weights;
 use crate::wuerstchen_common::{
-    channel_norm, check_c_r, r_embedding, AttnBlock, ResBlock, TimestepBlock,
+    check_c_r, AttnBlock, ChannelNorm, RTable, ResBlock, TimestepBlock,
 };
 
 /// `WuerstchenPrior`'s `config.json` (defaults as diffusers' constructor).
@@ -75,9 +75,12 @@ pub struct WuerstchenPrior {
     cond_in: Linear,
     cond_out: Linear,
     layers: Vec<Layer>,
+    out_norm: ChannelNorm,
     out: Conv2d,
     /// Parameters and activations (inputs and outputs are f32).
     dtype: DType,
+    /// The largest tensor the device takes (the weights' cap), if known.
+    max_tensor_bytes: Option<u64>,
 }
 
 impl WuerstchenPrior {
@@ -98,9 +101,11 @@ impl WuerstchenPrior {
             cond_in: Linear::load(&w.pp("cond_mapper").pp("0"), config.c_cond, c, true)?,
             cond_out: Linear::load(&w.pp("cond_mapper").pp("2"), c, c, true)?,
             layers,
+            out_norm: ChannelNorm::load(w, c),
             out: Conv2d::load(&w.pp("out").pp("1"), c, 2 * config.c_in, 1, 1, 0)?,
             config: config.clone(),
             dtype: w.dtype(),
+            max_tensor_bytes: w.max_tensor_bytes(),
         })
     }
 
@@ -133,6 +138,26 @@ impl WuerstchenPrior {
         ))
     }
 
+    /// Every timestep block's scale and shift for each ratio of `r` (see [`RTable`]): one row
+    /// per ratio, on the device.
+    pub fn r_table(&self, r: &[f32]) -> RTable {
+        let device = self.projection.device();
+        let blocks = self.layers.iter().map(|l| &l.time);
+        RTable::new(blocks, r, self.config.c_r, self.dtype, &device)
+    }
+
+    /// The largest tensor the device takes, as given to the weights
+    /// ([`Weights::with_max_tensor_bytes`]); `None`: no cap given.
+    pub fn max_tensor_bytes(&self) -> Option<u64> {
+        self.max_tensor_bytes
+    }
+
+    /// The bytes of an [`RTable`] of `rows` ratios.
+    pub fn r_table_bytes(&self, rows: usize) -> u64 {
+        let c = self.config.c;
+        RTable::bytes(self.layers.iter().map(|_| c), rows, self.dtype)
+    }
+
     /// `x: [b, c_in, h, w]`, one noise ratio per batch row, mapped text `[b, n, c]` (see
     /// [`Self::map_text`]) → the model's estimate `[b, c_in, h, w]`. `cache` carries the gate
     /// (see [`AttnBlock`]) and each block's text keys and values, so it belongs to one
@@ -144,16 +169,26 @@ impl WuerstchenPrior {
         mapped_text: &Tensor<3>,
         cache: &mut AttentionCache,
     ) -> Tensor<4> {
-        let device = x.device();
+        self.forward_table(x, &self.r_table(r), mapped_text, cache)
+    }
+
+    /// [`Self::forward`] with the noise ratios' modulation made beforehand: `table` has one
+    /// row per batch row of `x`, or one row for all of them (a row of a generation's table).
+    pub fn forward_table(
+        &self,
+        x: Tensor<4>,
+        table: &RTable,
+        mapped_text: &Tensor<3>,
+        cache: &mut AttentionCache,
+    ) -> Tensor<4> {
         let x_in = x.clone().cast(DType::F32);
         let mut x = self.projection.forward(x.cast(self.dtype));
-        let r_embed = r_embedding(r, self.config.c_r, &device).cast(self.dtype);
-        for layer in &self.layers {
+        for (k, layer) in self.layers.iter().enumerate() {
             x = layer.res.forward(x, None);
-            x = layer.time.forward(x, &r_embed);
+            x = table.block(k).apply(x);
             x = layer.attn.forward(x, mapped_text, cache);
         }
-        let ab = self.out.forward(channel_norm(x)).cast(DType::F32);
+        let ab = self.out.forward(self.out_norm.forward(x)).cast(DType::F32);
         let c_in = self.config.c_in;
         let a = ab.clone().narrow(1, 0, c_in);
         let b = ab.narrow(1, c_in, c_in);

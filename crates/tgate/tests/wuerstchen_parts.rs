@@ -70,6 +70,21 @@ fn prior_forward() {
         &mut AttentionCache::new(),
     );
     assert_close(out, &r, "prior.out", 1e-5);
+
+    // A generation's table (every step's ratio mapped at once): each row, broadcast over the
+    // batch, gives what a call mapping its own ratio gives.
+    let x = tensor(&r, "prior.x", &device);
+    let b = x.dims()[0];
+    let ratios = [0.99f32, 0.5, 0.0];
+    let table = prior.r_table(&ratios);
+    assert_eq!(table.rows(), 3);
+    assert!(table.row(3).is_none());
+    for (i, &ri) in ratios.iter().enumerate() {
+        let row = table.row(i).unwrap();
+        let from_table = prior.forward_table(x.clone(), &row, &text, &mut AttentionCache::new());
+        let own = prior.forward(x.clone(), &vec![ri; b], &text, &mut AttentionCache::new());
+        assert_agree(from_table, own, 1e-5, &format!("prior at r {ri}"));
+    }
 }
 
 #[test]
@@ -89,8 +104,18 @@ fn decoder_forward() {
     let out = decoder.forward(x.clone(), &host_vec("decoder.r"), &mut cond);
     assert_close(out, &r, "decoder.out", 1e-5);
     // A second call reuses the kept effnet conditioning and gives the same result.
-    let again = decoder.forward(x, &host_vec("decoder.r"), &mut cond);
+    let again = decoder.forward(x.clone(), &host_vec("decoder.r"), &mut cond);
     assert_close(again, &r, "decoder.out", 1e-5);
+
+    // A row of a generation's table, broadcast over the batch, as in `prior_forward`.
+    let b = x.dims()[0];
+    let ratios = [0.99f32, 0.25];
+    let table = decoder.r_table(&ratios);
+    for (i, &ri) in ratios.iter().enumerate() {
+        let from_table = decoder.forward_table(x.clone(), &table.row(i).unwrap(), &mut cond);
+        let own = decoder.forward(x.clone(), &vec![ri; b], &mut cond);
+        assert_agree(from_table, own, 1e-5, &format!("decoder at r {ri}"));
+    }
 }
 
 #[test]
