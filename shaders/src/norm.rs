@@ -97,8 +97,8 @@ fn tgate_norm<E: Float>(
 
 /// [`tgate_norm`] with one unit per row: each unit walks its row three times (the sum, the
 /// squared deviations, the output) through nested channel / row / column loops, with no shared
-/// memory, no barrier and no index division. For short rows (LayerNorm tokens, Würstchen's
-/// pixels), where a cube per row spends its time in barriers on CPU rasterisers.
+/// memory, no barrier and no per-value index division. For short rows (LayerNorm tokens,
+/// Würstchen's pixels), where a cube per row spends its time in barriers on CPU rasterisers.
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 fn tgate_norm_per_unit<E: Float>(
