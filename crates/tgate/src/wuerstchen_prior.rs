@@ -154,8 +154,8 @@ impl WuerstchenPrior {
 
     /// The bytes of an [`RTable`] of `rows` ratios.
     pub fn r_table_bytes(&self, rows: usize) -> u64 {
-        let c = self.config.c;
-        RTable::bytes(self.layers.iter().map(|_| c), rows, self.dtype)
+        let channels = self.layers.iter().map(|l| l.time.channels());
+        RTable::bytes(channels, rows, self.dtype)
     }
 
     /// `x: [b, c_in, h, w]`, one noise ratio per batch row, mapped text `[b, n, c]` (see
