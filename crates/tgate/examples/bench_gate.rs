@@ -170,6 +170,11 @@ fn device(backend: &str) -> Result<(Device, Option<u64>), String> {
             let (device, setup) = Device::wgpu_options()
                 .init_with_setup()
                 .map_err(|e| format!("wgpu: {e:?}"))?;
+            let info = setup.adapter.get_info();
+            println!(
+                "adapter: {} ({:?}; driver {} {})",
+                info.name, info.backend, info.driver, info.driver_info
+            );
             let l = setup.device.limits();
             Ok((
                 device,

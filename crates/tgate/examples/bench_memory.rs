@@ -12,8 +12,10 @@
 //! files, loads them with `Pipeline::placeholder` and runs one 2-step generation (DDIM, gate at
 //! 1). `--max-tensor-mib N` refuses any parameter over N MiB and splits attention to fit, as on a
 //! device with that binding limit (WebGPU's default is 128). Prints the device memory reserved
-//! (the pools' high-water mark) after the load and after the generation, and the largest
-//! parameter. Built without the `autotune` feature (`--no-default-features --features flex,wgpu`)
+//! and in use after the load and after the generation, the largest parameter, and the highest
+//! usage a thread sampling every 5 ms saw during the generation (the pools give emptied pages
+//! back as they go, so the reading after is not the peak). Built without the `autotune` feature
+//! (`--no-default-features --features flex,wgpu`)
 //! it uses the kernels the browser build picks by rule, as a WebGPU laptop would: a 512×512 f16
 //! run took 40 minutes on lavapipe (2 cores) that way; with autotuning, which runs candidate
 //! kernels at every new shape, its UNet steps alone took 76 minutes.
@@ -118,6 +120,59 @@ fn configs(root: &Path) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// The highest pool usage seen by a thread that asks the device every few milliseconds while
+/// the generation runs. The pools give pages back as they empty (a growth to larger pages
+/// leaves the old ones to drain), so the reading after the generation is not its peak; this is
+/// a lower bound of the peak, exact for anything held longer than the sampling interval.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<Peak>>,
+}
+
+struct Peak {
+    reserved: u64,
+    reserved_at: f64,
+    in_use: u64,
+    samples: usize,
+}
+
+impl Sampler {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+
+    fn start(device: &burn::tensor::Device) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, device) = (stop.clone(), device.clone());
+        let thread = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let mut peak: Option<Peak> = None;
+            while !flag.load(Ordering::Relaxed) {
+                let (reserved, in_use) = device_memory(&device)?;
+                let p = peak.get_or_insert(Peak {
+                    reserved,
+                    reserved_at: 0.0,
+                    in_use,
+                    samples: 0,
+                });
+                if reserved > p.reserved {
+                    p.reserved = reserved;
+                    p.reserved_at = t0.elapsed().as_secs_f64();
+                }
+                p.in_use = p.in_use.max(in_use);
+                p.samples += 1;
+                std::thread::sleep(Self::INTERVAL);
+            }
+            peak
+        });
+        Sampler { stop, thread }
+    }
+
+    fn stop(self) -> Option<Peak> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().ok().flatten()
+    }
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
@@ -147,7 +202,7 @@ fn main() {
         .map_err(|e| e.to_string())?;
         let memory = |label: &str| match device_memory(&device) {
             Some((reserved, in_use)) => println!(
-                "  {label:<34}: {:>8.1} MiB reserved (high-water mark), {:>8.1} MiB in use",
+                "  {label:<34}: {:>8.1} MiB reserved, {:>8.1} MiB in use",
                 mib(reserved),
                 mib(in_use)
             ),
@@ -168,6 +223,7 @@ fn main() {
             ..GateKnobs::default()
         });
         let t0 = std::time::Instant::now();
+        let sampler = Sampler::start(&device);
         let out = model
             .generate(&request, &mut |s| {
                 println!(
@@ -185,6 +241,16 @@ fn main() {
             t0.elapsed().as_secs_f64()
         );
         memory("after the generation");
+        if let Some(peak) = sampler.stop() {
+            println!(
+                "  {:<34}: {:>8.1} MiB reserved at most (at {:.1} s), {:>8.1} MiB in use at most ({} samples)",
+                "sampled during the generation",
+                mib(peak.reserved),
+                peak.reserved_at,
+                mib(peak.in_use),
+                peak.samples
+            );
+        }
         Ok(())
     });
     if let Err(e) = result {
