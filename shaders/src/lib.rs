@@ -9,7 +9,8 @@
 //! - [`group_norm`], [`layer_norm`]: the norm (statistics in f32), its scale and shift and
 //!   optionally SiLU in one launch.
 //! - [`attention`]: softmax(QKᵀ/√d)·V over multi-head projections laid out as diffusers keeps
-//!   them (`[batch, tokens, heads × head_dim]`), in one launch, never building the score matrix.
+//!   them (`[batch, tokens, heads × head_dim]`), in one launch, never building the score matrix;
+//!   [`attention_joined`] over two sets of keys and values as if concatenated.
 
 mod attention;
 mod norm;
@@ -32,6 +33,18 @@ pub trait Kernels: Backend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+
+    /// [`Kernels::multi_head_attention`] over the keys and values `k`, `v` followed by `k2`,
+    /// `v2` (`[b, n_k2, heads·d]`), without concatenating them.
+    #[fusion(dtype = q, shape = q)]
+    fn multi_head_attention_joined(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        k2: FloatTensor<Self>,
+        v2: FloatTensor<Self>,
         heads: usize,
     ) -> FloatTensor<Self>;
 
@@ -58,7 +71,18 @@ impl Kernels for CubeBackend {
         v: FloatTensor<Self>,
         heads: usize,
     ) -> FloatTensor<Self> {
-        attention::launch(q, k, v, heads)
+        attention::launch(q, k, v, None, heads)
+    }
+
+    fn multi_head_attention_joined(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        k2: FloatTensor<Self>,
+        v2: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        attention::launch(q, k, v, Some((k2, v2)), heads)
     }
 
     fn norm_rows(
@@ -152,11 +176,7 @@ pub fn layer_norm(
 /// [`MAX_HEAD_DIM`], for q, k, v of different dtypes, or keys and values that do not match the
 /// queries' batch and width (the kernel indexes them with the queries' heads) or are empty.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Option<Tensor<3>> {
-    let ([b, _, inner], [kb, n_k, k_inner]) = (q.dims(), k.dims());
-    let heads_fit = heads > 0 && inner.is_multiple_of(heads) && inner / heads <= MAX_HEAD_DIM;
-    let shapes_agree = kb == b && k_inner == inner && v.dims() == k.dims() && n_k > 0;
-    let dtypes_agree = q.dtype() == k.dtype() && k.dtype() == v.dtype();
-    if !(heads_fit && shapes_agree && dtypes_agree && on_cube(&q)) {
+    if !(attention_fits(&q, heads) && keys_fit(&q, &k, &v) && k.dims()[1] > 0) {
         return None;
     }
     let out = <burn::backend::Dispatch as Kernels>::multi_head_attention(
@@ -166,4 +186,44 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Opti
         heads,
     );
     Some(Tensor::from_dispatch(out))
+}
+
+/// [`attention`] over the keys and values `k`, `v` followed by `k2`, `v2`, as over their
+/// concatenation along the tokens, in one launch that never makes it. `None` where
+/// [`attention`] would be for either set (an empty set is allowed, not both).
+pub fn attention_joined(
+    q: Tensor<3>,
+    (k, v): (Tensor<3>, Tensor<3>),
+    (k2, v2): (Tensor<3>, Tensor<3>),
+    heads: usize,
+) -> Option<Tensor<3>> {
+    let any_keys = k.dims()[1] + k2.dims()[1] > 0;
+    if !(attention_fits(&q, heads) && keys_fit(&q, &k, &v) && keys_fit(&q, &k2, &v2) && any_keys) {
+        return None;
+    }
+    let out = <burn::backend::Dispatch as Kernels>::multi_head_attention_joined(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        k2.into_dispatch(),
+        v2.into_dispatch(),
+        heads,
+    );
+    Some(Tensor::from_dispatch(out))
+}
+
+/// Whether the kernel takes queries `q` split into `heads`, on this device.
+fn attention_fits(q: &Tensor<3>, heads: usize) -> bool {
+    let inner = q.dims()[2];
+    heads > 0 && inner.is_multiple_of(heads) && inner / heads <= MAX_HEAD_DIM && on_cube(q)
+}
+
+/// Whether keys `k` and values `v` match the queries' batch, width and dtype.
+fn keys_fit(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>) -> bool {
+    let ([b, _, inner], [kb, _, k_inner]) = (q.dims(), k.dims());
+    kb == b
+        && k_inner == inner
+        && v.dims() == k.dims()
+        && q.dtype() == k.dtype()
+        && k.dtype() == v.dtype()
 }

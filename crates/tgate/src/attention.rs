@@ -4,7 +4,7 @@
 use burn::tensor::Tensor;
 
 use crate::error::Result;
-use crate::nn::{multi_head_attention, Activation, LayerNorm, Linear};
+use crate::nn::{multi_head_attention, multi_head_attention_joined, Activation, LayerNorm, Linear};
 use crate::tgate::AttentionCache;
 use crate::weights::Weights;
 
@@ -178,6 +178,23 @@ impl Attention {
             self.heads,
             None,
             false,
+            self.max_score_bytes,
+        ))
+    }
+
+    /// [`Attention::attend`] over the keys and values `kv` followed by `kv2`, as over their
+    /// concatenation ([`multi_head_attention_joined`]: on a GPU, never made).
+    pub fn attend_joined(
+        &self,
+        q: Tensor<3>,
+        kv: (Tensor<3>, Tensor<3>),
+        kv2: (Tensor<3>, Tensor<3>),
+    ) -> Tensor<3> {
+        self.to_out.forward(multi_head_attention_joined(
+            q,
+            kv,
+            kv2,
+            self.heads,
             self.max_score_bytes,
         ))
     }

@@ -700,6 +700,33 @@ pub fn multi_head_attention(
     out.swap_dims(1, 2).reshape([b, n_q, inner]).cast(dtype)
 }
 
+/// [`multi_head_attention`] (no mask, not causal) over the keys and values `k`, `v` followed by
+/// `k2`, `v2`, as over their concatenation along the tokens. On a GPU device it is one launch of
+/// tgate's attention kernel, which walks both sets without making the concatenation (Würstchen's
+/// `AttnBlock`: the image tokens, then the text's keys and values, which are kept for the whole
+/// generation); elsewhere the sets are concatenated and attended as above.
+pub fn multi_head_attention_joined(
+    q: Tensor<3>,
+    (k, v): (Tensor<3>, Tensor<3>),
+    (k2, v2): (Tensor<3>, Tensor<3>),
+    heads: usize,
+    max_score_bytes: Option<u64>,
+) -> Tensor<3> {
+    #[cfg(feature = "wgpu")]
+    if custom_kernels() {
+        let [b, n_q, inner] = q.dims();
+        let n_k = k.dims()[1] + k2.dims()[1];
+        let sets = ((k.clone(), v.clone()), (k2.clone(), v2.clone()));
+        if let Some(out) = tgate_shaders::attention_joined(q.clone(), sets.0, sets.1, heads) {
+            add_macs(2 * b * n_q * n_k * inner);
+            return out;
+        }
+    }
+    let k = Tensor::cat(vec![k, k2], 1);
+    let v = Tensor::cat(vec![v, v2], 1);
+    multi_head_attention(q, k, v, heads, None, false, max_score_bytes)
+}
+
 /// Query rows per block so that `[batch_heads, rows, n_k]` f32 scores fit in `max_score_bytes`;
 /// `None` when all `n_q` rows fit (or there is no limit). At least one row: a single row
 /// (`2 × heads × n_k × 4` bytes; 262144 for SD at 512²) is always far smaller than the feature

@@ -665,6 +665,12 @@ impl<'m> Generation<'m> {
         let latents = stage.latents().clone();
         let name = stage.name();
         drop(stage);
+        // The stage's working memory (its maps, the gate's cache) is free now, but the device's
+        // pools keep the pages it sat on until a cleanup, while the next stage or the decoder,
+        // whose largest maps are larger, grows pages of its own: give them back first (SD 1.5 at
+        // 256² in f16, lavapipe: 2189.6 MiB reserved after a generation without this, 2152.0
+        // with it; a no-op on the CPU).
+        latents.device().memory_cleanup();
         match (self.pipeline, &self.plan, name) {
             (Pipeline::Wuerstchen(w), Plan::Wuerstchen(p), "prior") => {
                 let embeddings = w.finish_prior(latents);

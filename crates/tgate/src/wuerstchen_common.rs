@@ -335,10 +335,9 @@ impl AttnBlock {
         let out = cache.text_kv_attention(
             cond.dims()[0],
             || attn.key_value(self.kv_mapper.forward(activation::silu(cond.clone()))),
+            // Over [image tokens, text]: one kernel walks both, the concatenation is never made.
             |k_text, v_text| {
-                let k = Tensor::cat(vec![k_img.clone(), k_text], 1);
-                let v = Tensor::cat(vec![v_img.clone(), v_text], 1);
-                attn.attend(q.clone(), k, v)
+                attn.attend_joined(q.clone(), (k_img.clone(), v_img.clone()), (k_text, v_text))
             },
             || attn.attend(q.clone(), k_img.clone(), v_img.clone()),
         );

@@ -234,6 +234,44 @@ fn check_attention_kernel() {
             custom_kernel_matches_burn(&label, "TgateAttention", tol, &attend);
         }
     }
+    // Two sets of keys and values walked one after the other (Würstchen's image tokens, as
+    // views of the joined q/k/v projection, then the text's) against burn's attention over
+    // their concatenation.
+    let joined = [
+        // (batch, n_q, n_k, n_k2, heads, head_dim)
+        (2, 64, 64, 77, 4, 32),
+        (1, 37, 37, 5, 3, 24),
+        (2, 9, 1, 13, 2, 16),
+        (1, 70, 130, 1, 1, 40),
+    ];
+    for dtype in kernel_dtypes(&device) {
+        for (b, n_q, n_k, n_k2, heads, d) in joined {
+            let inner = heads * d;
+            let t = |n: usize, width: usize| {
+                Tensor::<3>::random([b, n, width], Distribution::Normal(0.0, 1.5), &device)
+                    .cast(dtype)
+            };
+            let kv = t(n_k, 2 * inner);
+            let (k, v) = (kv.clone().narrow(2, 0, inner), kv.narrow(2, inner, inner));
+            let (q, k2, v2) = (t(n_q, inner), t(n_k2, inner), t(n_k2, inner));
+            let attend = || {
+                let out = tgate::nn::multi_head_attention_joined(
+                    q.clone(),
+                    (k.clone(), v.clone()),
+                    (k2.clone(), v2.clone()),
+                    heads,
+                    None,
+                );
+                assert_eq!(out.dims(), [b, n_q, inner]);
+                assert_eq!(out.dtype(), dtype);
+                host_f32(out)
+            };
+            let tol = if dtype == DType::F16 { 2e-3 } else { 4e-6 };
+            let label =
+                format!("joined attention {dtype:?} b{b} q{n_q} k{n_k}+{n_k2} h{heads} d{d}");
+            custom_kernel_matches_burn(&label, "TgateAttention", tol, &attend);
+        }
+    }
 }
 
 /// The dtypes the kernel checks run in: f32, and f16 where the adapter has `shader-f16`.
