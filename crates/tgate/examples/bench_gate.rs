@@ -411,7 +411,7 @@ fn kernels(
     attention_shapes(unet, side, cond, limit);
     if let Some((reserved, in_use)) = device_memory(&cond.device()) {
         println!(
-            "  device memory: {:.1} MiB reserved (high-water mark of the pools), {:.1} MiB in use after the runs",
+            "  device memory: {:.1} MiB reserved by the pools after the runs, {:.1} MiB in use",
             reserved as f64 / 1048576.0,
             in_use as f64 / 1048576.0
         );
@@ -729,8 +729,9 @@ fn main() {
     }
 }
 
-/// Peak device memory of one planning forward and one gated forward (the pools keep their
-/// high-water mark).
+/// Device memory after one planning forward and one gated forward: what the pools still reserve
+/// (they keep most pages once made, but give back emptied ones now and then, so this can be
+/// below the peak) and what is in use.
 fn memory(
     unet: &UNet2DConditionModel,
     size: usize,
@@ -746,7 +747,7 @@ fn memory(
     forward(unet, &mut cache, 1, size / 8, cond, &time, gated);
     match device_memory(device) {
         Some((reserved, in_use)) => println!(
-            "  device memory ({dtype:?}): {:.1} MiB reserved (high-water mark), {:.1} MiB in use (weights and gate cache)",
+            "  device memory ({dtype:?}): {:.1} MiB reserved by the pools after, {:.1} MiB in use (weights and gate cache)",
             reserved as f64 / 1048576.0,
             in_use as f64 / 1048576.0
         ),

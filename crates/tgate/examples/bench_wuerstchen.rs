@@ -197,7 +197,7 @@ fn bench(name: &str, json: &str, a: &Args, device: &Device) -> Result<(), String
         }
         if let Some((reserved, in_use)) = device_memory(device) {
             println!(
-                "  device memory: {:.1} MiB reserved (high-water mark), {:.1} MiB in use",
+                "  device memory: {:.1} MiB reserved by the pools after, {:.1} MiB in use",
                 reserved as f64 / 1048576.0,
                 in_use as f64 / 1048576.0
             );

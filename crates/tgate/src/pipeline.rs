@@ -25,7 +25,7 @@ use crate::tgate::{Gate, GateConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet_2d_condition::{TimeTable, UNet2DConditionModel, UNetConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
-use crate::weights::Weights;
+use crate::weights::{load_persistent, Weights};
 
 /// Where the noise comes from.
 #[derive(Clone, Debug)]
@@ -145,13 +145,17 @@ impl StableDiffusion {
                 ),
             ));
         }
-        // Then the weights, one component at a time (each file's bytes are dropped after use).
-        let text_encoder = ClipTextModel::load(&text_cfg, &weights("text_encoder", "model")?)?;
-        let unet_w = weights("unet", "diffusion_pytorch_model")?;
-        let unet = UNet2DConditionModel::load(&unet_cfg, &unet_w)?;
-        drop(unet_w);
-        let vae_w = weights("vae", "diffusion_pytorch_model")?;
-        let vae = VaeDecoder::load(&vae_cfg, &vae_w)?;
+        // Then the weights, one component at a time (each file's bytes are dropped after use),
+        // each parameter in a device buffer of its own size.
+        let (text_encoder, unet, vae) = load_persistent(device, || -> Result<_> {
+            let text_encoder = ClipTextModel::load(&text_cfg, &weights("text_encoder", "model")?)?;
+            let unet_w = weights("unet", "diffusion_pytorch_model")?;
+            let unet = UNet2DConditionModel::load(&unet_cfg, &unet_w)?;
+            drop(unet_w);
+            let vae_w = weights("vae", "diffusion_pytorch_model")?;
+            let vae = VaeDecoder::load(&vae_cfg, &vae_w)?;
+            Ok((text_encoder, unet, vae))
+        })?;
         Ok(StableDiffusion {
             tokenizer,
             text_encoder,

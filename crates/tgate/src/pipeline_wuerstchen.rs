@@ -27,7 +27,7 @@ use crate::schedulers::ddpm_wuerstchen::{DdpmWuerstchenConfig, DdpmWuerstchenSch
 use crate::stage::{EnqueuedStep, Stage, StepInfo};
 use crate::tgate::{Gate, GateConfig, Phase};
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::Weights;
+use crate::weights::{load_persistent, Weights};
 use crate::wuerstchen_common::RTable;
 use crate::wuerstchen_diffnext::{DiffNeXtConditioning, DiffNeXtConfig, WuerstchenDiffNeXt};
 use crate::wuerstchen_prior::{PriorConfig, WuerstchenPrior};
@@ -423,24 +423,29 @@ impl Wuerstchen {
 
         let prior_tokenizer = ClipTokenizer::from_folder(prior_src, &p("tokenizer"))?;
         let decoder_tokenizer = ClipTokenizer::from_folder(src, "tokenizer")?;
-        // Weights, one component at a time.
-        let prior_text_encoder = ClipTextModel::load(
-            &cfg.prior_text,
-            &weights(prior_src, &p("text_encoder"), "model")?,
-        )?;
-        let prior = WuerstchenPrior::load(
-            &cfg.prior,
-            &weights(prior_src, prior_dir, "diffusion_pytorch_model")?,
-        )?;
-        let text_encoder = ClipTextModel::load(&cfg.text, &weights(src, "text_encoder", "model")?)?;
-        let decoder = WuerstchenDiffNeXt::load(
-            &cfg.decoder,
-            &weights(src, "decoder", "diffusion_pytorch_model")?,
-        )?;
-        let vqgan = PaellaDecoder::load(
-            &cfg.vqgan,
-            &weights(src, "vqgan", "diffusion_pytorch_model")?,
-        )?;
+        // Weights, one component at a time, each parameter in a device buffer of its own size.
+        let (prior_text_encoder, prior, text_encoder, decoder, vqgan) =
+            load_persistent(device, || -> Result<_> {
+                let prior_text_encoder = ClipTextModel::load(
+                    &cfg.prior_text,
+                    &weights(prior_src, &p("text_encoder"), "model")?,
+                )?;
+                let prior = WuerstchenPrior::load(
+                    &cfg.prior,
+                    &weights(prior_src, prior_dir, "diffusion_pytorch_model")?,
+                )?;
+                let text_encoder =
+                    ClipTextModel::load(&cfg.text, &weights(src, "text_encoder", "model")?)?;
+                let decoder = WuerstchenDiffNeXt::load(
+                    &cfg.decoder,
+                    &weights(src, "decoder", "diffusion_pytorch_model")?,
+                )?;
+                let vqgan = PaellaDecoder::load(
+                    &cfg.vqgan,
+                    &weights(src, "vqgan", "diffusion_pytorch_model")?,
+                )?;
+                Ok((prior_text_encoder, prior, text_encoder, decoder, vqgan))
+            })?;
         let limits = tighter_limit(src.max_tensor_bytes(), prior_src.max_tensor_bytes());
         Ok(Wuerstchen {
             prior_tokenizer,

@@ -251,8 +251,9 @@ impl LaunchCounter {
     }
 }
 
-/// Device memory: bytes reserved by the device's pools (they keep what they reserved, so after a
-/// pass this is its high-water mark) and bytes in use; `None` where the backend does not report it.
+/// Device memory: bytes reserved by the device's pools now (they keep most pages once made, but
+/// give emptied ones back now and then: after a pass this is near its peak, not always at it) and
+/// bytes in use; `None` where the backend does not report it.
 pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
     device
         .memory_pool_usage()
