@@ -33,20 +33,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# runwayml/stable-diffusion-v1-5's configs (the keys that shape the networks), as bench_gate's.
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from bench_cpu_vs_torch import SD15_UNET  # noqa: E402 (runwayml/stable-diffusion-v1-5's UNet config)
+
+# The networks bench_gate runs (the keys that shape them).
 UNETS = {
-    "sd15": dict(
-        block_out_channels=[320, 640, 1280, 1280],
-        layers_per_block=2,
-        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        attention_head_dim=8,
-        cross_attention_dim=768,
-        norm_num_groups=32,
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-    ),
+    "sd15": SD15_UNET,
     # bench_gate's `small`.
     "small": dict(
         block_out_channels=[64, 128, 256],
