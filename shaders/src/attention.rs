@@ -167,7 +167,10 @@ pub(crate) fn launch(
 ) -> CubeTensor {
     let (q, k, v) = (rows_contiguous(q), rows_contiguous(k), rows_contiguous(v));
     let two = extra.is_some();
-    // Without a second set the kernel never reads it: the first one stands in.
+    // Without a second set the kernel never reads it: the first one stands in. Binding one
+    // buffer twice is allowed as both bindings only read (WGSL declares them read-only; q, k and
+    // v viewed from one joined projection already share a buffer). 6 tensors and the metadata
+    // buffer: 7 storage bindings, under WebGPU's default of 8 a shader stage.
     let (k2, v2) = match extra {
         Some((k2, v2)) => (rows_contiguous(k2), rows_contiguous(v2)),
         None => (k.clone(), v.clone()),

@@ -84,7 +84,7 @@ else
   tests=()
   mem_size=512
   # Vulkan: the image has NVIDIA's driver; bring the loader when it is missing.
-  if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then
+  if ! ldconfig -p | grep 'libvulkan\.so\.1' >/dev/null; then
     for f in "$pkg"/gl/*.deb; do dpkg -x "$f" /; done
     ldconfig
   fi

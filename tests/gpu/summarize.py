@@ -121,10 +121,13 @@ def main():
               f"ungated {fmt(tgd['ungated_loop_s'], ' s', 2)} ({ratio(tgd['ungated_loop_s'], tgd['gated_loop_s'])}x)")
     mem = parts.get("memory", "")
     gen = re.search(r"after the generation\s*:\s*([\d.]+) MiB reserved", mem)
+    sampled = re.search(r"sampled during the generation\s*:\s*([\d.]+) MiB reserved at most.*\((\d+) samples\)", mem)
     if gen:
         t16 = torch.get("results", {}).get("f16", {})
-        print(f"Whole SD 1.5 generation in f16 (bench_memory): {gen.group(1)} MiB reserved; PyTorch's f16 run: "
-              f"{fmt(t16.get('max_allocated_mib'), ' MiB')} allocated at most, {fmt(t16.get('max_reserved_mib'), ' MiB')} reserved.")
+        peak = f"{sampled.group(1)} MiB at most in {sampled.group(2)} samples" if sampled else "not sampled"
+        print(f"Whole SD 1.5 generation in f16 (bench_memory): {gen.group(1)} MiB reserved after it, {peak}; "
+              f"PyTorch's f16 run (its peaks): {fmt(t16.get('max_allocated_mib'), ' MiB')} allocated, "
+              f"{fmt(t16.get('max_reserved_mib'), ' MiB')} reserved.")
     ba = re.search(r"before -> after \(same run\):\n(.*)\n(.*)", parts.get("before-after", ""))
     if ba:
         print(f"burn's generic ops -> tgate's kernels (f16):\n{ba.group(1).strip()}\n{ba.group(2).strip()}")
