@@ -17,7 +17,7 @@
 #   torch           tests/gpu/torch_bench.py: diffusers' UNet and pipeline, tgate, f16 and f32
 #   tests           our wgpu reference tests (crates/tgate/tests/wgpu.rs) on that GPU
 #   ours-f32        bench_gate as ours-f16, in f32, without the kernel accounting
-#   memory          bench_memory: a whole SD 1.5 generation at 512x512 in f16, tensors capped at
+#   memory          bench_memory: two whole SD 1.5 generations at 512x512 in f16, tensors capped at
 #                   WebGPU's default 128 MiB binding
 #   before-after    bench_gate --before-after in f16: burn's generic ops against tgate's kernels
 #   tgate-defaults  bench_gate in f16 with tgate's defaults (sp_interval 5, warm_up 2)
@@ -106,7 +106,7 @@ part ours-f16 240 "$bin/bench_gate" --backend wgpu "${model[@]}" --dtype f16 --n
 part torch 200 env PYTHONUNBUFFERED=1 "$python" tests/gpu/torch_bench.py "${torch_args[@]}" --json "$out/torch.json"
 part tests 240 "$bin/wgpu-tests" "${tests[@]}"
 part ours-f32 150 "$bin/bench_gate" --backend wgpu "${model[@]}" --dtype f32 --no-deepcache --no-kernels
-part memory 120 "$bin/bench_memory" --backend wgpu --size "$mem_size" --dtype f16 --max-tensor-mib 128
+part memory 120 "$bin/bench_memory" --backend wgpu --size "$mem_size" --dtype f16 --max-tensor-mib 128 --generations 2
 part before-after 240 "$bin/bench_gate" --backend wgpu "${model[@]}" --dtype f16 --no-deepcache --before-after
 part tgate-defaults 150 "$bin/bench_gate" --backend wgpu "${model[@]}" --dtype f16 --no-deepcache --no-kernels \
   --sp-interval 5 --warm-up 2

@@ -12,9 +12,11 @@
 //! files, loads them with `Pipeline::placeholder` and runs one 2-step generation (DDIM, gate at
 //! 1). `--max-tensor-mib N` refuses any parameter over N MiB and splits attention to fit, as on a
 //! device with that binding limit (WebGPU's default is 128). Prints the device memory reserved
-//! and in use after the load and after the generation, the largest parameter, and the highest
+//! and in use after the load and after the generation, the largest parameter, the highest
 //! usage a thread sampling every 5 ms saw during the generation (the pools give emptied pages
-//! back as they go, so the reading after is not the peak). Built without the `autotune` feature
+//! back as they go, so the reading after is not the peak), and a bound on the peak from the
+//! pools' own counters (each pool's most pages at once, read at every step) with the largest
+//! allocation they served. Built without the `autotune` feature
 //! (`--no-default-features --features flex,wgpu`)
 //! it uses the kernels the browser build picks by rule, as a WebGPU laptop would: a 512×512 f16
 //! run took 40 minutes on lavapipe (2 cores) that way; with autotuning, which runs candidate
@@ -59,6 +61,7 @@ struct Args {
     size: usize,
     dtype: DType,
     max_tensor_mib: Option<u64>,
+    generations: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -67,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
         size: 512,
         dtype: DType::F16,
         max_tensor_mib: Some(128),
+        generations: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -82,6 +86,12 @@ fn parse_args() -> Result<Args, String> {
                 )
             }
             "--dtype" => a.dtype = common::dtype(&val()?)?,
+            "--generations" => {
+                a.generations = val()?.parse().map_err(|e| format!("--generations: {e}"))?;
+                if a.generations == 0 {
+                    return Err("--generations must be at least 1".into());
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -175,6 +185,122 @@ impl Sampler {
     }
 }
 
+/// The pools' own high-water marks, read before a generation, at every step and after it: each
+/// dynamic pool counts the most pages it ever held at once and the largest allocation it served,
+/// so these need no sampling. Pools are keyed by their page size (the device's arena keeps one
+/// pool per page size; an allocation larger than its pages makes a pool of larger pages take
+/// over, and the old pool gives its pages back as they empty).
+///
+/// `bound` adds up, over the pools seen during the generation, each one's most pages × its page
+/// size, plus the most seen outside the pools (the parameters' exact-size buffers, staging and
+/// uniform buffers). When no pool of a new page size took over between the readings, those were
+/// every pool alive during the generation, and the sum bounds its peak from above (pools that
+/// peaked at different times are added up). When one did, a pool made and emptied between two
+/// readings is not seen, so the sum is not a bound: the first generation at a new size grows its
+/// pages that way (at 512², a 65 MiB pool inside the decode, which the memory log of cubecl shows:
+/// `[memory.logger] level = "basic"` in a `cubecl.toml`); a later one at the same size does not.
+#[derive(Default)]
+struct PoolPeaks {
+    /// page size -> (most pages at once, largest allocation served), over this generation's
+    /// readings.
+    pools: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// Bytes reserved outside the dynamic pools, the most seen at this generation's readings.
+    rest: u64,
+    /// The page sizes of the pools present at the previous reading (`None` before the first).
+    present: Option<std::collections::BTreeSet<u64>>,
+    readings: usize,
+    growths: usize,
+}
+
+impl PoolPeaks {
+    /// Starts a generation's account; the page size in use carries over.
+    fn begin(&mut self, device: &burn::tensor::Device) {
+        *self = PoolPeaks {
+            present: self.present.take(),
+            ..PoolPeaks::default()
+        };
+        self.observe(device);
+    }
+
+    fn observe(&mut self, device: &burn::tensor::Device) {
+        let (Some(report), Some((reserved, _))) =
+            (device.memory_pool_report(), device_memory(device))
+        else {
+            return;
+        };
+        let mut held = 0;
+        for pool in &report {
+            let slot = self.pools.entry(pool.page_size).or_default();
+            slot.0 = slot.0.max(pool.pages_peak);
+            slot.1 = slot.1.max(pool.largest_alloc);
+            held += pool.pages * pool.page_size;
+        }
+        self.rest = self.rest.max(reserved.saturating_sub(held));
+        // Pools are only made when larger pages take over: a page size not present at the
+        // previous reading is a growth in between.
+        let present: std::collections::BTreeSet<u64> = report.iter().map(|p| p.page_size).collect();
+        if let Some(previous) = &self.present {
+            self.growths += present.difference(previous).count();
+        }
+        self.present = Some(present);
+        self.readings += 1;
+    }
+
+    fn bound(&self) -> u64 {
+        self.rest
+            + self
+                .pools
+                .iter()
+                .map(|(page, (peak, _))| page * peak)
+                .sum::<u64>()
+    }
+
+    fn largest_alloc(&self) -> u64 {
+        self.pools
+            .values()
+            .map(|(_, largest)| *largest)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn print(&self) {
+        if self.readings == 0 {
+            println!("  this backend reports no pools");
+            return;
+        }
+        for (page, (peak, largest)) in &self.pools {
+            println!(
+                "  pool of {:>7.1} MiB pages: at most {peak} pages held at once ({:.1} MiB), largest allocation {:.1} MiB",
+                mib(*page),
+                mib(page * peak),
+                mib(*largest)
+            );
+        }
+        let what = if self.growths == 0 {
+            "peak bound from the pools' counters"
+        } else {
+            "pools' peaks seen, added up"
+        };
+        println!(
+            "  {what:<34}: {:>8.1} MiB reserved (each pool's most pages, {:.1} MiB outside the pools; {} readings)",
+            mib(self.bound()),
+            mib(self.rest),
+            self.readings,
+        );
+        if self.growths > 0 {
+            println!(
+                "  not a bound: pools of larger pages took over {} times between readings, and a pool made and emptied in between is not seen",
+                self.growths
+            );
+        }
+        println!(
+            "  {:<34}: {:>8.1} MiB",
+            "largest allocation the pools served",
+            mib(self.largest_alloc())
+        );
+    }
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
@@ -212,6 +338,8 @@ fn main() {
         };
         println!("  loaded in {:.1} s", t0.elapsed().as_secs_f64());
         memory("after the load (parameters)");
+        let mut peaks = PoolPeaks::default();
+        peaks.observe(&device);
         let mut request = Request::new(
             "a photograph of an astronaut riding a horse",
             NoiseSource::Seed(0),
@@ -224,34 +352,42 @@ fn main() {
             step: Some(1),
             ..GateKnobs::default()
         });
-        let t0 = std::time::Instant::now();
-        let sampler = Sampler::start(&device);
-        let out = model
-            .generate(&request, &mut |s| {
-                println!(
-                    "  step {} ({}): {:.1} s",
-                    s.index,
-                    s.phase.name(),
-                    s.seconds
-                );
-                ControlFlow::Continue(())
-            })
-            .map_err(|e| e.to_string())?;
-        println!(
-            "  generated a {:?} image in {:.1} s",
-            out.image.dims(),
-            t0.elapsed().as_secs_f64()
-        );
-        memory("after the generation");
-        if let Some(peak) = sampler.stop() {
+        for generation in 1..=a.generations {
+            println!("generation {generation} of {}", a.generations);
+            peaks.begin(&device);
+            let t0 = std::time::Instant::now();
+            let sampler = Sampler::start(&device);
+            let out = model
+                .generate(&request, &mut |s| {
+                    println!(
+                        "  step {} ({}): {:.1} s",
+                        s.index,
+                        s.phase.name(),
+                        s.seconds
+                    );
+                    peaks.observe(&device);
+                    ControlFlow::Continue(())
+                })
+                .map_err(|e| e.to_string())?;
             println!(
-                "  {:<34}: {:>8.1} MiB reserved at most (at {:.1} s), {:>8.1} MiB in use at most ({} samples)",
-                "sampled during the generation",
-                mib(peak.reserved),
-                peak.reserved_at,
-                mib(peak.in_use),
-                peak.samples
+                "  generated a {:?} image in {:.1} s",
+                out.image.dims(),
+                t0.elapsed().as_secs_f64()
             );
+            drop(out);
+            memory("after the generation");
+            peaks.observe(&device);
+            peaks.print();
+            if let Some(peak) = sampler.stop() {
+                println!(
+                    "  {:<34}: {:>8.1} MiB reserved at most (at {:.1} s), {:>8.1} MiB in use at most ({} samples)",
+                    "sampled during the generation",
+                    mib(peak.reserved),
+                    peak.reserved_at,
+                    mib(peak.in_use),
+                    peak.samples
+                );
+            }
         }
         Ok(())
     });

@@ -508,8 +508,8 @@ fn native_loops_run_one_step_ahead() {
         let got = read.wait().expect("the read completes");
         let expected = x.slice([0..1, 0..1]).into_data();
         assert_eq!(
-            got.to_vec::<f32>().unwrap(),
-            expected.to_vec::<f32>().unwrap()
+            got.try_to_vec::<f32>().unwrap(),
+            expected.try_to_vec::<f32>().unwrap()
         );
         !was_ready
     });
