@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run -p tgate --example bench_memory -- [--backend wgpu|cpu] [--size 512] [--dtype f16|f32]
-//!     [--max-tensor-mib 128]
+//!     [--max-tensor-mib 128] [--generations 1]
 //! ```
 //! Writes SD 1.5's part configs (runwayml/stable-diffusion-v1-5: UNet, VAE, CLIP ViT-L/14 text
 //! encoder) into `target/bench-memory-sd15/`, with the tiny fixture's tokenizer and scheduler
@@ -15,8 +15,10 @@
 //! and in use after the load and after the generation, the largest parameter, the highest
 //! usage a thread sampling every 5 ms saw during the generation (the pools give emptied pages
 //! back as they go, so the reading after is not the peak), and a bound on the peak from the
-//! pools' own counters (each pool's most pages at once, read at every step) with the largest
-//! allocation they served. Built without the `autotune` feature
+//! pools' own counters (each pool's most pages at once, read at every step; a bound only when no
+//! pool of larger pages appeared between readings, see `PoolPeaks`) with the largest allocation
+//! they served. `--generations N` repeats the request: a later generation at the same size grows
+//! no pages. Built without the `autotune` feature
 //! (`--no-default-features --features flex,wgpu`)
 //! it uses the kernels the browser build picks by rule, as a WebGPU laptop would: a 512×512 f16
 //! run took 40 minutes on lavapipe (2 cores) that way; with autotuning, which runs candidate
@@ -213,7 +215,7 @@ struct PoolPeaks {
 }
 
 impl PoolPeaks {
-    /// Starts a generation's account; the page size in use carries over.
+    /// Starts a generation's account; the page sizes present carry over (to see growths).
     fn begin(&mut self, device: &burn::tensor::Device) {
         *self = PoolPeaks {
             present: self.present.take(),
