@@ -716,8 +716,8 @@ pub fn multi_head_attention_joined(
     if custom_kernels() {
         let [b, n_q, inner] = q.dims();
         let n_k = k.dims()[1] + k2.dims()[1];
-        let sets = ((k.clone(), v.clone()), (k2.clone(), v2.clone()));
-        if let Some(out) = tgate_shaders::attention_joined(q.clone(), sets.0, sets.1, heads) {
+        let (first, second) = ((k.clone(), v.clone()), (k2.clone(), v2.clone()));
+        if let Some(out) = tgate_shaders::attention_joined(q.clone(), first, second, heads) {
             add_macs(2 * b * n_q * n_k * inner);
             return out;
         }
