@@ -425,34 +425,38 @@ try {
         // Warm-up (not reported): PNDM's kernels and the self-attention cache's store and reuse.
         const warm = await call('generateTiming', { ...base, steps: 4, gate: { step: 4, spInterval: 2, fiInterval: 1, warmUp: 0 } });
         const runs = {};
-        for (const [name, gate] of [
-          ['ungated', false],
-          ['gated', { step: gateStep }],
+        // SD15_RUNS=<name>,<name>... picks the images (each is ~8-14 minutes here).
+        const pick = process.env.SD15_RUNS && process.env.SD15_RUNS.split(',');
+        // DeepCache's shallow steps, warmed up too when its image is timed.
+        if (!pick || pick.includes('gatedDeepCache')) {
+          await call('generateTiming', { ...base, steps: 4, gate: { step: 2 }, deepCache: { interval: 2, branch: 0 } });
+        }
+        for (const [name, gate, deepCache] of [
+          ['ungated', false, false],
+          ['gated', { step: gateStep }, false],
           // tgate's defaults for its self-attention cache (TgateSDLoader: sp_interval 5, fi_interval 1, warm_up 2).
-          ['gatedSelfAttnCache', { step: gateStep, spInterval: 5, fiInterval: 1, warmUp: 2 }],
+          ['gatedSelfAttnCache', { step: gateStep, spInterval: 5, fiInterval: 1, warmUp: 2 }, false],
+          // tgate's TgateSDDeepCacheLoader: the gate with DeepCache (interval 3, branch 0).
+          ['gatedDeepCache', { step: gateStep }, true],
         ]) {
-          const r = await call('generateTiming', { ...base, gate });
+          if (pick && !pick.includes(name)) continue;
+          const r = await call('generateTiming', { ...base, gate, deepCache });
           assert.equal(r.finite, true, `${name}: non-finite latents`);
           assert.deepEqual(r.size, [256, 256]);
           runs[name] = {
-            gate, totalMs: round(r.totalMs), wallMs: round(r.wallMs), unetMs: round(r.unetMs), unetCalls: r.unetCalls,
+            gate, deepCache, totalMs: round(r.totalMs), wallMs: round(r.wallMs), unetMs: round(r.unetMs), unetCalls: r.unetCalls,
             planningMs: round(r.phases.spMs), gatedMs: round(r.phases.fiMs),
             stepMs: r.stepMs.map(round),
           };
         }
-        const ratio = (a, b) => +(a / b).toFixed(2);
-        return {
-          steps, gateStep, warmUpMs: round(warm.wallMs), ...runs,
-          // Above 1: gating saves time (ungated time over gated).
-          ungatedOverGated: {
-            total: ratio(runs.ungated.totalMs, runs.gated.totalMs),
-            unet: ratio(runs.ungated.unetMs, runs.gated.unetMs),
-          },
-          ungatedOverGatedSelfAttnCache: {
-            total: ratio(runs.ungated.totalMs, runs.gatedSelfAttnCache.totalMs),
-            unet: ratio(runs.ungated.unetMs, runs.gatedSelfAttnCache.unetMs),
-          },
-        };
+        // Above 1: the run saves time against the ungated image (ungated time over its time).
+        const speedUp = {};
+        for (const name of Object.keys(runs)) {
+          if (name === 'ungated' || !runs.ungated) continue;
+          const ratio = (key) => +(runs.ungated[key] / runs[name][key]).toFixed(2);
+          speedUp[name] = { total: ratio('totalMs'), unet: ratio('unetMs') };
+        }
+        return { steps, gateStep, warmUpMs: round(warm.wallMs), ...runs, ungatedOver: speedUp };
       });
     }
   }

@@ -15,6 +15,7 @@ use burn::tensor::{DType, Device, Tensor};
 use crate::deepcache::DeepCacheConfig;
 use crate::error::{Error, Result};
 use crate::loader::{LoadedFiles, ModelSource, Placeholders, Variant};
+use crate::nn::ActivationSize;
 use crate::pipeline::{classifier_free_guidance, GenerateParams, Noise, StableDiffusion};
 use crate::pipeline_wuerstchen::{Wuerstchen, WuerstchenLayout, WuerstchenNoise, WuerstchenParams};
 use crate::safetensors::SafeTensors;
@@ -644,6 +645,8 @@ impl<'m> Generation<'m> {
     fn next(&mut self, state: State<'m>) -> Result<(State<'m>, Option<Advance>)> {
         let mut stage = match state {
             State::Start => {
+                self.largest_activation()
+                    .size_device_pages(self.pipeline.device())?;
                 let stage = self.first_stage()?;
                 return Ok(Self::encoded(stage));
             }
@@ -704,6 +707,16 @@ impl<'m> Generation<'m> {
             probe,
         };
         (State::Done(image), Some(advance))
+    }
+
+    /// The largest activation of the generation (see [`ActivationSize`]).
+    fn largest_activation(&self) -> ActivationSize {
+        match (self.pipeline, &self.plan) {
+            (Pipeline::StableDiffusion(m), Plan::StableDiffusion(p)) => m.largest_activation(p),
+            (Pipeline::Wuerstchen(w), Plan::Wuerstchen(p)) => w.largest_activation(p),
+            // `first_stage` refuses the mismatch.
+            _ => ActivationSize::new("nothing", &[0], 0),
+        }
     }
 
     /// Encodes the text of the first stage and prepares its loop.

@@ -568,3 +568,62 @@ fn native_loops_run_one_step_ahead() {
         "the device is unharmed by the cancelled run"
     );
 }
+
+/// The first generation at a size sizes the device's memory pages for its largest map before
+/// its text is encoded, so no pool of a larger page size appears later (a growth holds the old
+/// pages that still carry live maps beside the new ones: the first generation's transient).
+/// The tiny SD at 384²: the decoder's 16×384×384 f32 maps (9 MiB) outgrow every page the text
+/// encoder and the UNet ask for and the 8 MiB pages of the pool for small allocations, and the
+/// other tests of this binary never allocate that much.
+#[test]
+fn first_generation_sizes_pages_at_start() {
+    use tgate::text_to_image::{NoiseSource, Request};
+    let device = gpu();
+    let model = load_pipeline(&source("sd1"), &device);
+    let mut request = Request::new("a red fox", NoiseSource::Seed(3));
+    request.steps = Some(2);
+    request.width = Some(384);
+    request.height = Some(384);
+    let plan = model.plan(&request).expect("plans");
+    let largest = match (&model, &plan) {
+        (
+            tgate::text_to_image::Pipeline::StableDiffusion(m),
+            tgate::text_to_image::Plan::StableDiffusion(p),
+        ) => m.largest_activation(p),
+        _ => unreachable!("an SD folder"),
+    };
+    assert_eq!(largest.bytes, 16 * 384 * 384 * 4, "{}", largest.what);
+    let largest_page = |device: &Device| {
+        let report = device.memory_pool_report().expect("wgpu reports its pools");
+        let page = report.iter().map(|p| p.page_size).max().unwrap_or(0);
+        let alloc = report.iter().map(|p| p.largest_alloc).max().unwrap_or(0);
+        (page, alloc)
+    };
+    let mut generation = model.start(plan);
+    let first = generation
+        .advance()
+        .expect("encodes")
+        .expect("a first piece");
+    let (sized, _) = largest_page(&device);
+    assert!(
+        sized >= largest.bytes,
+        "after the text encoding the pages are {sized} bytes, under the generation's largest map ({} bytes)",
+        largest.bytes
+    );
+    let mut probe = first.probe;
+    while let Some(advance) = generation.advance().expect("advances") {
+        probe = advance.probe;
+        let (page, _) = largest_page(&device);
+        assert_eq!(
+            page, sized,
+            "a pool of larger pages appeared during the generation"
+        );
+    }
+    let _ = probe.into_data();
+    let (page, alloc) = largest_page(&device);
+    assert_eq!(page, sized, "a pool of larger pages appeared at the end");
+    assert!(
+        alloc <= sized,
+        "an allocation of {alloc} bytes outgrew the {sized}-byte pages"
+    );
+}
