@@ -17,8 +17,10 @@
 //! back as they go, so the reading after is not the peak), and a bound on the peak from the
 //! pools' own counters (each pool's most pages at once, read at every step; a bound only when no
 //! pool of larger pages appeared between readings, see `PoolPeaks`) with the largest allocation
-//! they served. `--generations N` repeats the request: a later generation at the same size grows
-//! no pages. Built without the `autotune` feature
+//! they served. A generation sizes the pages for its largest map before its first piece of work
+//! (`ActivationSize::size_device_pages`); the benchmark makes that call itself just before its
+//! first reading, so the pool it makes is seen from the start. `--generations N` repeats the
+//! request. Built without the `autotune` feature
 //! (`--no-default-features --features flex,wgpu`)
 //! it uses the kernels the browser build picks by rule, as a WebGPU laptop would: a 512×512 f16
 //! run took 40 minutes on lavapipe (2 cores) that way; with autotuning, which runs candidate
@@ -198,9 +200,9 @@ impl Sampler {
 /// uniform buffers). When no pool of a new page size took over between the readings, those were
 /// every pool alive during the generation, and the sum bounds its peak from above (pools that
 /// peaked at different times are added up). When one did, a pool made and emptied between two
-/// readings is not seen, so the sum is not a bound: the first generation at a new size grows its
-/// pages that way (at 512², a 65 MiB pool inside the decode, which the memory log of cubecl shows:
-/// `[memory.logger] level = "basic"` in a `cubecl.toml`); a later one at the same size does not.
+/// readings is not seen, so the sum is not a bound. Before generations sized their pages first,
+/// the first one at a new size grew them that way (at 512², a 65 MiB pool inside the decode,
+/// which cubecl's memory log shows: `[memory.logger] level = "basic"` in a `cubecl.toml`).
 #[derive(Default)]
 struct PoolPeaks {
     /// page size -> (most pages at once, largest allocation served), over this generation's
@@ -356,11 +358,26 @@ fn main() {
         });
         for generation in 1..=a.generations {
             println!("generation {generation} of {}", a.generations);
+            let plan = model.plan(&request).map_err(|e| e.to_string())?;
+            // A generation's first act sizes the pools' pages for its largest map, which makes a
+            // pool of that page size at a new size. Done here first (the generation's own call
+            // then finds the pages sized), so the readings see that pool from the start: a
+            // pool made between two readings could hide another, made and emptied unseen.
+            let largest = model.largest_activation(&plan);
+            largest
+                .size_device_pages(&device)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "  pages sized for {} ({:.1} MiB)",
+                largest.what,
+                mib(largest.bytes)
+            );
             peaks.begin(&device);
             let t0 = std::time::Instant::now();
             let sampler = Sampler::start(&device);
             let out = model
-                .generate(&request, &mut |s| {
+                .start(plan)
+                .run(&mut |s| {
                     println!(
                         "  step {} ({}): {:.1} s",
                         s.index,

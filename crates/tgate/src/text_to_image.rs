@@ -273,6 +273,17 @@ impl Pipeline {
         }
     }
 
+    /// The largest activation of a generation of `plan` (see [`ActivationSize`]); a
+    /// generation sizes the device's memory pages for it before its first piece of work.
+    pub fn largest_activation(&self, plan: &Plan) -> ActivationSize {
+        match (self, plan) {
+            (Pipeline::StableDiffusion(m), Plan::StableDiffusion(p)) => m.largest_activation(p),
+            (Pipeline::Wuerstchen(w), Plan::Wuerstchen(p)) => w.largest_activation(p),
+            // A generation refuses the mismatch before any work.
+            _ => ActivationSize::new("nothing", &[0], 0),
+        }
+    }
+
     /// A generation of a checked plan; nothing is enqueued until [`Generation::advance`].
     pub fn start(&self, plan: Plan) -> Generation<'_> {
         Generation {
@@ -645,7 +656,8 @@ impl<'m> Generation<'m> {
     fn next(&mut self, state: State<'m>) -> Result<(State<'m>, Option<Advance>)> {
         let mut stage = match state {
             State::Start => {
-                self.largest_activation()
+                self.pipeline
+                    .largest_activation(&self.plan)
                     .size_device_pages(self.pipeline.device())?;
                 let stage = self.first_stage()?;
                 return Ok(Self::encoded(stage));
@@ -707,16 +719,6 @@ impl<'m> Generation<'m> {
             probe,
         };
         (State::Done(image), Some(advance))
-    }
-
-    /// The largest activation of the generation (see [`ActivationSize`]).
-    fn largest_activation(&self) -> ActivationSize {
-        match (self.pipeline, &self.plan) {
-            (Pipeline::StableDiffusion(m), Plan::StableDiffusion(p)) => m.largest_activation(p),
-            (Pipeline::Wuerstchen(w), Plan::Wuerstchen(p)) => w.largest_activation(p),
-            // `first_stage` refuses the mismatch.
-            _ => ActivationSize::new("nothing", &[0], 0),
-        }
     }
 
     /// Encodes the text of the first stage and prepares its loop.

@@ -585,13 +585,7 @@ fn first_generation_sizes_pages_at_start() {
     request.width = Some(384);
     request.height = Some(384);
     let plan = model.plan(&request).expect("plans");
-    let largest = match (&model, &plan) {
-        (
-            tgate::text_to_image::Pipeline::StableDiffusion(m),
-            tgate::text_to_image::Plan::StableDiffusion(p),
-        ) => m.largest_activation(p),
-        _ => unreachable!("an SD folder"),
-    };
+    let largest = model.largest_activation(&plan);
     assert_eq!(largest.bytes, 16 * 384 * 384 * 4, "{}", largest.what);
     let largest_page = |device: &Device| {
         let report = device.memory_pool_report().expect("wgpu reports its pools");
