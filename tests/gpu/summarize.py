@@ -126,7 +126,8 @@ def main():
     if gen:
         t16 = torch.get("results", {}).get("f16", {})
         peak = f"{sampled.group(1)} MiB at most in {sampled.group(2)} samples" if sampled else "not sampled"
-        # The last generation's (a second one at the same size grows no pages: its sum is a bound).
+        # The last generation's (pages are sized before each generation's first reading, so its
+        # sum is a bound unless a pool of larger pages still took over between readings).
         bounds = list(re.finditer(r"(peak bound from the pools' counters|pools' peaks seen, added up)\s*:\s*([\d.]+) MiB", mem))
         largest = re.search(r"largest allocation the pools served\s*:\s*([\d.]+) MiB", mem)
         bound = bounds[-1] if bounds else None
